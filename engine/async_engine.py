@@ -1,0 +1,205 @@
+"""Asyncio front of the engine: the step loop runs in its own thread.
+
+Callers ``async for`` over :meth:`AsyncEngine.generate`; concurrent calls batch
+together because the step thread admits every pending request before each step.
+Tensor work releases the GIL, so the event loop stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.errors import EngineDeadError
+from engine.llm import render_chat
+from engine.llm_engine import LLMEngine, Prompt
+from engine.outputs import RequestDelta
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestDelta | BaseException]
+
+
+class AsyncEngine:
+    """Streams of token deltas from a continuously batched engine.
+
+    Same loading arguments as :class:`engine.LLM`.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = "auto",
+        **config: Any,
+    ) -> None:
+        self.engine = LLMEngine(model, dtype=dtype, device=device, **config)
+        self._cv = threading.Condition()
+        self._pending_add: list[Request] = []
+        self._pending_abort: list[tuple[str, asyncio.Future[bool] | None, asyncio.AbstractEventLoop | None]] = []
+        self._streams: dict[str, _Stream] = {}
+        self._stats: dict[str, Any] = self.engine.stats()
+        self._dead: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="sotserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ----------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.config.max_model_len)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        return render_chat(self.engine.tokenizer, messages)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestDelta]:
+        """Yield deltas until the request finishes; the last one has ``finish_reason``.
+
+        Raises :class:`engine.errors.InvalidRequestError` before yielding anything for
+        bad input. Leaving the loop early (break, cancel, disconnect) aborts the request.
+        """
+        if self._dead is not None:
+            raise EngineDeadError("engine loop has died") from self._dead
+        req = self.engine.make_request(prompt, params, request_id)
+        rid = req.request_id
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._cv:
+            if rid in self._streams:
+                from engine.errors import InvalidRequestError
+
+                raise InvalidRequestError(f"request id {rid!r} is already running", "request_id")
+            self._streams[rid] = stream
+            self._pending_add.append(req)
+            self._cv.notify()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._submit_abort(rid, None, None)
+            with self._cv:
+                self._streams.pop(rid, None)
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request; returns once its slots are free (False if it was unknown)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._submit_abort(request_id, fut, loop)
+        return await fut
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot taken after the latest step."""
+        with self._cv:
+            return dict(self._stats)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the step thread ---------------------------------------------------------------
+    def _submit_abort(
+        self, rid: str, fut: asyncio.Future[bool] | None, loop: asyncio.AbstractEventLoop | None
+    ) -> None:
+        with self._cv:
+            self._pending_abort.append((rid, fut, loop))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._cv:
+                    while not (
+                        self._closed or self._pending_add or self._pending_abort or engine.has_unfinished()
+                    ):
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    adds, self._pending_add = self._pending_add, []
+                    aborts, self._pending_abort = self._pending_abort, []
+                for req in adds:
+                    engine.add(req)
+                out: list[RequestDelta] = []
+                for rid, fut, loop in aborts:
+                    delta = engine.abort(rid)
+                    if delta is not None:
+                        out.append(delta)
+                    if fut is not None and loop is not None:
+                        loop.call_soon_threadsafe(_resolve, fut, delta is not None)
+                if engine.has_unfinished():
+                    out.extend(engine.step())
+                self._deliver(out)
+                with self._cv:
+                    self._stats = engine.stats()
+        except BaseException as exc:  # surface to every waiting stream, never hang them
+            logger.exception("engine loop died")
+            self._dead = exc
+            err = EngineDeadError(f"engine loop died: {exc!r}")
+            with self._cv:
+                streams = list(self._streams.values())
+                pending = list(self._pending_abort)
+            for s in streams:
+                s.loop.call_soon_threadsafe(s.queue.put_nowait, err)
+            for _, fut, loop in pending:
+                if fut is not None and loop is not None:
+                    loop.call_soon_threadsafe(_resolve, fut, False)
+
+    def _deliver(self, deltas: list[RequestDelta]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestDelta]]] = {}
+        with self._cv:
+            for d in deltas:
+                s = self._streams.get(d.request_id)
+                if s is not None:
+                    by_loop.setdefault(s.loop, []).append((s.queue, d))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestDelta]]) -> None:
+    for q, d in items:
+        q.put_nowait(d)
+
+
+def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)

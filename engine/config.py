@@ -1,0 +1,60 @@
+"""Engine configuration: limits of the scheduler and the KV pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    """Knobs that size the engine. ``None`` means "derive from the model/device".
+
+    ``max_model_len``      longest prompt + output a request may have.
+    ``max_running``        requests that hold KV slots at once (rows of req_to_token).
+    ``max_batched_tokens`` token budget of one step (decodes + prefill chunks).
+    ``kv_slots``           size of the token-slot KV pool; by default it is sized
+                           from ``kv_cache_gib``.
+    """
+
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    max_model_len: int | None = None
+    max_running: int = 64
+    max_batched_tokens: int = 2048
+    kv_slots: int | None = None
+    kv_cache_gib: float = 1.0
+    seed: int = 0
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """Map ``"float32" | "bfloat16" | "float16" | "auto"`` to a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {
+        None: torch.float32,
+        "auto": torch.float32,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+    }
+    if dtype not in table:
+        raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/``None`` picks CUDA when available, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return dev

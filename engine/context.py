@@ -1,0 +1,57 @@
+"""The per-step forward context.
+
+The model runner fills one :class:`ForwardContext` per step and installs it with
+:func:`set_context`; attention layers read it with :func:`get_context`. Model code
+therefore never threads batch metadata through its layers (nano-vllm's pattern).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.kv_cache import KVPool
+
+
+@dataclass
+class ForwardContext:
+    """What one forward over a flat batch of new tokens needs to know.
+
+    The batch holds ``num_decodes`` one-token requests first, then prefill chunks.
+    For request ``i``: ``rows[i]`` is its ``req_to_token`` row, ``q_lens[i]`` its new
+    tokens this step and ``kv_lens[i]`` its total tokens after this step (cached
+    prefix + new). ``out_slots[t]`` is the KV slot that new token ``t`` writes.
+    """
+
+    positions: torch.Tensor
+    out_slots: torch.Tensor
+    rows: list[int]
+    q_lens: list[int]
+    kv_lens: list[int]
+    num_decodes: int
+    req_to_token: torch.Tensor
+    kv_pool: KVPool
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    attn: Any = None  # backend-specific metadata, built once per step
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.numel())
+
+
+_CONTEXT: ForwardContext | None = None
+
+
+def set_context(ctx: ForwardContext | None) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def get_context() -> ForwardContext:
+    if _CONTEXT is None:
+        raise RuntimeError("no forward context: call the model through the ModelRunner")
+    return _CONTEXT

@@ -1,0 +1,87 @@
+"""The synchronous facade: ``LLM(...).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.errors import InvalidRequestError
+from engine.llm_engine import LLMEngine, Prompt
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    """Offline batched generation, in the style of ``vllm.LLM``.
+
+    ``LLM()`` loads the embedded SmolLM2-135M-Instruct; ``model`` may name a Hugging
+    Face directory or hub id, or a GGUF file. Extra keyword arguments configure the
+    engine (see :class:`engine.config.EngineConfig`).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = "auto",
+        **config: Any,
+    ) -> None:
+        self.engine = LLMEngine(model, dtype=dtype, device=device, **config)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render chat ``messages`` with the model's template, ready for the reply."""
+        return render_chat(self.engine.tokenizer, messages)
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for all prompts together (they batch); outputs in input order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        if isinstance(params, list):
+            if len(params) != len(prompts):
+                raise InvalidRequestError(
+                    f"{len(prompts)} prompts but {len(params)} sampling params", "params"
+                )
+            plist = params
+        else:
+            plist = [params or SamplingParams()] * len(prompts)
+        engine = self.engine
+        reqs = [engine.make_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        for req in reqs:
+            engine.add(req)
+        try:
+            while any(r.finish_reason is None for r in reqs):
+                engine.step()
+        except BaseException:
+            for req in reqs:
+                engine.abort(req.request_id)
+            raise
+        return [engine.output_of(r) for r in reqs]
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list", "messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+            m.get("content"), str
+        ):
+            raise InvalidRequestError("each message needs string 'role' and 'content'", "messages")
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(out, "keys") and "input_ids" in out:  # transformers 5 returns a BatchEncoding
+        out = out["input_ids"]
+    return list(out)

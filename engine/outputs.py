@@ -1,0 +1,35 @@
+"""What the engine hands back: streamed deltas and finished outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestDelta:
+    """New tokens of one request since its last delta.
+
+    ``text`` never ends inside a multi-byte character, and text that may still
+    turn out to be the start of a stop string is held back until it cannot be.
+    ``finish_reason`` is set on the last delta: ``"stop"``, ``"length"`` or ``"abort"``.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """A finished request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None

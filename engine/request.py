@@ -1,0 +1,66 @@
+"""A request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """Token ids, KV bookkeeping and stop state of one generation.
+
+    ``num_computed`` tokens of ``all_ids`` have their K/V in the pool, at the slots
+    listed in ``req_to_token[row, :num_computed]``. A request needs
+    ``num_tokens - num_computed`` new tokens computed: 1 while decoding, more while
+    (re)filling its prompt.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    detok: IncrementalDetokenizer
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    row: int | None = None
+    num_computed: int = 0
+    finish_reason: str | None = None
+    _emitted_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose K/V still has to be computed."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.status is RequestStatus.RUNNING and self.num_pending == 1
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    def pop_new_tokens(self) -> list[int]:
+        new = self.output_ids[self._emitted_tokens :]
+        self._emitted_tokens = len(self.output_ids)
+        return new

@@ -1,0 +1,1 @@
+"""Benchmarks and evaluation harnesses; each prints ratios against a same-run baseline."""

@@ -1,0 +1,71 @@
+"""Attention over a token-slot KV pool, in plain PyTorch.
+
+The pool holds one row per token slot: ``k_cache[slot] -> [Hk, D]``. A request's
+keys are the slots listed in its ``req_to_token`` row, so requests that share a
+prefix simply list the same slots. These functions are the CPU path and the
+reference the Triton kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """Write the new tokens' ``k``/``v`` ``[T, Hk, D]`` into their ``slots [T]``."""
+    k_cache.index_copy_(0, slots, k)
+    v_cache.index_copy_(0, slots, v)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_index: torch.Tensor,
+    kv_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per request, attending to all of that request's keys.
+
+    ``q [B, Hq, D]``; ``kv_index [B, L]`` holds each request's slots padded to the
+    longest; ``kv_mask [B, 1, 1, L]`` is True on real keys. Returns ``[B, Hq, D]``.
+    """
+    k = k_cache[kv_index].transpose(1, 2)  # [B, Hk, L, D]
+    v = v_cache[kv_index].transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=kv_mask, scale=scale, enable_gqa=True
+    )
+    return out.squeeze(2)
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_slots: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``n`` new tokens of one request: causal among themselves, full over the prefix.
+
+    ``q [n, Hq, D]``; ``kv_slots [L]`` lists the request's slots up to and including
+    the new tokens (prefix length ``L - n``). Returns ``[n, Hq, D]``.
+    """
+    n, kv_len = q.shape[0], kv_slots.shape[0]
+    k = k_cache[kv_slots].transpose(0, 1).unsqueeze(0)  # [1, Hk, L, D]
+    v = v_cache[kv_slots].transpose(0, 1).unsqueeze(0)
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+    if n == kv_len:
+        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        # query i sits at position (L - n + i) and may see keys 0..L-n+i
+        rows = torch.arange(n, device=q.device)[:, None] + (kv_len - n)
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)

@@ -1,0 +1,1 @@
+"""Prompt templates (text files) and their renderer; the planner's templates live here."""
