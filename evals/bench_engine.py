@@ -1,0 +1,119 @@
+"""Engine benchmark: decode throughput against ``transformers.generate`` in the same run.
+
+    python -m evals.bench_engine [--dtype float32] [--batches 1,16] [--tokens 64]
+
+For each batch size both sides generate ``--tokens`` new tokens for the same
+chat prompt (EOS ignored), and a 1-token run measures the prefill; the decode step
+time is ``(t(N+1 tokens) - t(1 token)) / N``. Runs alternate between the two sides
+and the median of ``--repeats`` is reported. The batch-1 step is also compared to
+its floor: the bytes of weights one decode step reads divided by the copy
+bandwidth measured here (STREAM convention: read + written bytes per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPT = "Write a short story about a dragon who learns to paint."
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 10) -> float:
+    """Bytes per second moved by a large tensor copy (read + write, like STREAM Copy)."""
+    a = torch.ones(nbytes // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / min(times)
+
+
+def weight_bytes_per_step(model: torch.nn.Module, batch: int) -> int:
+    """Bytes of parameters one decode step reads: every matrix once, ``batch`` embedding rows.
+
+    With tied embeddings the head reads the whole table, which covers the lookup too.
+    """
+    total = 0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if "embed_tokens" in name and getattr(model, "lm_head", None) is not None:
+            nbytes = batch * p.shape[1] * p.element_size()
+        total += nbytes
+    return total
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from engine import LLM, SamplingParams
+    from engine.config import resolve_dtype
+    from engine.loader import resolve_model
+
+    dtype = resolve_dtype(args.dtype)
+    files = resolve_model(args.model)
+    llm = LLM(str(files.path), dtype=dtype, device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(files.path, dtype=dtype).eval()
+    ids = llm.apply_chat_template([{"role": "user", "content": PROMPT}])
+    n = args.tokens
+    print(f"model {files.name}  dtype {args.dtype}  threads {torch.get_num_threads()}  "
+          f"prompt {len(ids)} tokens  new tokens {n}")
+
+    def ours(batch: int, tokens: int) -> float:
+        sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        return _time(lambda: llm.generate([ids] * batch, sp))
+
+    def theirs(batch: int, tokens: int) -> float:
+        x = torch.tensor([ids] * batch)
+        mask = torch.ones_like(x)
+        with torch.inference_mode():
+            return _time(lambda: hf.generate(
+                x, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                do_sample=False, pad_token_id=0))
+
+    results = {}
+    for batch in [int(b) for b in args.batches.split(",")]:
+        ours(batch, 4), theirs(batch, 4)  # warm-up
+        steps = {"sotserve": [], "transformers": []}
+        for _ in range(args.repeats):
+            for name, fn in (("sotserve", ours), ("transformers", theirs)):
+                steps[name].append((fn(batch, n + 1) - fn(batch, 1)) / n)
+        med = {k: statistics.median(v) for k, v in steps.items()}
+        results[batch] = med
+        print(f"batch {batch:3d}: decode step  sotserve {med['sotserve'] * 1e3:7.1f} ms "
+              f"({batch / med['sotserve']:7.1f} tok/s)  transformers {med['transformers'] * 1e3:7.1f} ms "
+              f"({batch / med['transformers']:7.1f} tok/s)  speed-up {med['transformers'] / med['sotserve']:.2f}x")
+
+    if 1 in results:
+        bw = copy_bandwidth()
+        wbytes = weight_bytes_per_step(llm.engine.model, 1)
+        floor = wbytes / bw
+        step = results[1]["sotserve"]
+        print(f"batch-1 floor: {wbytes / 1e6:.0f} MB of weights / {bw / 1e9:.1f} GB/s copy bandwidth "
+              f"= {floor * 1e3:.1f} ms; sotserve step {step * 1e3:.1f} ms = {step / floor:.2f}x the floor")
+
+
+if __name__ == "__main__":
+    main()
