@@ -37,8 +37,11 @@ def decode_attention(
     ``q [B, Hq, D]``; ``kv_index [B, L]`` holds each request's slots padded to the
     longest; ``kv_mask [B, 1, 1, L]`` is True on real keys. Returns ``[B, Hq, D]``.
     """
-    k = k_cache[kv_index].transpose(1, 2)  # [B, Hk, L, D]
-    v = v_cache[kv_index].transpose(1, 2)
+    b, n = kv_index.shape
+    flat = kv_index.reshape(-1)
+    # index_select is much cheaper than advanced indexing for row gathers
+    k = k_cache.index_select(0, flat).view(b, n, *k_cache.shape[1:]).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(b, n, *v_cache.shape[1:]).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=kv_mask, scale=scale, enable_gqa=True
     )
@@ -58,8 +61,8 @@ def extend_attention(
     the new tokens (prefix length ``L - n``). Returns ``[n, Hq, D]``.
     """
     n, kv_len = q.shape[0], kv_slots.shape[0]
-    k = k_cache[kv_slots].transpose(0, 1).unsqueeze(0)  # [1, Hk, L, D]
-    v = v_cache[kv_slots].transpose(0, 1).unsqueeze(0)
+    k = k_cache.index_select(0, kv_slots).transpose(0, 1).unsqueeze(0)  # [1, Hk, L, D]
+    v = v_cache.index_select(0, kv_slots).transpose(0, 1).unsqueeze(0)
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
     if n == kv_len:
         out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)

@@ -21,7 +21,7 @@ from engine.attention import AttentionBackend
 from engine.context import get_context
 from kernels.activation import silu_and_mul
 from kernels.norm import add_rms_norm, rms_norm
-from kernels.rope import apply_rope
+from kernels.rope import rotate
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -121,14 +121,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        nq, nk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        # q and k are adjacent in the fused output: rotate them with one call
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, nq + nk, d)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, nk, d)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, ctx.cos, ctx.sin)
-        out = self.backend.forward(q, k, v.contiguous(), self.layer, self.scale)
+            qk = torch.cat([self.q_norm(qk[:, :nq]), self.k_norm(qk[:, nq:])], dim=1)
+        qk = rotate(qk, ctx.cos, ctx.sin)
+        out = self.backend.forward(qk[:, :nq], qk[:, nq:], v, self.layer, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
