@@ -195,8 +195,9 @@ class LLMEngine:
         n_reqs = len(batch.decodes) + len(batch.prefills)
         st["batched_requests"] += n_reqs
         st["max_batch_size"] = max(st["max_batch_size"], n_reqs)
-        st["decode_tokens"] += len(batch.decodes)
         for req in batch.decodes:
+            # a chunk may leave exactly the last prompt token pending: that is prefill
+            st["computed_prefill_tokens" if req.num_computed < len(req.prompt_ids) else "decode_tokens"] += 1
             req.num_computed += 1
         for req, n in batch.prefills:
             req.num_computed += n
