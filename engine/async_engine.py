@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import EngineDeadError
+from engine.errors import EngineDeadError, InvalidRequestError
 from engine.llm import render_chat
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestDelta
@@ -48,7 +48,9 @@ class AsyncEngine:
         self.engine = LLMEngine(model, dtype=dtype, device=device, **config)
         self._cv = threading.Condition()
         self._pending_add: list[Request] = []
-        self._pending_abort: list[tuple[str, asyncio.Future[bool] | None, asyncio.AbstractEventLoop | None]] = []
+        self._pending_abort: list[
+            tuple[str, asyncio.Future[bool] | None, asyncio.AbstractEventLoop | None]
+        ] = []
         self._streams: dict[str, _Stream] = {}
         self._stats: dict[str, Any] = self.engine.stats()
         self._dead: BaseException | None = None
@@ -90,8 +92,6 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cv:
             if rid in self._streams:
-                from engine.errors import InvalidRequestError
-
                 raise InvalidRequestError(f"request id {rid!r} is already running", "request_id")
             self._streams[rid] = stream
             self._pending_add.append(req)
@@ -150,7 +150,10 @@ class AsyncEngine:
             while True:
                 with self._cv:
                     while not (
-                        self._closed or self._pending_add or self._pending_abort or engine.has_unfinished()
+                        self._closed
+                        or self._pending_add
+                        or self._pending_abort
+                        or engine.has_unfinished()
                     ):
                         self._cv.wait()
                     if self._closed:
@@ -160,17 +163,22 @@ class AsyncEngine:
                 for req in adds:
                     engine.add(req)
                 out: list[RequestDelta] = []
+                resolved = []
                 for rid, fut, loop in aborts:
                     delta = engine.abort(rid)
                     if delta is not None:
                         out.append(delta)
                     if fut is not None and loop is not None:
-                        loop.call_soon_threadsafe(_resolve, fut, delta is not None)
+                        resolved.append((fut, loop, delta is not None))
                 if engine.has_unfinished():
                     out.extend(engine.step())
-                self._deliver(out)
+                # Publish stats before anyone hears of this step, so a caller that
+                # sees its abort or last delta also sees the freed slots.
                 with self._cv:
                     self._stats = engine.stats()
+                for fut, loop, found in resolved:
+                    loop.call_soon_threadsafe(_resolve, fut, found)
+                self._deliver(out)
         except BaseException as exc:  # surface to every waiting stream, never hang them
             logger.exception("engine loop died")
             self._dead = exc

@@ -75,7 +75,9 @@ class TorchAttentionBackend(AttentionBackend):
                 q[:nd], k_cache, v_cache, plan.decode_index, plan.decode_mask, scale
             )
         for start, n, slots in plan.extends:
-            out[start : start + n] = extend_attention(q[start : start + n], k_cache, v_cache, slots, scale)
+            out[start : start + n] = extend_attention(
+                q[start : start + n], k_cache, v_cache, slots, scale
+            )
         return out
 
 

@@ -52,7 +52,11 @@ class IncrementalDetokenizer:
 
     def pop_delta(self, finished: bool) -> str:
         """Text not yet released; holds back a possible stop-string prefix until done."""
-        end = len(self.text) if finished or self.stopped else max(self._emitted, len(self.text) - self._hold)
+        end = (
+            len(self.text)
+            if finished or self.stopped
+            else max(self._emitted, len(self.text) - self._hold)
+        )
         delta = self.text[self._emitted : end]
         self._emitted = end
         return delta

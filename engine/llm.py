@@ -47,6 +47,8 @@ class LLM:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
+        if not prompts:
+            raise InvalidRequestError("no prompts given (an empty list is not a prompt)", "prompt")
         if isinstance(params, list):
             if len(params) != len(prompts):
                 raise InvalidRequestError(
@@ -77,8 +79,10 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", "messages")
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-            m.get("content"), str
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
         ):
             raise InvalidRequestError("each message needs string 'role' and 'content'", "messages")
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -73,12 +73,16 @@ class LLMEngine:
         if args.sliding_window:
             # Attention here is full attention; within the window the two agree.
             max_len = min(max_len, args.sliding_window)
-        per_slot = KVPool.bytes_per_slot(args.num_layers, args.num_kv_heads, args.head_dim, cfg.dtype)
+        per_slot = KVPool.bytes_per_slot(
+            args.num_layers, args.num_kv_heads, args.head_dim, cfg.dtype
+        )
         if cfg.kv_slots is None:
             cfg.kv_slots = max(int(cfg.kv_cache_gib * 2**30 // per_slot), 1)
         cfg.max_model_len = min(max_len, cfg.kv_slots)
 
-        self.kv_pool = KVPool(args.num_layers, cfg.kv_slots, args.num_kv_heads, args.head_dim, cfg.dtype, dev)
+        self.kv_pool = KVPool(
+            args.num_layers, cfg.kv_slots, args.num_kv_heads, args.head_dim, cfg.dtype, dev
+        )
         self.slots = SlotAllocator(cfg.kv_slots, dev)
         self.table = ReqToTokenTable(cfg.max_running, cfg.max_model_len, dev)
         self.scheduler = Scheduler(cfg, self.slots, self.table)
@@ -154,7 +158,9 @@ class LLMEngine:
 
     def add(self, req: Request) -> None:
         if req.request_id in self._requests:
-            raise InvalidRequestError(f"request id {req.request_id!r} is already running", "request_id")
+            raise InvalidRequestError(
+                f"request id {req.request_id!r} is already running", "request_id"
+            )
         self._requests[req.request_id] = req
         self._stats["prompt_tokens"] += len(req.prompt_ids)
         self.scheduler.add(req)
@@ -197,7 +203,11 @@ class LLMEngine:
         st["max_batch_size"] = max(st["max_batch_size"], n_reqs)
         for req in batch.decodes:
             # a chunk may leave exactly the last prompt token pending: that is prefill
-            st["computed_prefill_tokens" if req.num_computed < len(req.prompt_ids) else "decode_tokens"] += 1
+            st[
+                "computed_prefill_tokens"
+                if req.num_computed < len(req.prompt_ids)
+                else "decode_tokens"
+            ] += 1
             req.num_computed += 1
         for req, n in batch.prefills:
             req.num_computed += n
@@ -211,14 +221,22 @@ class LLMEngine:
             if reason is not None:
                 self._finish(req, reason)
             deltas.append(
-                RequestDelta(req.request_id, req.pop_new_tokens(), req.detok.pop_delta(reason is not None), reason)
+                RequestDelta(
+                    req.request_id,
+                    req.pop_new_tokens(),
+                    req.detok.pop_delta(reason is not None),
+                    reason,
+                )
             )
         return deltas
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         if token in req.stop_ids or req.detok.stopped:
             return "stop"
-        if len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if (
+            len(req.output_ids) >= req.params.max_tokens
+            or req.num_tokens >= self.config.max_model_len
+        ):
             return "length"
         return None
 
@@ -230,7 +248,9 @@ class LLMEngine:
         self._stats["finished_requests"] += 1
 
     def output_of(self, req: Request) -> RequestOutput:
-        return RequestOutput(req.request_id, req.prompt_ids, list(req.output_ids), req.detok.text, req.finish_reason)
+        return RequestOutput(
+            req.request_id, req.prompt_ids, list(req.output_ids), req.detok.text, req.finish_reason
+        )
 
     # -- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

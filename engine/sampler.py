@@ -7,7 +7,9 @@ import torch
 from engine.request import Request
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """Mask logits outside each row's top-k and top-p nucleus with ``-inf``.
 
     ``top_k [B]`` (0 = off) and ``top_p [B]`` (1 = off). One descending sort serves
@@ -42,7 +44,9 @@ class Sampler:
         if all(p.greedy for p in params):
             return greedy_tokens.tolist()
         device = logits.device
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+        temps = torch.tensor(
+            [p.temperature if not p.greedy else 1.0 for p in params], device=device
+        )
         logits = logits / temps[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)

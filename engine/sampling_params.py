@@ -67,11 +67,17 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"top_k must be -1 (disabled) or >= 0, got {self.top_k}", "top_k"
             )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise InvalidRequestError("seed must be an integer", "seed")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise InvalidRequestError("seed must fit in 64 bits", "seed")
         if len(self.stop) > _MAX_STOP_STRINGS:
             raise InvalidRequestError(f"at most {_MAX_STOP_STRINGS} stop strings", "stop")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings", "stop")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise InvalidRequestError("stop_token_ids must be non-negative integers", "stop_token_ids")
+            raise InvalidRequestError(
+                "stop_token_ids must be non-negative integers", "stop_token_ids"
+            )

@@ -58,7 +58,9 @@ def _time(fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batches", default="1,16")
@@ -78,8 +80,10 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(files.path, dtype=dtype).eval()
     ids = llm.apply_chat_template([{"role": "user", "content": PROMPT}])
     n = args.tokens
-    print(f"model {files.name}  dtype {args.dtype}  threads {torch.get_num_threads()}  "
-          f"prompt {len(ids)} tokens  new tokens {n}")
+    print(
+        f"model {files.name}  dtype {args.dtype}  threads {torch.get_num_threads()}  "
+        f"prompt {len(ids)} tokens  new tokens {n}"
+    )
 
     def ours(batch: int, tokens: int) -> float:
         sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
@@ -89,9 +93,16 @@ def main() -> None:
         x = torch.tensor([ids] * batch)
         mask = torch.ones_like(x)
         with torch.inference_mode():
-            return _time(lambda: hf.generate(
-                x, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-                do_sample=False, pad_token_id=0))
+            return _time(
+                lambda: hf.generate(
+                    x,
+                    attention_mask=mask,
+                    max_new_tokens=tokens,
+                    min_new_tokens=tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            )
 
     results = {}
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -102,17 +113,23 @@ def main() -> None:
                 steps[name].append((fn(batch, n + 1) - fn(batch, 1)) / n)
         med = {k: statistics.median(v) for k, v in steps.items()}
         results[batch] = med
-        print(f"batch {batch:3d}: decode step  sotserve {med['sotserve'] * 1e3:7.1f} ms "
-              f"({batch / med['sotserve']:7.1f} tok/s)  transformers {med['transformers'] * 1e3:7.1f} ms "
-              f"({batch / med['transformers']:7.1f} tok/s)  speed-up {med['transformers'] / med['sotserve']:.2f}x")
+        ours_s, hf_s = med["sotserve"], med["transformers"]
+        print(
+            f"batch {batch:3d}: decode step  sotserve {ours_s * 1e3:7.1f} ms "
+            f"({batch / ours_s:7.1f} tok/s)  transformers {hf_s * 1e3:7.1f} ms "
+            f"({batch / hf_s:7.1f} tok/s)  speed-up {hf_s / ours_s:.2f}x"
+        )
 
     if 1 in results:
         bw = copy_bandwidth()
         wbytes = weight_bytes_per_step(llm.engine.model, 1)
         floor = wbytes / bw
         step = results[1]["sotserve"]
-        print(f"batch-1 floor: {wbytes / 1e6:.0f} MB of weights / {bw / 1e9:.1f} GB/s copy bandwidth "
-              f"= {floor * 1e3:.1f} ms; sotserve step {step * 1e3:.1f} ms = {step / floor:.2f}x the floor")
+        print(
+            f"batch-1 floor: {wbytes / 1e6:.0f} MB of weights / {bw / 1e9:.1f} GB/s copy bandwidth "
+            f"= {floor * 1e3:.1f} ms; sotserve step {step * 1e3:.1f} ms "
+            f"= {step / floor:.2f}x the floor"
+        )
 
 
 if __name__ == "__main__":

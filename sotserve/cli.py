@@ -14,7 +14,9 @@ from engine import AsyncEngine, EngineError, SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF directory, hub id or .gguf (default: embedded SmolLM2)")
+    p.add_argument(
+        "--model", default=None, help="HF directory, hub id or .gguf (default: embedded SmolLM2)"
+    )
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
 

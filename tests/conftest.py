@@ -15,10 +15,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig  # noqa: E402
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
-from engine.loader import resolve_model  # noqa: E402
+from engine.loader import resolve_model
 
 TINY_VOCAB = 49152  # SmolLM2's tokenizer, so tiny models can decode text too
 

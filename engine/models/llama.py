@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -101,7 +102,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_add(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -110,11 +113,17 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.backend = backend
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_heads,
+            args.num_kv_heads,
+            args.head_dim,
+        )
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         self.scale = args.head_dim**-0.5
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.qkv_proj = nn.Linear(
+            args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias
+        )
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
@@ -181,8 +190,13 @@ class LlamaForCausalLM(nn.Module):
     """``forward(input_ids [T]) -> hidden [T, H]``; ``compute_logits`` on selected rows."""
 
     # HF checkpoint names -> (fused parameter, shard index)
-    _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}  # fmt: skip
+    _FUSED: ClassVar[dict[str, tuple[str, int]]] = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
     _FUSED_RE = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.")
 
     def __init__(self, args: ModelArgs, backend: AttentionBackend) -> None:
@@ -190,7 +204,9 @@ class LlamaForCausalLM(nn.Module):
         self.args = args
         self.model = LlamaModel(args, backend)
         self.lm_head = (
-            None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            None
+            if args.tie_word_embeddings
+            else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -203,7 +219,11 @@ class LlamaForCausalLM(nn.Module):
     def _shard_sizes(self, fused: str) -> list[int]:
         a = self.args
         if fused == "qkv_proj":
-            return [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
+            return [
+                a.num_heads * a.head_dim,
+                a.num_kv_heads * a.head_dim,
+                a.num_kv_heads * a.head_dim,
+            ]
         return [a.intermediate_size, a.intermediate_size]
 
     @torch.no_grad()

@@ -1,0 +1,273 @@
+"""KV slot accounting: the allocator, the request->token table, and the engine's books
+under random traffic, aborts and preemption."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+import engine
+from engine.kv_cache import PAD_SLOT, ReqToTokenTable, SlotAllocator
+from engine.llm_engine import LLMEngine
+
+CPU = torch.device("cpu")
+
+
+# -- SlotAllocator ------------------------------------------------------------------------------
+def test_slot_allocator_alloc_and_free():
+    a = SlotAllocator(10, CPU)
+    assert (a.num_slots, a.num_free, a.num_used) == (10, 10, 0)
+    assert a.free_set() == set(range(1, 11))
+
+    first = a.alloc(3)
+    assert first.dtype == torch.int64
+    assert first.numel() == 3
+    assert len(set(first.tolist())) == 3
+    assert (a.num_free, a.num_used) == (7, 3)
+    rest = a.alloc(7)
+    assert set(first.tolist()) | set(rest.tolist()) == set(range(1, 11))
+    assert a.num_free == 0
+    assert a.free_set() == set()
+
+    a.free(first)
+    assert a.num_free == 3
+    assert a.free_set() == set(first.tolist())
+    a.free(rest)
+    assert a.free_set() == set(range(1, 11))
+    assert a.num_used == 0
+
+
+def test_slot_allocator_never_hands_out_pad_slot():
+    assert PAD_SLOT == 0
+    a = SlotAllocator(16, CPU)
+    rng = random.Random(0)
+    held: list[torch.Tensor] = []
+    for _ in range(300):
+        if held and (rng.random() < 0.5 or a.num_free == 0):
+            a.free(held.pop(rng.randrange(len(held))))
+        else:
+            got = a.alloc(rng.randint(1, a.num_free))
+            assert PAD_SLOT not in got.tolist()
+            held.append(got)
+        out = [s for h in held for s in h.tolist()]
+        assert len(out) == len(set(out)), "a slot was handed out twice"
+        assert a.num_free + len(out) == 16
+        assert a.free_set().isdisjoint(out)
+    for h in held:
+        a.free(h)
+    assert a.free_set() == set(range(1, 17))
+
+
+def test_slot_allocator_raises_when_exhausted():
+    a = SlotAllocator(4, CPU)
+    with pytest.raises(RuntimeError, match="exhausted"):
+        a.alloc(5)
+    assert a.num_free == 4  # a failed alloc takes nothing
+    a.alloc(4)
+    with pytest.raises(RuntimeError):
+        a.alloc(1)
+    assert a.alloc(0).numel() == 0
+    a.free(torch.empty(0, dtype=torch.int64))
+    assert a.num_free == 0
+
+
+# -- ReqToTokenTable ------------------------------------------------------------------------------
+def test_req_to_token_table_rows():
+    t = ReqToTokenTable(3, 8, CPU)
+    assert t.table.shape == (3, 8)
+    assert t.num_free_rows == 3
+    rows = [t.alloc_row() for _ in range(3)]
+    assert sorted(rows) == [0, 1, 2]
+    assert t.num_free_rows == 0
+
+    t.write(rows[0], 0, torch.tensor([5, 6, 7]))
+    t.write(rows[0], 3, torch.tensor([9]))
+    t.write(rows[1], 2, torch.tensor([1, 2]))
+    assert t.slots(rows[0], 4).tolist() == [5, 6, 7, 9]
+    assert t.slots(rows[0], 4, start=2).tolist() == [7, 9]
+    assert t.slots(rows[1], 4, start=2).tolist() == [1, 2]
+    assert t.slots(rows[2], 8).tolist() == [PAD_SLOT] * 8  # untouched rows point at padding
+
+    t.free_row(rows[1])
+    assert t.num_free_rows == 1
+    assert t.alloc_row() == rows[1]
+
+
+# -- the engine's books ----------------------------------------------------------------------
+CONFIGS = {
+    # tiny pool, tiny token budget: chunked prefill and frequent preemption
+    "small": dict(kv_slots=96, max_running=8, max_batched_tokens=16),
+    # few rows: requests wait for a table row
+    "rows": dict(kv_slots=128, max_running=3, max_batched_tokens=64),
+    "roomy": dict(kv_slots=200, max_running=16, max_batched_tokens=2048),
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_llama_dir) -> dict[str, LLMEngine]:
+    return {
+        name: LLMEngine(str(tiny_llama_dir), dtype="float32", device="cpu", **cfg)
+        for name, cfg in CONFIGS.items()
+    }
+
+
+def check_books(eng: LLMEngine) -> None:
+    """Every slot is either free or held by exactly one running request."""
+    kv_slots = eng.config.kv_slots
+    free = eng.slots.free_set()
+    assert len(free) == eng.slots.num_free, "a slot is on the free list twice"
+    assert PAD_SLOT not in free
+    running = eng.scheduler.running
+    held: list[int] = []
+    for req in running:
+        assert req.row is not None
+        assert 0 <= req.num_computed <= req.num_tokens
+        held.extend(eng.table.slots(req.row, req.num_computed).tolist())
+    assert eng.slots.num_free + sum(r.num_computed for r in running) == kv_slots
+    assert len(held) == len(set(held)), "a slot is held by two running requests"
+    assert PAD_SLOT not in held
+    assert free.isdisjoint(held), "a held slot is also free"
+    assert free | set(held) == set(range(1, kv_slots + 1))
+    rows = [r.row for r in running]
+    assert len(rows) == len(set(rows))
+    assert eng.table.num_free_rows + len(running) == eng.config.max_running
+    for req in eng.scheduler.waiting:
+        assert req.row is None and req.num_computed == 0
+    assert eng.stats()["kv_slots_used"] == kv_slots - len(free)
+
+
+def check_idle(eng: LLMEngine) -> None:
+    kv_slots = eng.config.kv_slots
+    assert not eng.has_unfinished()
+    assert eng.slots.free_set() == set(range(1, kv_slots + 1))
+    st = eng.stats()
+    assert st["kv_slots_used"] == 0
+    assert st["running"] == 0 and st["waiting"] == 0
+    assert eng.table.num_free_rows == eng.config.max_running
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, 49000) for _ in range(n)]
+
+
+def drive(eng: LLMEngine, requests, aborts, max_steps: int = 2000) -> dict:
+    """Add ``requests`` [(arrival_step, prompt_len, max_tokens, temperature, seed)] at
+    their steps, abort at ``aborts`` [(step, index)], step until done, checking the books
+    after every change. Returns {request_id: (request, aborted)}."""
+    live: dict[str, tuple] = {}
+    order: list[str] = []
+    last_arrival = max(r[0] for r in requests)
+    step = 0
+    while step <= last_arrival or eng.has_unfinished():
+        assert step < max_steps, f"no progress after {max_steps} steps: {eng.stats()}"
+        for i, (arrival, plen, max_tokens, temp, seed) in enumerate(requests):
+            if arrival == step:
+                params = engine.SamplingParams(
+                    temperature=temp, seed=seed, max_tokens=max_tokens, ignore_eos=True
+                )
+                req = eng.make_request(_prompt(seed * 31 + i, plen), params)
+                eng.add(req)
+                live[req.request_id] = (req, False)
+                order.append(req.request_id)
+        for at, index in aborts:
+            if at == step and order:
+                rid = order[index % len(order)]
+                req, _ = live[rid]
+                was_live = req.finish_reason is None
+                delta = eng.abort(rid)
+                assert (delta is not None) == was_live
+                if delta is not None:
+                    assert delta.finish_reason == "abort"
+                    live[rid] = (req, True)
+                    assert req.row is None and req.num_computed == 0
+                check_books(eng)
+        for d in eng.step():
+            req, _ = live[d.request_id]
+            assert d.token_ids == req.output_ids[len(req.output_ids) - len(d.token_ids) :]
+        check_books(eng)
+        step += 1
+    check_idle(eng)
+    for req, aborted in live.values():
+        if aborted:
+            assert req.finish_reason == "abort"
+            assert len(req.output_ids) < req.params.max_tokens
+        else:
+            assert req.finish_reason == "length"
+            assert len(req.output_ids) == req.params.max_tokens
+    return live
+
+
+request_st = st.tuples(
+    st.integers(0, 8),  # arrival step
+    st.integers(1, 36),  # prompt length
+    st.integers(1, 8),  # max_tokens
+    st.sampled_from([0.0, 0.0, 1.0]),  # temperature
+    st.integers(0, 10_000),  # seed
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    config=st.sampled_from(["small", "small", "rows", "roomy"]),
+    requests=st.lists(request_st, min_size=1, max_size=6),
+    aborts=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 10)), max_size=3),
+)
+@example(  # six long-ish requests at once in a 96-slot pool: preemption
+    config="small",
+    requests=[(0, 30, 8, 0.0, i) for i in range(6)],
+    aborts=[(5, 2), (9, 6)],
+)
+@example(config="rows", requests=[(0, 40, 8, 1.0, i) for i in range(6)], aborts=[(0, 5)])
+def test_slot_books_balance_under_random_traffic(engines, config, requests, aborts):
+    eng = engines[config]
+    check_idle(eng)  # the previous example left nothing behind
+    before = eng.stats()["preemptions"]
+    drive(eng, requests, aborts)
+    event("preempted" if eng.stats()["preemptions"] > before else "no preemption")
+
+
+def test_preemption_keeps_books_and_outputs(engines):
+    eng = engines["small"]
+    before = eng.stats()["preemptions"]
+    requests = [(0, 25, 10, 0.0, i) for i in range(5)] + [(3, 10, 10, 1.0, 99)]
+    live = drive(eng, requests, aborts=[])
+    assert eng.stats()["preemptions"] > before, "the pool was never short: no preemption"
+
+    # Preempted and recomputed requests produce the tokens they would have without
+    # preemption (greedy ones, and the seeded one too): replay them in a roomy pool.
+    ref_eng = engines["roomy"]
+    ref_before = ref_eng.stats()["preemptions"]
+    reqs = [r for r, _ in live.values()]
+    ref = {ref_eng.add_request(r.prompt_ids, r.params): r for r in reqs}
+    outputs = {rid: [] for rid in ref}
+    while ref_eng.has_unfinished():
+        for d in ref_eng.step():
+            outputs[d.request_id].extend(d.token_ids)
+    assert ref_eng.stats()["preemptions"] == ref_before
+    for rid, r in ref.items():
+        assert outputs[rid] == r.output_ids, f"request {r.request_id} changed by preemption"
+    check_idle(ref_eng)
+
+
+def test_abort_of_waiting_and_partly_prefilled_requests(engines):
+    eng = engines["small"]
+    params = engine.SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    a = eng.add_request(_prompt(1, 60), params)  # needs 4 steps of 16-token prefill
+    b = eng.add_request(_prompt(2, 30), params)
+    eng.step()
+    check_books(eng)
+    assert eng.get_request(a).num_computed == 16  # partly prefilled
+    assert eng.abort(b).finish_reason == "abort"  # still waiting
+    assert eng.abort(a).finish_reason == "abort"
+    assert eng.abort(a) is None
+    check_books(eng)
+    check_idle(eng)
