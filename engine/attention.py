@@ -33,7 +33,7 @@ class AttentionBackend(ABC):
 @dataclass
 class _TorchPlan:
     decode_index: torch.Tensor | None  # [B, L] slots, padded
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L]
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] additive; None when lengths are equal
     extends: list[tuple[int, int, torch.Tensor]]  # (q_start, q_len, kv slots)
 
 
@@ -48,9 +48,12 @@ class TorchAttentionBackend(AttentionBackend):
             lens = torch.tensor(ctx.kv_lens[:nd], device=ctx.req_to_token.device)
             max_len = int(max(ctx.kv_lens[:nd]))
             index = ctx.req_to_token[rows, :max_len]
-            mask = torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
-            index = index.masked_fill(~mask, 0)
-            mask = mask[:, None, None, :]
+            if min(ctx.kv_lens[:nd]) < max_len:
+                valid = torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+                index = index.masked_fill(~valid, 0)
+                # an additive mask built once per step; SDPA would convert a bool one per layer
+                mask = torch.zeros(valid.shape, dtype=ctx.kv_pool.k.dtype, device=lens.device)
+                mask = mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
         extends = []
         start = nd
         for i in range(nd, len(ctx.rows)):

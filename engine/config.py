@@ -16,6 +16,7 @@ class EngineConfig:
     ``max_batched_tokens`` token budget of one step (decodes + prefill chunks).
     ``kv_slots``           size of the token-slot KV pool; by default it is sized
                            from ``kv_cache_gib``.
+    ``prepack_weights``    on CPU, hold projections in oneDNN's blocked layout.
     """
 
     dtype: torch.dtype = torch.float32
@@ -25,7 +26,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     kv_slots: int | None = None
     kv_cache_gib: float = 1.0
-    seed: int = 0
+    prepack_weights: bool = True
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

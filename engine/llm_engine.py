@@ -38,7 +38,8 @@ class LLMEngine:
     """Loads a model and runs continuous batching over a token-slot KV pool.
 
     ``config`` keys are the fields of :class:`EngineConfig` (``max_model_len``,
-    ``max_running``, ``max_batched_tokens``, ``kv_slots``, ``kv_cache_gib``, ``seed``)
+    ``max_running``, ``max_batched_tokens``, ``kv_slots``, ``kv_cache_gib``,
+    ``prepack_weights``)
     plus ``attention_backend``.
     """
 
@@ -87,7 +88,9 @@ class LLMEngine:
         self.table = ReqToTokenTable(cfg.max_running, cfg.max_model_len, dev)
         self.scheduler = Scheduler(cfg, self.slots, self.table)
         self.backend = create_backend(attention_backend, dev)
-        self.model = build_model(files, hf_config, self.backend, cfg.dtype, dev)
+        self.model = build_model(
+            files, hf_config, self.backend, cfg.dtype, dev, prepack=cfg.prepack_weights
+        )
         inv_freq, scaling = rope_inv_freq(hf_config, args.head_dim)
         cos, sin = rope_cos_sin_cache(inv_freq, cfg.max_model_len, scaling)
         self.runner = ModelRunner(

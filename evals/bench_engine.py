@@ -38,14 +38,16 @@ def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 10) -> float:
 
 
 def weight_bytes_per_step(model: torch.nn.Module, batch: int) -> int:
-    """Bytes of parameters one decode step reads: every matrix once, ``batch`` embedding rows.
+    """Bytes of parameters one decode step reads, for a ``transformers`` model.
 
-    With tied embeddings the head reads the whole table, which covers the lookup too.
+    Every matrix is read once; the embedding lookup reads ``batch`` rows, unless the
+    head is tied to it and reads the whole table anyway (shared tensors are listed once).
     """
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     total = 0
     for name, p in model.named_parameters():
         nbytes = p.numel() * p.element_size()
-        if "embed_tokens" in name and getattr(model, "lm_head", None) is not None:
+        if "embed_tokens" in name and not tied:
             nbytes = batch * p.shape[1] * p.element_size()
         total += nbytes
     return total
@@ -122,7 +124,7 @@ def main() -> None:
 
     if 1 in results:
         bw = copy_bandwidth()
-        wbytes = weight_bytes_per_step(llm.engine.model, 1)
+        wbytes = weight_bytes_per_step(hf, 1)  # same weights; ours are prepacked
         floor = wbytes / bw
         step = results[1]["sotserve"]
         print(

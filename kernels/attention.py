@@ -29,13 +29,14 @@ def decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     kv_index: torch.Tensor,
-    kv_mask: torch.Tensor,
+    kv_mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
     """One query token per request, attending to all of that request's keys.
 
     ``q [B, Hq, D]``; ``kv_index [B, L]`` holds each request's slots padded to the
-    longest; ``kv_mask [B, 1, 1, L]`` is True on real keys. Returns ``[B, Hq, D]``.
+    longest; ``kv_mask [B, 1, 1, L]`` is True (or 0.0, if additive) on real keys and
+    may be None when no row is padded. Returns ``[B, Hq, D]``.
     """
     b, n = kv_index.shape
     flat = kv_index.reshape(-1)

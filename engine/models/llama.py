@@ -21,6 +21,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from engine.attention import AttentionBackend
 from engine.context import get_context
 from kernels.activation import silu_and_mul
+from kernels.linear import PackedLinear, prepack_linears
 from kernels.norm import add_rms_norm, rms_norm
 from kernels.rope import rotate
 
@@ -203,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = LlamaModel(args, backend)
-        self.lm_head = (
+        self.lm_head: nn.Module | None = (
             None
             if args.tie_word_embeddings
             else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -213,8 +214,16 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def prepack_cpu_weights(self) -> None:
+        """Hold every projection, and the head, in oneDNN's blocked layout (CPU only)."""
+        if self.lm_head is None:  # tied: the head gets its own packed copy of the table
+            w = self.model.embed_tokens.weight
+            self.lm_head = PackedLinear(w, None)
+        prepack_linears(self)
 
     def _shard_sizes(self, fused: str) -> list[int]:
         a = self.args
