@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * x / rms(x)``, computed in float32 like Llama's reference."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # One fused op instead of six; bit-identical to the formula below in float32.
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
