@@ -7,7 +7,7 @@ therefore never threads batch metadata through its layers (nano-vllm's pattern).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +36,6 @@ class ForwardContext:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     attn: Any = None  # backend-specific metadata, built once per step
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
