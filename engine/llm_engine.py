@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import uuid
 from typing import Any
 
@@ -39,8 +38,7 @@ class LLMEngine:
 
     ``config`` keys are the fields of :class:`EngineConfig` (``max_model_len``,
     ``max_running``, ``max_batched_tokens``, ``kv_slots``, ``kv_cache_gib``,
-    ``prepack_weights``)
-    plus ``attention_backend``.
+    ``prepack_weights``) plus ``attention_backend``.
     """
 
     def __init__(
@@ -58,8 +56,6 @@ class LLMEngine:
         if dtype in (None, "auto"):
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         self.config = cfg = EngineConfig(dtype=resolve_dtype(dtype), device=dev, **config)
-        if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(os.cpu_count() or 1)
 
         files = resolve_model(model)
         self.model_name = model or files.name
