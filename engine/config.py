@@ -17,6 +17,7 @@ class EngineConfig:
     ``kv_slots``           size of the token-slot KV pool; by default it is sized
                            from ``kv_cache_gib``.
     ``prepack_weights``    on CPU, hold projections in oneDNN's blocked layout.
+    ``prefix_cache``       share KV of common prefixes through the radix cache.
     """
 
     dtype: torch.dtype = torch.float32
@@ -27,6 +28,7 @@ class EngineConfig:
     kv_slots: int | None = None
     kv_cache_gib: float = 1.0
     prepack_weights: bool = True
+    prefix_cache: bool = True
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from engine.attention import create_backend
+from engine.cache_manager import CacheManager
 from engine.config import EngineConfig, resolve_device, resolve_dtype
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ContextLengthExceededError, InvalidRequestError
@@ -23,6 +24,7 @@ from engine.model_runner import ModelRunner
 from engine.models import ModelArgs, build_model
 from engine.models.llama import rope_inv_freq
 from engine.outputs import RequestDelta, RequestOutput
+from engine.radix_cache import RadixCache
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -38,7 +40,7 @@ class LLMEngine:
 
     ``config`` keys are the fields of :class:`EngineConfig` (``max_model_len``,
     ``max_running``, ``max_batched_tokens``, ``kv_slots``, ``kv_cache_gib``,
-    ``prepack_weights``) plus ``attention_backend``.
+    ``prepack_weights``, ``prefix_cache``) plus ``attention_backend``.
     """
 
     def __init__(
@@ -82,7 +84,9 @@ class LLMEngine:
         )
         self.slots = SlotAllocator(cfg.kv_slots, dev)
         self.table = ReqToTokenTable(cfg.max_running, cfg.max_model_len, dev)
-        self.scheduler = Scheduler(cfg, self.slots, self.table)
+        self.cache = RadixCache(self.slots) if cfg.prefix_cache else None
+        self.cm = CacheManager(self.slots, self.table, self.cache)
+        self.scheduler = Scheduler(cfg, self.cm)
         self.backend = create_backend(attention_backend, dev)
         self.model = build_model(
             files, hf_config, self.backend, cfg.dtype, dev, prepack=cfg.prepack_weights
@@ -96,7 +100,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._stats = dict.fromkeys(
-            ("prompt_tokens", "cached_tokens", "computed_prefill_tokens", "decode_tokens",
+            ("prompt_tokens", "computed_prefill_tokens", "decode_tokens",
              "generated_tokens", "steps", "batched_requests", "max_batch_size",
              "finished_requests", "aborted_requests"), 0)  # fmt: skip
 
@@ -211,6 +215,8 @@ class LLMEngine:
         for req, n in batch.prefills:
             req.num_computed += n
             st["computed_prefill_tokens"] += n
+            # cache each chunk at once, so siblings waiting on this prefix can use it
+            self.cm.commit(req)
         deltas = []
         for req, token in zip(reqs, tokens, strict=True):
             st["generated_tokens"] += 1
@@ -256,8 +262,14 @@ class LLMEngine:
         st = dict(self._stats)
         st["running"] = len(self.scheduler.running)
         st["waiting"] = len(self.scheduler.waiting)
-        st["kv_slots_used"] = self.slots.num_used
+        cache = self.cache
+        evictable = cache.evictable_size if cache else 0
+        # in use = held by running requests, including the cached prefixes they lock
+        st["kv_slots_used"] = self.slots.num_used - evictable
         st["kv_slots_total"] = self.slots.num_slots
+        st["cache_size"] = cache.total_size if cache else 0
+        st["cached_tokens"] = self.scheduler.cached_tokens
+        st["evicted_tokens"] = self.cm.evicted_tokens
         st["preemptions"] = self.scheduler.num_preemptions
         st["mean_batch_size"] = st["batched_requests"] / st["steps"] if st["steps"] else 0.0
         return st

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,8 +22,9 @@ class RequestStatus(enum.Enum):
 class Request:
     """Token ids, KV bookkeeping and stop state of one generation.
 
-    ``num_computed`` tokens of ``all_ids`` have their K/V in the pool, at the slots
-    listed in ``req_to_token[row, :num_computed]``. A request needs
+    ``num_computed`` tokens have their K/V in the pool, at the slots listed in
+    ``req_to_token[row, :num_computed]``; the first ``cached_len`` of those belong to
+    the prefix cache (see :mod:`engine.cache_manager`). A request needs
     ``num_tokens - num_computed`` new tokens computed: 1 while decoding, more while
     (re)filling its prompt.
     """
@@ -38,6 +40,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     row: int | None = None
     num_computed: int = 0
+    cached_len: int = 0  # leading tokens whose slots belong to the prefix cache
+    cache_node: Any = None  # the radix-tree node this request keeps locked
     finish_reason: str | None = None
     _emitted_tokens: int = 0
 

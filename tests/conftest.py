@@ -74,10 +74,13 @@ def tokenizer(smollm2_dir: Path):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def build_tiny_model(kind: str, out: Path, tokenizer, seed: int = 0):
+def build_tiny_model(kind: str, out: Path, tokenizer, seed: int = 0, **overrides):
     """Save a random-weight HF model of family ``kind`` plus a tokenizer to ``out``."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[kind], dtype=torch.float32)
+    config = TINY_CONFIGS[kind]
+    if overrides:
+        config = config.__class__(**{**config.to_dict(), **overrides})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -85,9 +85,12 @@ def record_batches(engine, monkeypatch) -> list[tuple[int, list[tuple[str, int, 
 
 
 def assert_slots_all_free(llm: LLM) -> None:
+    """Nothing is in use: every slot is free or an unlocked entry of the prefix cache."""
     eng = llm.engine
     assert eng.stats()["kv_slots_used"] == 0
-    assert eng.slots.free_set() == set(range(1, eng.config.kv_slots + 1))
+    cached = set(eng.cache.slots().tolist()) if eng.cache is not None else set()
+    assert eng.slots.free_set() | cached == set(range(1, eng.config.kv_slots + 1))
+    assert eng.cache is None or eng.cache.protected_size == 0
 
 
 # -- tiny random-weight families -------------------------------------------------------

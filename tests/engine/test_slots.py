@@ -104,6 +104,8 @@ CONFIGS = {
     # few rows: requests wait for a table row
     "rows": dict(kv_slots=128, max_running=3, max_batched_tokens=64),
     "roomy": dict(kv_slots=200, max_running=16, max_batched_tokens=2048),
+    # the same small pool without the prefix cache: slots go straight back to the free list
+    "nocache": dict(kv_slots=96, max_running=8, max_batched_tokens=16, prefix_cache=False),
 }
 
 
@@ -116,43 +118,67 @@ def engines(tiny_llama_dir) -> dict[str, LLMEngine]:
 
 
 def check_books(eng: LLMEngine) -> None:
-    """Every slot is either free or held by exactly one running request."""
+    """Every slot is free, held once by the prefix cache, or private to one running request.
+
+    A running request's first ``cached_len`` slots are cache slots it locks; the rest of
+    its ``num_computed`` slots are its own.
+    """
     kv_slots = eng.config.kv_slots
     free = eng.slots.free_set()
     assert len(free) == eng.slots.num_free, "a slot is on the free list twice"
     assert PAD_SLOT not in free
+    cache = eng.cache
+    cached = cache.slots().tolist() if cache is not None else []
+    cached_set = set(cached)
+    assert len(cached) == len(cached_set), "a slot is in the cache twice"
     running = eng.scheduler.running
-    held: list[int] = []
+    private: list[int] = []
     for req in running:
         assert req.row is not None
-        assert 0 <= req.num_computed <= req.num_tokens
-        held.extend(eng.table.slots(req.row, req.num_computed).tolist())
-    assert eng.slots.num_free + sum(r.num_computed for r in running) == kv_slots
-    assert len(held) == len(set(held)), "a slot is held by two running requests"
-    assert PAD_SLOT not in held
-    assert free.isdisjoint(held), "a held slot is also free"
-    assert free | set(held) == set(range(1, kv_slots + 1))
+        assert 0 <= req.cached_len <= req.num_computed <= req.num_tokens
+        row = eng.table.slots(req.row, req.num_computed).tolist()
+        assert set(row[: req.cached_len]) <= cached_set, "a locked prefix is not in the cache"
+        private.extend(row[req.cached_len :])
+    assert len(private) == len(set(private)), "a slot is held by two running requests"
+    assert PAD_SLOT not in private and PAD_SLOT not in cached_set
+    assert free.isdisjoint(private), "a held slot is also free"
+    assert free.isdisjoint(cached_set), "a cached slot is also free"
+    assert cached_set.isdisjoint(private), "a private slot is also in the cache"
+    assert free | cached_set | set(private) == set(range(1, kv_slots + 1))
     rows = [r.row for r in running]
     assert len(rows) == len(set(rows))
     assert eng.table.num_free_rows + len(running) == eng.config.max_running
     for req in eng.scheduler.waiting:
         assert req.row is None and req.num_computed == 0
-    assert eng.stats()["kv_slots_used"] == kv_slots - len(free)
+    evictable = 0
+    if cache is not None:
+        assert cache.evictable_size + cache.protected_size == cache.total_size == len(cached)
+        evictable = cache.evictable_size
+    assert eng.stats()["kv_slots_used"] == kv_slots - len(free) - evictable
 
 
 def check_idle(eng: LLMEngine) -> None:
     kv_slots = eng.config.kv_slots
     assert not eng.has_unfinished()
-    assert eng.slots.free_set() == set(range(1, kv_slots + 1))
+    cached = set(eng.cache.slots().tolist()) if eng.cache is not None else set()
+    assert eng.slots.free_set() | cached == set(range(1, kv_slots + 1))
+    if eng.cache is not None:
+        assert eng.cache.protected_size == 0, "a finished request still locks the cache"
     st = eng.stats()
     assert st["kv_slots_used"] == 0
     assert st["running"] == 0 and st["waiting"] == 0
     assert eng.table.num_free_rows == eng.config.max_running
 
 
+_BASE = [random.Random(-1).randrange(100, 49000) for _ in range(64)]
+
+
 def _prompt(seed: int, n: int) -> list[int]:
+    """A prompt that shares a random-length prefix with a common base, so prompts
+    overlap in the prefix cache at arbitrary points (mid-node matches included)."""
     rng = random.Random(seed)
-    return [rng.randrange(100, 49000) for _ in range(n)]
+    shared = rng.randrange(0, n + 1)
+    return _BASE[:shared] + [rng.randrange(100, 49000) for _ in range(n - shared)]
 
 
 def drive(eng: LLMEngine, requests, aborts, max_steps: int = 2000) -> dict:
@@ -261,8 +287,10 @@ def test_preemption_keeps_books_and_outputs(engines):
 def test_abort_of_waiting_and_partly_prefilled_requests(engines):
     eng = engines["small"]
     params = engine.SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-    a = eng.add_request(_prompt(1, 60), params)  # needs 4 steps of 16-token prefill
-    b = eng.add_request(_prompt(2, 30), params)
+    # unrelated to anything cached, so admission order is arrival order
+    rng = random.Random(12345)
+    a = eng.add_request([rng.randrange(100, 49000) for _ in range(60)], params)  # 4 chunks
+    b = eng.add_request([rng.randrange(100, 49000) for _ in range(30)], params)
     eng.step()
     check_books(eng)
     assert eng.get_request(a).num_computed == 16  # partly prefilled
