@@ -155,22 +155,7 @@ class RadixCache(BasePrefixCache):
         lets the caller lock precisely the matched tokens. Touches ``last_access`` on
         every node of the path.
         """
-        tokens = list(token_ids)
-        now = next(self._clock)
-        node, pos = self.root, 0
-        parts: list[torch.Tensor] = []
-        while pos < len(tokens):
-            child = node.children.get(tokens[pos])
-            if child is None:
-                break
-            n = _common_prefix_len(child.key, tokens, pos)
-            if n < len(child.key):
-                child = self._split(child, n)
-            child.last_access = now
-            parts.append(child.value)
-            # After a split ``child`` ends at the mismatch, so the next lookup misses
-            # (or the tokens are used up) and the loop stops there.
-            node, pos = child, pos + n
+        node, _, parts = self._walk(list(token_ids))
         if not parts:
             return self._empty, node
         return (parts[0] if len(parts) == 1 else torch.cat(parts)), node
@@ -181,33 +166,45 @@ class RadixCache(BasePrefixCache):
         Returns how many leading tokens were already cached. The cache does not take
         ``slots[:returned]``: they duplicate slots the tree already has (or are those
         very slots), and freeing them is the caller's business. The cache takes
-        ownership of ``slots[returned:]``. Splits an edge where the new sequence leaves
-        it, and touches ``last_access`` along the path.
+        ownership of ``slots[returned:]`` (it keeps a copy of the ids). Splits the edge
+        where the sequence leaves the tree or ends, and touches ``last_access`` along
+        the path.
         """
         tokens = list(token_ids)
         if slots.dim() != 1 or slots.numel() != len(tokens):
             raise ValueError(
                 f"insert: {len(tokens)} tokens but slots has shape {tuple(slots.shape)}"
             )
+        node, pos, _ = self._walk(tokens)
+        if pos < len(tokens):
+            self._add_leaf(node, tokens[pos:], slots[pos:], node.last_access)
+        return pos
+
+    def _walk(self, tokens: list[int]) -> tuple[TreeNode, int, list[torch.Tensor]]:
+        """Follow ``tokens`` down the tree as far as they match.
+
+        Returns the node the match ends at, the matched length, and the slot tensors of
+        the nodes passed. A match that ends inside an edge splits it there, so every
+        node on the path is used whole; that keeps ``last_access`` exact: a node is
+        touched only when all of its tokens were.
+        """
         now = next(self._clock)
+        self.root.last_access = now
         node, pos = self.root, 0
+        parts: list[torch.Tensor] = []
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
             if child is None:
                 break
             n = _common_prefix_len(child.key, tokens, pos)
             if n < len(child.key):
-                if pos + n == len(tokens):
-                    # The whole sequence is cached and ends inside this edge: nothing to
-                    # add, so no need to split it.
-                    child.last_access = now
-                    return len(tokens)
                 child = self._split(child, n)
+            # After a split ``child`` ends at the mismatch, so the next lookup misses
+            # (or the tokens are used up) and the loop stops there.
             child.last_access = now
+            parts.append(child.value)
             node, pos = child, pos + n
-        if pos < len(tokens):
-            self._add_leaf(node, tokens[pos:], slots[pos:], now)
-        return pos
+        return node, pos, parts
 
     def _add_leaf(self, parent: TreeNode, key: list[int], value: torch.Tensor, now: int) -> None:
         # Clone: the caller's tensor is often a view of the request->token table, whose

@@ -68,17 +68,29 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sections", default="decode,fanout", help="decode and/or fanout")
     args = ap.parse_args()
 
-    from transformers import AutoModelForCausalLM
-
-    from engine import LLM, SamplingParams
     from engine.config import resolve_dtype
     from engine.loader import resolve_model
 
     dtype = resolve_dtype(args.dtype)
     files = resolve_model(args.model)
-    llm = LLM(str(files.path), dtype=dtype, device="cpu")
+    sections = args.sections.split(",")
+    if "decode" in sections:
+        bench_decode(args, files, dtype)
+    if "fanout" in sections:
+        bench_fanout(args, files, dtype)
+
+
+def bench_decode(args: argparse.Namespace, files, dtype: torch.dtype) -> None:
+    """Decode step time against ``transformers.generate``, and the batch-1 floor."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import LLM, SamplingParams
+
+    # No prefix cache: transformers has none, and the comparison is about decoding.
+    llm = LLM(str(files.path), dtype=dtype, device="cpu", prefix_cache=False)
     hf = AutoModelForCausalLM.from_pretrained(files.path, dtype=dtype).eval()
     ids = llm.apply_chat_template([{"role": "user", "content": PROMPT}])
     n = args.tokens
@@ -132,6 +144,53 @@ def main() -> None:
             f"= {floor * 1e3:.1f} ms; sotserve step {step * 1e3:.1f} ms "
             f"= {step / floor:.2f}x the floor"
         )
+
+
+FANOUT_PREFIX, FANOUT_SUFFIX, FANOUT_REQUESTS = 256, 16, 8
+
+
+def bench_fanout(args: argparse.Namespace, files, dtype: torch.dtype) -> None:
+    """Eight requests sharing a 256-token prefix, each with its own 16-token suffix.
+
+    Each repeat uses a new random prefix, so neither engine finds it cached from an
+    earlier repeat; the runs with and without the prefix cache alternate.
+    """
+    from engine import LLM, SamplingParams
+
+    engines = {
+        "prefix cache": LLM(str(files.path), dtype=dtype, device="cpu"),
+        "no cache": LLM(str(files.path), dtype=dtype, device="cpu", prefix_cache=False),
+    }
+    vocab = engines["no cache"].engine.vocab_size
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    computed: dict[str, list[int]] = {name: [] for name in engines}
+    for rep in range(args.repeats + 1):  # the first round is a warm-up
+        g = torch.Generator().manual_seed(rep)
+        prefix = torch.randint(100, vocab, (FANOUT_PREFIX,), generator=g).tolist()
+        prompts = [
+            prefix + torch.randint(100, vocab, (FANOUT_SUFFIX,), generator=g).tolist()
+            for _ in range(FANOUT_REQUESTS)
+        ]
+        for name, llm in engines.items():
+            before = llm.stats()["computed_prefill_tokens"]
+            t = _time(lambda llm=llm, prompts=prompts: llm.generate(prompts, params))
+            if rep:
+                times[name].append(t)
+                computed[name].append(llm.stats()["computed_prefill_tokens"] - before)
+    budget = FANOUT_PREFIX + FANOUT_REQUESTS * FANOUT_SUFFIX
+    print(
+        f"fan-out: {FANOUT_REQUESTS} requests x ({FANOUT_PREFIX} shared + {FANOUT_SUFFIX} own) "
+        f"prompt tokens, {args.tokens} new tokens each"
+    )
+    for name in engines:
+        print(
+            f"  {name:12s}: computed prefill tokens {statistics.median(computed[name]):6.0f} "
+            f"({statistics.median(computed[name]) / budget:.2f}x of {budget}), "
+            f"wall {statistics.median(times[name]):.2f} s"
+        )
+    speed = statistics.median(times["no cache"]) / statistics.median(times["prefix cache"])
+    print(f"  speed-up from the prefix cache: {speed:.2f}x")
 
 
 if __name__ == "__main__":

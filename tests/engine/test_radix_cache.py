@@ -137,12 +137,14 @@ def test_insert_over_existing_path_takes_only_new_suffix():
     assert sizes(cache) == (5, 0, 5)
     assert alloc.num_used == 5
 
-    # A sequence that is already fully cached (even inside an edge) adds nothing.
+    # A sequence that is already fully cached adds nothing; one that ends inside an
+    # edge splits it there, like a match would.
     for tokens in ([1, 2, 3, 4, 5], [1, 2, 3, 4], [1]):
         s = alloc.alloc(len(tokens))
         assert cache.insert(tokens, s) == len(tokens)
         alloc.free(s)
-    assert shape(cache.root) == {(1, 2, 3): {(4, 5): {}}}
+    assert shape(cache.root) == {(1,): {(2, 3): {(4,): {(5,): {}}}}}
+    assert as_list(cache.match_prefix([1, 2, 3, 4, 5])[0]) == as_list(s1) + as_list(s2[3:])
     assert sizes(cache) == (5, 0, 5) and alloc.num_used == 5
 
 
@@ -381,6 +383,16 @@ class RadixCacheMachine(RuleBasedStateMachine):
         self.ref: dict[tuple[int, ...], int] = {}
         self.locks: list[tuple[TreeNode, tuple[int, ...]]] = []
         self.seen: list[list[int]] = []  # every sequence inserted so far
+        # The model's own LRU clock: when each cached prefix was last matched or
+        # inserted. It is kept apart from the tree's ``last_access`` so that a cache
+        # that forgets to touch a path is caught by the LRU check in ``checked_evict``.
+        self.tick = 0
+        self.atime: dict[tuple[int, ...], int] = {}
+
+    def touch(self, seq: list[int], k: int) -> None:
+        self.tick += 1
+        for i in range(1, k + 1):
+            self.atime[tuple(seq[:i])] = self.tick
 
     def draw_seq(self, data: st.DataObject) -> list[int]:
         """A random sequence, often a cut of an earlier one plus a new tail, so that
@@ -416,7 +428,11 @@ class RadixCacheMachine(RuleBasedStateMachine):
     def checked_evict(self, k: int) -> int:
         free_before = self.alloc.free_set()
         evictable_before = self.cache.evictable_size
-        before = {p: (n.last_access, n.lock_ref == 0 and not n.children) for p, n in self.nodes()}
+        # A node was last used when any of its tokens was, i.e. when its first one was.
+        before = {
+            p: (self.atime[p[: len(p) - len(n.key) + 1]], n.lock_ref == 0 and not n.children)
+            for p, n in self.nodes()
+        }
 
         got = self.cache.evict(k)
 
@@ -440,6 +456,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
             assert max(gone) <= min(stayed)
         for p in removed:
             del self.ref[p]
+            del self.atime[p]
         return got
 
     def take(self, n: int) -> torch.Tensor | None:
@@ -460,6 +477,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
             prefix, node = self.cache.match_prefix(seq)
             m = int(prefix.numel())
             assert m == self.ref_match(seq)
+            self.touch(seq, m)
             self.cache.inc_lock(node)
             fresh = self.take(len(seq) - m)
             self.cache.dec_lock(node)
@@ -478,12 +496,14 @@ class RadixCacheMachine(RuleBasedStateMachine):
             self.alloc.free(slots[:n])
         for i in range(n, len(seq)):
             self.ref[tuple(seq[: i + 1])] = int(slots[i])
+        self.touch(seq, len(seq))
 
     @rule(data=st.data(), lock=st.booleans())
     def match(self, data: st.DataObject, lock: bool) -> None:
         seq = self.draw_seq(data)
         slots, node = self.cache.match_prefix(seq)
         k = self.ref_match(seq)
+        self.touch(seq, k)
         assert slots.dtype == torch.int64 and slots.dim() == 1
         assert as_list(slots) == self.ref_slots(seq, k)
         assert path(node) == tuple(seq[:k])
@@ -509,6 +529,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
             return
         self.cache.reset()
         self.ref.clear()
+        self.atime.clear()
         assert self.alloc.num_free == NUM_SLOTS
 
     # -- invariants ---------------------------------------------------------------------
@@ -528,6 +549,20 @@ class RadixCacheMachine(RuleBasedStateMachine):
             if not parent.is_root:
                 assert parent.last_access >= node.last_access
         assert held == self.ref
+
+    @invariant()
+    def access_order_matches_model(self) -> None:
+        # Every token of a node was last used at the same time (paths are split where
+        # a use ends), and the tree's clock orders nodes exactly as the model's does.
+        tree_time: dict[int, int] = {}
+        for p, node in self.nodes():
+            start = len(p) - len(node.key)
+            times = {self.atime[p[:i]] for i in range(start + 1, len(p) + 1)}
+            assert len(times) == 1, "a node whose tokens were used at different times"
+            t = times.pop()
+            assert tree_time.setdefault(t, node.last_access) == node.last_access
+        tree_order = [tree_time[t] for t in sorted(tree_time)]
+        assert tree_order == sorted(set(tree_order))
 
     @invariant()
     def locks_are_counted(self) -> None:
