@@ -150,3 +150,18 @@ def test_long_prompt_never_stalls_running_decodes(long_context_llama):
     for decodes, prefills in prefill_steps:
         assert sorted(decodes) == sorted(decoders)  # no decode left out of any step
         assert len(decodes) + sum(n for _, n in prefills) <= 256
+
+
+@pytest.mark.slow
+def test_smollm2_parity_with_a_cached_chat_prefix(smollm2_dir):
+    """Chat prompts share the system prompt; the second one hits it mid-node, in chunks."""
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(str(smollm2_dir), dtype="float32", device="cpu", max_batched_tokens=16)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    questions = ["Name a primary colour.", "What is two plus two?"]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    for q in questions:
+        ids = llm.apply_chat_template([{"role": "user", "content": q}])
+        assert llm.generate([ids], params)[0].token_ids == _hf_greedy(hf, ids, 10)
+    assert llm.stats()["cached_tokens"] >= 20  # the shared system prompt
