@@ -37,10 +37,6 @@ class ForwardContext:
     sin: torch.Tensor | None = None
     attn: Any = None  # backend-specific metadata, built once per step
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.positions.numel())
-
 
 _CONTEXT: ForwardContext | None = None
 

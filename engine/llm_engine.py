@@ -64,7 +64,6 @@ class LLMEngine:
         hf_config = files.config()
         self.tokenizer = files.tokenizer()
         args = ModelArgs.from_hf(hf_config)
-        self.args = args
         self.vocab_size = args.vocab_size
         self.eos_token_ids = _eos_ids(self.tokenizer, files.generation_config(), hf_config)
 

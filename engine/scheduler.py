@@ -32,10 +32,6 @@ class ScheduledBatch:
     decodes: list[Request] = field(default_factory=list)
     prefills: list[tuple[Request, int]] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
-
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
 
