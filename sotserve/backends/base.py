@@ -1,0 +1,78 @@
+"""The one interface the planner needs from an inference engine.
+
+A backend streams completions of a prompt (text or token ids). Both
+implementations, in-process (:class:`LocalBackend`) and over HTTP
+(:class:`HTTPBackend`), give the planner the model's tokenizer so it can render
+chat templates and build point prompts that continue the skeleton's exact ids.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class BackendError(Exception):
+    """A completion request failed (engine error, HTTP error, dropped connection)."""
+
+
+class BackendRequestError(BackendError):
+    """The backend rejected the request itself (HTTP 4xx, invalid engine input)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class CompletionParams:
+    """Sampling for one completion request (the OpenAI ``/v1/completions`` subset)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompletionChunk:
+    """New output of one request. ``token_ids`` is None when the backend cannot say."""
+
+    text: str
+    token_ids: list[int] | None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None  # on the last chunk, when known
+
+
+class Backend(ABC):
+    """Streams completions; cancelling the iteration must abort the request."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer (chat template, encode, decode)."""
+
+    @property
+    @abstractmethod
+    def model_name(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int | None:
+        """Context length, if known, so the planner can reject long questions early."""
+
+    @abstractmethod
+    def complete(
+        self, prompt: str | list[int], params: CompletionParams
+    ) -> AsyncIterator[CompletionChunk]:
+        """Yield chunks until one has ``finish_reason``; raise :class:`BackendError`."""
+
+    async def stats(self) -> dict[str, Any] | None:
+        """Engine counters (prefix-cache hits, running requests...) where available."""
+        return None
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, most backends need none
+        """Release connections; the default has none."""

@@ -1,0 +1,68 @@
+"""In-process backend: :class:`engine.AsyncEngine` in this process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine import AsyncEngine, EngineError, InvalidRequestError, SamplingParams
+from sotserve.backends.base import (
+    Backend,
+    BackendError,
+    BackendRequestError,
+    CompletionChunk,
+    CompletionParams,
+)
+
+
+class LocalBackend(Backend):
+    """Wraps an :class:`AsyncEngine`; ``LocalBackend()`` loads the embedded model."""
+
+    def __init__(self, engine: AsyncEngine | None = None, **engine_args: Any) -> None:
+        self.engine = engine if engine is not None else AsyncEngine(**engine_args)
+        self._owns_engine = engine is None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    async def complete(
+        self, prompt: str | list[int], params: CompletionParams
+    ) -> AsyncIterator[CompletionChunk]:
+        try:
+            sampling = SamplingParams(
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=params.seed,
+                stop=list(params.stop),
+            )
+            prompt_len = None if isinstance(prompt, str) else len(prompt)
+            # Leaving this loop early (cancel, break) closes engine.generate,
+            # which aborts the request and frees its KV slots.
+            async for delta in self.engine.generate(prompt, sampling):
+                yield CompletionChunk(
+                    delta.text,
+                    delta.token_ids,
+                    delta.finish_reason,
+                    prompt_len if delta.finished else None,
+                )
+        except InvalidRequestError as exc:
+            raise BackendRequestError(str(exc), exc.param) from exc
+        except EngineError as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    async def close(self) -> None:
+        if self._owns_engine:
+            self.engine.close()

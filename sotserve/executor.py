@@ -1,0 +1,215 @@
+"""Runs point expansions as parallel backend requests, each once its parents are done.
+
+Points arrive one at a time (from the streaming skeleton parser) or all at once.
+A point launches as soon as every point it depends on has finished, and its prompt
+gets their expansions. When the plan is closed, references to points that never
+appeared are dropped and cycles are broken, so every point eventually runs.
+
+Budgets: each expansion may generate at most ``point_max_tokens``, and all of them
+together at most what the answer's :class:`TokenBudget` has left. Each launch
+reserves a fair share of what is left; unused tokens go back when it finishes.
+
+Everything a point does is reported on the planner's queue as :class:`PointText`,
+:class:`PointFinished` or :class:`PointFailed`; :meth:`cancel` aborts every
+in-flight request (the backend frees its KV slots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sotserve.backends.base import Backend, CompletionParams
+from sotserve.schemas import PlanPoint
+
+PromptBuilder = Callable[[PlanPoint, list[tuple[PlanPoint, str]]], "str | list[int]"]
+
+
+@dataclass
+class PointText:
+    index: int
+    text: str
+
+
+@dataclass
+class PointFinished:
+    index: int
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    prompt_tokens: int
+
+
+@dataclass
+class PointFailed:
+    index: int
+    error: BaseException
+
+
+class TokenBudget:
+    """Tokens the whole answer may still generate, shared by its requests."""
+
+    def __init__(self, total: int) -> None:
+        self.remaining = total
+
+    def reserve(self, want: int, sharers: int = 1) -> int:
+        """Take up to ``want`` tokens, leaving room for ``sharers - 1`` later requests."""
+        share = self.remaining // max(sharers, 1)
+        got = max(0, min(want, share))
+        self.remaining -= got
+        return got
+
+    def spend(self, used: int) -> None:
+        self.remaining -= used
+
+    def refund(self, reserved: int, used: int) -> None:
+        self.remaining += max(reserved - used, 0)
+
+
+class PointExecutor:
+    """Launches point requests on ``backend`` and reports on ``queue``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        build_prompt: PromptBuilder,
+        params: CompletionParams,
+        budget: TokenBudget,
+        queue: asyncio.Queue[object],
+        expected_points: int,
+    ) -> None:
+        self.backend = backend
+        self.build_prompt = build_prompt
+        self.params = params  # max_tokens here is the per-point cap
+        self.budget = budget
+        self.queue = queue
+        self.expected_points = expected_points  # for fair budget shares until closed
+        self.points: dict[int, PlanPoint] = {}
+        self.results: dict[int, str] = {}
+        self._pending: dict[int, set[int]] = {}  # index -> parents not yet done
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._closed = False
+
+    @property
+    def finished(self) -> bool:
+        return self._closed and len(self.results) == len(self.points)
+
+    def add(self, point: PlanPoint) -> None:
+        if point.index in self.points:
+            raise ValueError(f"point {point.index} was added twice")
+        self.points[point.index] = point
+        self._pending[point.index] = set(point.depends_on) - {point.index}
+        self._launch_ready()
+
+    def close(self) -> list[PlanPoint]:
+        """No more points: drop unknown references, break cycles; returns the final plan."""
+        self._closed = True
+        for parents in self._pending.values():
+            parents &= self.points.keys()
+        for child, parent in _back_edges(self._pending):
+            self._pending[child].discard(parent)
+        self.points = {
+            i: p.model_copy(update={"depends_on": self._final_deps(p)})
+            for i, p in self.points.items()
+        }
+        self._launch_ready()
+        return [self.points[i] for i in sorted(self.points)]
+
+    def mark_done(self, index: int, text: str) -> None:
+        """The planner heard ``PointFinished``: children of this point may launch."""
+        self.results[index] = text
+        for parents in self._pending.values():
+            parents.discard(index)
+        self._launch_ready()
+
+    async def cancel(self) -> None:
+        """Abort every in-flight expansion and wait until the aborts went through."""
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _final_deps(self, point: PlanPoint) -> list[int]:
+        """Parents that survive close(): known points, minus edges that closed a cycle."""
+        if point.index in self._pending:
+            done = {d for d in point.depends_on if d in self.results}
+            return sorted(self._pending[point.index] | done)
+        return sorted(d for d in point.depends_on if d in self.points)
+
+    def _launch_ready(self) -> None:
+        for index in sorted(self._pending):
+            if self._pending[index]:
+                continue  # parents still running, or not even parsed yet
+            point = self.points[index]
+            del self._pending[index]
+            parents = [
+                (self.points[d], self.results[d])
+                for d in sorted(point.depends_on)
+                if d in self.results
+            ]
+            sharers = (
+                len(self._pending) + 1
+                if self._closed
+                else max(self.expected_points - len(self._tasks), 1)
+            )
+            reserved = self.budget.reserve(self.params.max_tokens, sharers)
+            self._tasks[index] = asyncio.create_task(
+                self._run(point, parents, reserved), name=f"sotserve-point-{index}"
+            )
+
+    async def _run(
+        self, point: PlanPoint, parents: list[tuple[PlanPoint, str]], reserved: int
+    ) -> None:
+        parts: list[str] = []
+        used = 0
+        prompt_tokens = 0
+        finish: str | None = "length"
+        try:
+            if reserved > 0:
+                prompt = self.build_prompt(point, parents)
+                params = dataclasses.replace(self.params, max_tokens=reserved)
+                # aclosing: a cancel that lands on our own await must still close
+                # the backend stream, which aborts the request.
+                async with contextlib.aclosing(self.backend.complete(prompt, params)) as stream:
+                    async for chunk in stream:
+                        used += len(chunk.token_ids) if chunk.token_ids is not None else 1
+                        if chunk.text:
+                            parts.append(chunk.text)
+                            await self.queue.put(PointText(point.index, chunk.text))
+                        if chunk.finish_reason is not None:
+                            finish = chunk.finish_reason
+                            prompt_tokens = chunk.prompt_tokens or (
+                                len(prompt) if isinstance(prompt, list) else 0
+                            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # reported to the planner, which ends the answer
+            await self.queue.put(PointFailed(point.index, exc))
+            return
+        finally:
+            self.budget.refund(reserved, used)
+        text = "".join(parts)
+        await self.queue.put(PointFinished(point.index, text, finish, used, prompt_tokens))
+
+
+def _back_edges(pending: dict[int, set[int]]) -> list[tuple[int, int]]:
+    """Edges (child, parent) that close a cycle, found by DFS in index order."""
+    state: dict[int, int] = {}  # 1 = on the stack, 2 = finished
+    found: list[tuple[int, int]] = []
+
+    def visit(node: int) -> None:
+        state[node] = 1
+        for parent in sorted(pending.get(node, ())):
+            if state.get(parent) == 1:
+                found.append((node, parent))
+            elif parent not in state:
+                visit(parent)
+        state[node] = 2
+
+    for node in sorted(pending):
+        if node not in state:
+            visit(node)
+    return found

@@ -1,0 +1,430 @@
+"""The Skeleton-of-Thought planner: route, skeleton, parallel points, in-order answer.
+
+``Planner(backend, **options)`` answers a question in one of four modes:
+
+- ``sequential``: plain decoding of the chat.
+- ``sot``: ask for a short numbered skeleton, then expand every point as its own
+  request, all in parallel; the answer is the points in order.
+- ``graph``: the skeleton may say that a point depends on earlier ones; a point
+  runs once its parents are done, with their expansions in its prompt.
+- ``auto``: the router picks one of the three.
+
+Point prompts continue the skeleton request's exact token ids (its prompt, then
+its reply up to the last point line), so the backend's radix cache serves all but
+the point-specific tail of each point prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import prompts
+from prompts import ChatRenderer, Message
+from sotserve.backends.base import Backend, BackendRequestError, CompletionParams
+from sotserve.executor import (
+    PointExecutor,
+    PointFailed,
+    PointFinished,
+    PointText,
+    TokenBudget,
+)
+from sotserve.merge import InOrderMerger
+from sotserve.router import route_by_model, route_by_rules
+from sotserve.schemas import (
+    AnswerDelta,
+    Done,
+    ErrorEvent,
+    Event,
+    Mode,
+    PlanOptions,
+    PlanPoint,
+    PlanReady,
+    PointDelta,
+    PointDone,
+    PointStart,
+    ResolvedMode,
+    RouteDecision,
+    SkeletonDelta,
+    Timings,
+    Usage,
+)
+from sotserve.skeleton_parser import SkeletonParser
+
+# A point expansion is one paragraph: stop where a small model starts the next
+# point or a new section instead.
+POINT_STOPS = ["\n\n", *(f"\n{n}." for n in range(1, 16))]
+
+
+class PlannerError(Exception):
+    """An answer failed; ``code`` is ``invalid_request`` or ``backend_error``."""
+
+    def __init__(self, message: str, code: str = "backend_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidQuestionError(PlannerError, ValueError):
+    """The question itself is unusable (empty, wrong type)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "invalid_request")
+
+
+class Planner:
+    """Answers questions on ``backend``; ``options`` are :class:`PlanOptions` defaults."""
+
+    def __init__(self, backend: Backend, **options: Any) -> None:
+        self.backend = backend
+        self.options = PlanOptions(**options)
+        self.renderer = ChatRenderer(backend.tokenizer)
+
+    def resolve_options(self, mode: Mode | None = None, **overrides: Any) -> PlanOptions:
+        """These defaults with per-call overrides, validated."""
+        values = self.options.model_dump()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if mode is not None:
+            values["mode"] = mode
+        return PlanOptions(**values)
+
+    async def stream(
+        self, question: str | list[Message], mode: Mode | None = None, **overrides: Any
+    ) -> AsyncIterator[Event]:
+        """Events of one answer, ending with ``done`` or ``error``.
+
+        Raises :class:`InvalidQuestionError` (before any event) for an empty or
+        malformed question. Closing the iterator early aborts every request.
+        """
+        messages = _as_messages(question)
+        opts = self.resolve_options(mode, **overrides)
+        async with contextlib.aclosing(_Answer(self, messages, opts).run()) as events:
+            async for event in events:
+                yield event
+
+    async def answer(
+        self, question: str | list[Message], mode: Mode | None = None, **overrides: Any
+    ) -> Done:
+        """The finished answer; raises :class:`PlannerError` if it failed."""
+        async for event in self.stream(question, mode, **overrides):
+            if isinstance(event, ErrorEvent):
+                raise PlannerError(event.message, event.code)
+            if isinstance(event, Done):
+                return event
+        raise PlannerError("the answer ended without a result")
+
+
+def _as_messages(question: str | list[Message]) -> list[Message]:
+    if isinstance(question, str):
+        messages = [{"role": "user", "content": question}]
+    elif isinstance(question, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in question
+    ):
+        messages = [{"role": m["role"], "content": m["content"]} for m in question]
+    else:
+        raise InvalidQuestionError("question must be a string or a list of chat messages")
+    users = [m for m in messages if m["role"] == "user"]
+    if not users or not users[-1]["content"].strip():
+        raise InvalidQuestionError("the question is empty")
+    return messages
+
+
+def question_text(messages: list[Message]) -> str:
+    """The question a skeleton is planned for: the last user turn, with earlier turns."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    earlier = [m for m in messages[:last] if m["role"] in ("user", "assistant")]
+    question = messages[last]["content"].strip()
+    if not earlier:
+        return question
+    history = "\n".join(f"{m['role']}: {m['content'].strip()}" for m in earlier)
+    return f"(Conversation so far:\n{history})\n{question}"
+
+
+@dataclass
+class _Skeleton:
+    """The skeleton request's prompt and reply, kept to build point prompts from."""
+
+    messages: list[Message]
+    prompt_ids: list[int]
+    prefill: str
+    text: str = ""  # prefill + reply so far
+    # (token ids, text length after them) per reply chunk; ids None if unknown
+    chunks: list[tuple[list[int] | None, int]] = field(default_factory=list)
+
+    def reply_ids(self, upto_chars: int, renderer: ChatRenderer) -> list[int]:
+        """Reply token ids covering the text up to ``upto_chars``, never past it."""
+        ids: list[int] = []
+        for chunk_ids, end in self.chunks:
+            if end > upto_chars:
+                break
+            if chunk_ids is None:  # backend gave no ids: re-tokenize the text instead
+                return renderer.encode(self.text[len(self.prefill) : upto_chars])
+            ids.extend(chunk_ids)
+        special = set(getattr(renderer.tokenizer, "all_special_ids", ()))
+        while ids and ids[-1] in special:  # e.g. the end-of-turn token
+            ids.pop()
+        return ids
+
+
+class _SkeletonChunk:
+    def __init__(self, text: str, token_ids: list[int] | None) -> None:
+        self.text, self.token_ids = text, token_ids
+
+
+class _SkeletonEnded:
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+class _Answer:
+    """The state of one answer while it streams."""
+
+    def __init__(self, planner: Planner, messages: list[Message], opts: PlanOptions) -> None:
+        self.backend = planner.backend
+        self.renderer = planner.renderer
+        self.messages = messages
+        self.opts = opts
+        self.t0 = time.perf_counter()
+        self.usage = Usage()
+        self.budget = TokenBudget(opts.max_tokens)
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.executor: PointExecutor | None = None
+        self.route: RouteDecision | None = None
+        self.route_s: float | None = None
+        self.skeleton_s: float | None = None
+        self.first_answer_s: float | None = None
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _answer_delta(self, text: str) -> AnswerDelta | None:
+        if not text:
+            return None
+        if self.first_answer_s is None:
+            self.first_answer_s = self._elapsed()
+        return AnswerDelta(text=text)
+
+    def _done(self, mode: ResolvedMode, answer: str, points: list[PlanPoint], **kw: Any) -> Done:
+        timings = Timings(
+            route_s=self.route_s,
+            skeleton_s=self.skeleton_s,
+            first_answer_token_s=self.first_answer_s,
+            total_s=self._elapsed(),
+        )
+        return Done(
+            mode=mode, answer=answer, points=points, timings=timings,
+            usage=self.usage, route=self.route, **kw,
+        )  # fmt: skip
+
+    async def run(self) -> AsyncIterator[Event]:
+        try:
+            mode = self.opts.mode
+            if mode == "auto":
+                question = question_text(self.messages)
+                if self.opts.router == "model":
+                    self.route = await route_by_model(
+                        self.backend, self.renderer, question, self.usage
+                    )
+                else:
+                    self.route = route_by_rules(question)
+                self.route_s = self._elapsed()
+                mode = self.route.mode
+            body = self._sequential(None) if mode == "sequential" else self._planned(mode)
+            async with contextlib.aclosing(body) as events:
+                async for event in events:
+                    yield event
+        except BackendRequestError as exc:
+            yield ErrorEvent(message=str(exc), code="invalid_request")
+        except Exception as exc:  # any backend failure ends the answer with an event
+            yield ErrorEvent(message=f"{exc.__class__.__name__}: {exc}", code="backend_error")
+        finally:
+            await self._cancel_all()
+
+    async def _cancel_all(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.executor is not None:
+            await self.executor.cancel()
+
+    # -- sequential ---------------------------------------------------------------------
+    async def _sequential(self, fallback: str | None) -> AsyncIterator[Event]:
+        ids = self.renderer.render(self.messages)
+        params = self._params(max(self.budget.remaining, 1))
+        parts: list[str] = []
+        finish = None
+        n = 0
+        try:
+            async with contextlib.aclosing(self.backend.complete(ids, params)) as stream:
+                async for chunk in stream:
+                    n += len(chunk.token_ids) if chunk.token_ids is not None else 1
+                    parts.append(chunk.text)
+                    finish = chunk.finish_reason or finish
+                    delta = self._answer_delta(chunk.text)
+                    if delta is not None:
+                        yield delta
+        finally:
+            self._count(len(ids), n)
+        answer = "".join(parts)
+        yield self._done("sequential", answer, [], fallback=fallback, finish_reason=finish)
+
+    def _params(self, max_tokens: int, stop: list[str] | None = None) -> CompletionParams:
+        o = self.opts
+        return CompletionParams(
+            max_tokens=max_tokens, temperature=o.temperature, top_p=o.top_p,
+            seed=o.seed, stop=list(stop or []),
+        )  # fmt: skip
+
+    def _count(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.usage.prompt_tokens += prompt_tokens
+        self.usage.completion_tokens += completion_tokens
+        self.usage.requests += 1
+
+    # -- sot and graph -------------------------------------------------------------------
+    async def _planned(self, mode: ResolvedMode) -> AsyncIterator[Event]:
+        opts = self.opts
+        question = question_text(self.messages)
+        template = prompts.load("graph" if mode == "graph" else "skeleton")
+        turns, prefill = prompts.split_prefill(template.messages(question=question))
+        skel = _Skeleton(
+            messages=turns,
+            prompt_ids=self.renderer.render([*turns, {"role": "assistant", "content": prefill}]),
+            prefill=prefill,
+            text=prefill,
+        )
+        parser = SkeletonParser(max_points=opts.max_points)
+        merger = InOrderMerger()
+        point_template = prompts.load("graph_point" if mode == "graph" else "point")
+
+        def build_prompt(point: PlanPoint, parents: list[tuple[PlanPoint, str]]) -> list[int]:
+            values: dict[str, object] = {"index": point.index, "title": point.title}
+            if mode == "graph":
+                values["parents"] = (
+                    "\n".join(f"{p.index}. {p.title}: {text.strip()}" for p, text in parents)
+                    or "(none)"
+                )
+            tail = self.renderer.continuation(skel.messages, point_template.messages(**values))
+            return skel.prompt_ids + skel.reply_ids(parser.consumed_chars, self.renderer) + tail
+
+        self.executor = executor = PointExecutor(
+            self.backend,
+            build_prompt,
+            self._params(opts.point_max_tokens, POINT_STOPS),
+            self.budget,
+            self.queue,
+            expected_points=opts.max_points,
+        )
+        skel_reserved = self.budget.reserve(opts.skeleton_max_tokens)
+        skel_task = asyncio.create_task(self._run_skeleton(skel, skel_reserved))
+        self.tasks.append(skel_task)
+        yield SkeletonDelta(text=prefill)
+        parser.feed(prefill)  # the reply starts inside the first point line ("1.")
+        pending_start: list[PlanPoint] = []  # parsed, not yet launched
+        plan: list[PlanPoint] | None = None
+        done_points: dict[int, PointDone] = {}
+
+        def start(point: PlanPoint) -> list[Event]:
+            executor.add(point)
+            merger.add_point(point.index, point.title)
+            out: list[Event] = [PointStart(point=point)]
+            # Nothing reaches the answer until a second point shows the plan is viable;
+            # with fewer the planner falls back to sequential decoding.
+            if len(parser.points) >= 2:
+                delta = self._answer_delta(merger.release())
+                if delta is not None:
+                    out.append(delta)
+            return out
+
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, _SkeletonChunk):
+                skel.text += item.text
+                skel.chunks.append((item.token_ids, len(skel.text)))
+                if item.text:
+                    yield SkeletonDelta(text=item.text)
+                new = parser.feed(item.text)
+                if parser.finished:
+                    skel_task.cancel()  # the list is over: stop paying for junk after it
+                for point in new:
+                    pending_start.append(point)
+                if opts.pipeline:
+                    for point in pending_start:
+                        for event in start(point):
+                            yield event
+                    pending_start.clear()
+            elif isinstance(item, _SkeletonEnded):
+                if item.error is not None:
+                    raise item.error
+                pending_start.extend(parser.close())
+                self.skeleton_s = self._elapsed()
+                executor.expected_points = len(parser.points)
+                if len(parser.points) < 2:
+                    await executor.cancel()
+                    self.executor = None
+                    reason = (
+                        f"the skeleton had {len(parser.points)} usable point(s); "
+                        "answered with sequential decoding"
+                    )
+                    yield PlanReady(mode="sequential", points=[], route=self.route, fallback=reason)
+                    async with contextlib.aclosing(self._sequential(reason)) as events:
+                        async for event in events:
+                            yield event
+                    return
+                for point in pending_start:
+                    for event in start(point):
+                        yield event
+                plan = executor.close()
+                yield PlanReady(mode=mode, points=plan, route=self.route)
+                delta = self._answer_delta(merger.close())
+                if delta is not None:
+                    yield delta
+            elif isinstance(item, PointText):
+                yield PointDelta(index=item.index, text=item.text)
+                delta = self._answer_delta(merger.delta(item.index, item.text))
+                if delta is not None:
+                    yield delta
+            elif isinstance(item, PointFinished):
+                self._count(item.prompt_tokens, item.completion_tokens)
+                done = PointDone(
+                    index=item.index, text=item.text, finish_reason=item.finish_reason,
+                    completion_tokens=item.completion_tokens,
+                )  # fmt: skip
+                done_points[item.index] = done
+                yield done
+                executor.mark_done(item.index, item.text)
+                delta = self._answer_delta(merger.done(item.index))
+                if delta is not None:
+                    yield delta
+            elif isinstance(item, PointFailed):
+                raise item.error
+            if plan is not None and merger.complete and executor.finished:
+                out_of_budget = self.budget.remaining <= 0 and any(
+                    d.finish_reason == "length" for d in done_points.values()
+                )
+                yield self._done(
+                    mode, merger.answer, plan, finish_reason="length" if out_of_budget else "stop"
+                )
+                return
+
+    async def _run_skeleton(self, skel: _Skeleton, reserved: int) -> None:
+        used = 0
+        error: BaseException | None = None
+        try:
+            if reserved > 0:
+                stream = self.backend.complete(skel.prompt_ids, self._params(reserved))
+                async with contextlib.aclosing(stream):
+                    async for chunk in stream:
+                        used += len(chunk.token_ids) if chunk.token_ids is not None else 1
+                        await self.queue.put(_SkeletonChunk(chunk.text, chunk.token_ids))
+        except asyncio.CancelledError:
+            pass  # stopped early on purpose; the backend aborted the request
+        except Exception as exc:
+            error = exc
+        self.budget.refund(reserved, used)
+        self._count(len(skel.prompt_ids), used)
+        await self.queue.put(_SkeletonEnded(error))

@@ -1,0 +1,152 @@
+"""Typed planner events and options (pydantic), shared by the planner, server and client.
+
+A rich client reads the event stream: the skeleton as it is written, the plan
+(points and their dependencies), each point growing, the in-order merged answer,
+and the final timings. ``Event`` is a discriminated union on ``type``, so
+``EventAdapter.validate_python(obj)`` turns JSON back into the right class.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+Mode = Literal["sequential", "sot", "graph", "auto"]
+ResolvedMode = Literal["sequential", "sot", "graph"]
+
+
+class PlanOptions(BaseModel):
+    """How one question is answered.
+
+    ``max_tokens`` caps every token the answer generates (skeleton and points
+    together); ``point_max_tokens`` caps each point expansion. ``pipeline`` starts a
+    point as soon as its skeleton line is complete instead of after the skeleton.
+    ``router`` picks who decides ``auto``: the model (falling back to rules when its
+    reply is unclear) or the rules alone.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = "auto"
+    max_points: int = Field(default=6, ge=2, le=16)
+    point_max_tokens: int = Field(default=64, ge=1, le=4096)
+    skeleton_max_tokens: int = Field(default=96, ge=8, le=1024)
+    max_tokens: int = Field(default=1024, ge=1, le=1 << 20)
+    pipeline: bool = True
+    router: Literal["model", "rules"] = "rules"
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
+class PlanPoint(BaseModel):
+    """One point of the skeleton: 1-based ``index`` in skeleton order."""
+
+    index: int
+    title: str
+    depends_on: list[int] = Field(default_factory=list)
+
+
+class Timings(BaseModel):
+    """Seconds since the question arrived."""
+
+    route_s: float | None = None
+    skeleton_s: float | None = None
+    first_answer_token_s: float | None = None
+    total_s: float
+
+
+class Usage(BaseModel):
+    """Tokens of every request the answer made (router, skeleton, points)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class RouteDecision(BaseModel):
+    """What ``auto`` chose and why."""
+
+    mode: ResolvedMode
+    source: Literal["model", "rules"]
+    reason: str
+
+
+class SkeletonDelta(BaseModel):
+    type: Literal["skeleton_delta"] = "skeleton_delta"
+    text: str
+
+
+class PointStart(BaseModel):
+    """A point was parsed from the skeleton and its expansion will start."""
+
+    type: Literal["point_start"] = "point_start"
+    point: PlanPoint
+
+
+class PlanReady(BaseModel):
+    """The skeleton is finished: the final points, or a fallback to sequential."""
+
+    type: Literal["plan_ready"] = "plan_ready"
+    mode: ResolvedMode
+    points: list[PlanPoint]
+    route: RouteDecision | None = None
+    fallback: str | None = None  # why the planner fell back to sequential decoding
+
+
+class PointDelta(BaseModel):
+    type: Literal["point_delta"] = "point_delta"
+    index: int
+    text: str
+
+
+class PointDone(BaseModel):
+    type: Literal["point_done"] = "point_done"
+    index: int
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+class AnswerDelta(BaseModel):
+    """The next piece of the merged answer, in order."""
+
+    type: Literal["answer_delta"] = "answer_delta"
+    text: str
+
+
+class Done(BaseModel):
+    type: Literal["done"] = "done"
+    mode: ResolvedMode
+    answer: str
+    points: list[PlanPoint]
+    timings: Timings
+    usage: Usage
+    route: RouteDecision | None = None
+    fallback: str | None = None
+    finish_reason: str | None = None
+
+
+class ErrorEvent(BaseModel):
+    type: Literal["error"] = "error"
+    message: str
+    code: str = "backend_error"
+
+
+Event = Annotated[
+    SkeletonDelta
+    | PointStart
+    | PlanReady
+    | PointDelta
+    | PointDone
+    | AnswerDelta
+    | Done
+    | ErrorEvent,
+    Field(discriminator="type"),
+]
+EventAdapter: TypeAdapter[Event] = TypeAdapter(Event)

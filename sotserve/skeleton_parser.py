@@ -1,0 +1,127 @@
+"""Incremental skeleton parser: text deltas in, points out as soon as their line ends.
+
+Accepted point lines: ``1. Title``, ``1) Title``, ``Point 1: Title`` (also ``Step``,
+markdown bold and ``#`` headings around them). In graph skeletons a line may end
+with ``[depends on 1, 2]`` (or ``(depends on: 1 and 2)``, ``[after 1]``).
+
+Small models pad skeletons with junk, so the parser is strict about where the list
+ends: once points have started, a numbered line that does not count upwards
+(``1.`` again: the model started a new list) or a non-indented line of prose ends
+the skeleton. Indented or bulleted lines under a point are ignored. Empty and
+duplicate titles are dropped and the count is capped; points are renumbered
+1..n, and dependencies are mapped from the skeleton's numbers to the new ones;
+only points above a line can be named, so a parsed plan has no cycles.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from sotserve.schemas import PlanPoint
+
+_POINT = re.compile(
+    r"""^\s*(?:\#{1,6}\s*)?(?:\*\*|__)?\s*
+        (?:(?:point|step)\s*)?(?P<num>\d{1,3})\s*(?:[.):]|\s-)\s*(?:\*\*|__)?
+        \s*(?P<title>.*?)\s*$""",
+    re.IGNORECASE | re.VERBOSE,
+)
+_DEPS = re.compile(
+    r"[\[(]\s*(?:depends\s+on|after|uses|needs)\s*:?\s*(?P<refs>[^\])]*)[\])]",
+    re.IGNORECASE,
+)
+_REF = re.compile(r"\d+")
+_MARKUP = re.compile(r"^[\s*_:#.-]+|[\s*_:#-]+$")
+
+
+@dataclass
+class _Raw:
+    number: int  # as written in the skeleton
+    title: str
+    refs: list[int]
+
+
+def parse_line(line: str) -> _Raw | None:
+    """One skeleton line as ``(number, title, dependency refs)``, or None if not a point."""
+    m = _POINT.match(line)
+    if m is None:
+        return None
+    title = m.group("title")
+    refs: list[int] = []
+    for dep in _DEPS.finditer(title):
+        refs.extend(int(r) for r in _REF.findall(dep.group("refs")))
+    title = _MARKUP.sub("", _DEPS.sub("", title)).strip()
+    return _Raw(int(m.group("num")), title, refs)
+
+
+def _norm(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", title.lower()).strip()
+
+
+@dataclass
+class SkeletonParser:
+    """Feed text deltas; collect :class:`PlanPoint` s as their lines complete."""
+
+    max_points: int = 6
+    points: list[PlanPoint] = field(default_factory=list)
+    finished: bool = False  # the list has ended (or hit max_points); ignore the rest
+    consumed_chars: int = 0  # text up to the end of the last line that was a point
+    _buffer: str = ""
+    _offset: int = 0  # chars of the whole text before _buffer
+    _last_number: int = 0
+    _seen: set[str] = field(default_factory=set)
+    _numbers: dict[int, int] = field(default_factory=dict)  # skeleton number -> index
+
+    def feed(self, text: str) -> list[PlanPoint]:
+        """Add text; return the points whose lines completed."""
+        if self.finished:
+            return []
+        self._buffer += text
+        out: list[PlanPoint] = []
+        while not self.finished and "\n" in self._buffer:
+            line, _, self._buffer = self._buffer.partition("\n")
+            end = self._offset + len(line) + 1
+            self._offset = end
+            point = self._line(line, end)
+            if point is not None:
+                out.append(point)
+        return out
+
+    def close(self) -> list[PlanPoint]:
+        """The text is over: the last line counts even without a newline."""
+        out: list[PlanPoint] = []
+        if not self.finished and self._buffer:
+            end = self._offset + len(self._buffer)
+            point = self._line(self._buffer, end)
+            if point is not None:
+                out.append(point)
+        self._buffer = ""
+        self.finished = True
+        return out
+
+    def _line(self, line: str, end: int) -> PlanPoint | None:
+        raw = parse_line(line)
+        if raw is None:
+            # Prose after the list ends it; indented or bulleted detail does not.
+            if self.points and line.strip() and not line[:1].isspace() and line[:1] not in "-*•":
+                self.finished = True
+            return None
+        if self.points and raw.number <= self._last_number:
+            self.finished = True  # numbering restarted: a second list, not ours
+            return None
+        self._last_number = raw.number
+        key = _norm(raw.title)
+        if not key or key in self._seen or not re.search(r"[a-z]", key):
+            return None
+        self._seen.add(key)
+        # Only points above can be named: a reference to a later or unknown number is
+        # dropped, so a parsed plan can never contain a cycle.
+        deps = sorted({self._numbers[r] for r in raw.refs if r in self._numbers})
+        index = len(self.points) + 1
+        self._numbers[raw.number] = index
+        point = PlanPoint(index=index, title=raw.title, depends_on=deps)
+        self.points.append(point)
+        self.consumed_chars = end
+        if len(self.points) >= self.max_points:
+            self.finished = True
+        return point
