@@ -183,7 +183,13 @@ class LLMEngine:
         req.status = RequestStatus.FINISHED
         req.finish_reason = "abort"
         self._stats["aborted_requests"] += 1
-        return RequestDelta(request_id, req.pop_new_tokens(), req.detok.pop_delta(True), "abort")
+        return RequestDelta(
+            request_id,
+            req.pop_new_tokens(),
+            req.detok.pop_delta(True),
+            "abort",
+            req.cached_prompt_tokens or 0,
+        )
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -230,6 +236,7 @@ class LLMEngine:
                     req.pop_new_tokens(),
                     req.detok.pop_delta(reason is not None),
                     reason,
+                    (req.cached_prompt_tokens or 0) if reason is not None else None,
                 )
             )
         return deltas

@@ -11,13 +11,15 @@ class RequestDelta:
 
     ``text`` never ends inside a multi-byte character, and text that may still
     turn out to be the start of a stop string is held back until it cannot be.
-    ``finish_reason`` is set on the last delta: ``"stop"``, ``"length"`` or ``"abort"``.
+    ``finish_reason`` is set on the last delta: ``"stop"``, ``"length"`` or ``"abort"``;
+    that delta also gives ``cached_tokens``, the prompt tokens the prefix cache served.
     """
 
     request_id: str
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:

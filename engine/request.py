@@ -41,6 +41,8 @@ class Request:
     row: int | None = None
     num_computed: int = 0
     cached_len: int = 0  # leading tokens whose slots belong to the prefix cache
+    # prompt tokens the prefix cache served at first admission (OpenAI's cached_tokens)
+    cached_prompt_tokens: int | None = None
     cache_node: Any = None  # the radix-tree node this request keeps locked
     finish_reason: str | None = None
     _emitted_tokens: int = 0

@@ -131,6 +131,8 @@ class Scheduler:
                 break
             self.waiting.remove(req)
             self.cached_tokens += cached
+            if req.cached_prompt_tokens is None:  # a preempted request keeps its first count
+                req.cached_prompt_tokens = min(cached, len(req.prompt_ids))
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             budget -= self._add_prefill(batch, req, budget)

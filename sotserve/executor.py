@@ -41,6 +41,7 @@ class PointFinished:
     finish_reason: str | None
     completion_tokens: int
     prompt_tokens: int
+    cached_tokens: int | None
 
 
 @dataclass
@@ -108,7 +109,7 @@ class PointExecutor:
         """No more points: drop unknown references, break cycles; returns the final plan."""
         self._closed = True
         for parents in self._pending.values():
-            parents &= self.points.keys()
+            parents.intersection_update(self.points)
         for child, parent in _back_edges(self._pending):
             self._pending[child].discard(parent)
         self.points = {
@@ -137,7 +138,7 @@ class PointExecutor:
         if point.index in self._pending:
             done = {d for d in point.depends_on if d in self.results}
             return sorted(self._pending[point.index] | done)
-        return sorted(d for d in point.depends_on if d in self.points)
+        return sorted(d for d in point.depends_on if d in self.points and d != point.index)
 
     def _launch_ready(self) -> None:
         for index in sorted(self._pending):
@@ -166,6 +167,7 @@ class PointExecutor:
         parts: list[str] = []
         used = 0
         prompt_tokens = 0
+        cached_tokens: int | None = None
         finish: str | None = "length"
         try:
             if reserved > 0:
@@ -184,6 +186,7 @@ class PointExecutor:
                             prompt_tokens = chunk.prompt_tokens or (
                                 len(prompt) if isinstance(prompt, list) else 0
                             )
+                            cached_tokens = chunk.cached_tokens
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reported to the planner, which ends the answer
@@ -192,7 +195,9 @@ class PointExecutor:
         finally:
             self.budget.refund(reserved, used)
         text = "".join(parts)
-        await self.queue.put(PointFinished(point.index, text, finish, used, prompt_tokens))
+        await self.queue.put(
+            PointFinished(point.index, text, finish, used, prompt_tokens, cached_tokens)
+        )
 
 
 def _back_edges(pending: dict[int, set[int]]) -> list[tuple[int, int]]:

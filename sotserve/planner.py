@@ -55,9 +55,9 @@ from sotserve.schemas import (
 )
 from sotserve.skeleton_parser import SkeletonParser
 
-# A point expansion is one paragraph: stop where a small model starts the next
-# point or a new section instead.
-POINT_STOPS = ["\n\n", *(f"\n{n}." for n in range(1, 16))]
+# A point expansion is one paragraph: stop where a small model starts a list, the
+# next point or a new section instead (16 stop strings at most, the engine's limit).
+POINT_STOPS = ["\n\n", "\n*", "\n-", *(f"\n{n}." for n in range(1, 14))]
 
 
 class PlannerError(Exception):
@@ -176,8 +176,8 @@ class _SkeletonChunk:
 
 
 class _SkeletonEnded:
-    def __init__(self, error: BaseException | None = None) -> None:
-        self.error = error
+    def __init__(self, finish_reason: str | None, error: BaseException | None = None) -> None:
+        self.finish_reason, self.error = finish_reason, error
 
 
 class _Answer:
@@ -258,6 +258,7 @@ class _Answer:
         params = self._params(max(self.budget.remaining, 1))
         parts: list[str] = []
         finish = None
+        cached = None
         n = 0
         try:
             async with contextlib.aclosing(self.backend.complete(ids, params)) as stream:
@@ -265,11 +266,12 @@ class _Answer:
                     n += len(chunk.token_ids) if chunk.token_ids is not None else 1
                     parts.append(chunk.text)
                     finish = chunk.finish_reason or finish
+                    cached = chunk.cached_tokens if chunk.cached_tokens is not None else cached
                     delta = self._answer_delta(chunk.text)
                     if delta is not None:
                         yield delta
         finally:
-            self._count(len(ids), n)
+            self._count(len(ids), n, cached)
         answer = "".join(parts)
         yield self._done("sequential", answer, [], fallback=fallback, finish_reason=finish)
 
@@ -280,9 +282,10 @@ class _Answer:
             seed=o.seed, stop=list(stop or []),
         )  # fmt: skip
 
-    def _count(self, prompt_tokens: int, completion_tokens: int) -> None:
-        self.usage.prompt_tokens += prompt_tokens
-        self.usage.completion_tokens += completion_tokens
+    def _count(self, prompt: int, completion: int, cached: int | None = None) -> None:
+        self.usage.prompt_tokens += prompt
+        self.usage.completion_tokens += completion
+        self.usage.cached_tokens += cached or 0
         self.usage.requests += 1
 
     # -- sot and graph -------------------------------------------------------------------
@@ -360,7 +363,7 @@ class _Answer:
             elif isinstance(item, _SkeletonEnded):
                 if item.error is not None:
                     raise item.error
-                pending_start.extend(parser.close())
+                pending_start.extend(parser.close(truncated=item.finish_reason == "length"))
                 self.skeleton_s = self._elapsed()
                 executor.expected_points = len(parser.points)
                 if len(parser.points) < 2:
@@ -389,10 +392,11 @@ class _Answer:
                 if delta is not None:
                     yield delta
             elif isinstance(item, PointFinished):
-                self._count(item.prompt_tokens, item.completion_tokens)
+                self._count(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
                 done = PointDone(
                     index=item.index, text=item.text, finish_reason=item.finish_reason,
-                    completion_tokens=item.completion_tokens,
+                    completion_tokens=item.completion_tokens, prompt_tokens=item.prompt_tokens,
+                    cached_tokens=item.cached_tokens,
                 )  # fmt: skip
                 done_points[item.index] = done
                 yield done
@@ -413,6 +417,8 @@ class _Answer:
 
     async def _run_skeleton(self, skel: _Skeleton, reserved: int) -> None:
         used = 0
+        cached = None
+        finish: str | None = None
         error: BaseException | None = None
         try:
             if reserved > 0:
@@ -420,11 +426,13 @@ class _Answer:
                 async with contextlib.aclosing(stream):
                     async for chunk in stream:
                         used += len(chunk.token_ids) if chunk.token_ids is not None else 1
+                        cached = chunk.cached_tokens
+                        finish = chunk.finish_reason
                         await self.queue.put(_SkeletonChunk(chunk.text, chunk.token_ids))
         except asyncio.CancelledError:
             pass  # stopped early on purpose; the backend aborted the request
         except Exception as exc:
             error = exc
         self.budget.refund(reserved, used)
-        self._count(len(skel.prompt_ids), used)
-        await self.queue.put(_SkeletonEnded(error))
+        self._count(len(skel.prompt_ids), used, cached)
+        await self.queue.put(_SkeletonEnded(finish, error))

@@ -62,6 +62,7 @@ class Usage(BaseModel):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache, where reported
     requests: int = 0
 
     @property
@@ -106,11 +107,15 @@ class PointDelta(BaseModel):
 
 
 class PointDone(BaseModel):
+    """A point's expansion is complete; its prompt's prefix-cache hits where reported."""
+
     type: Literal["point_done"] = "point_done"
     index: int
     text: str
     finish_reason: str | None
     completion_tokens: int
+    prompt_tokens: int
+    cached_tokens: int | None = None
 
 
 class AnswerDelta(BaseModel):

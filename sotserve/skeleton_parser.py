@@ -87,10 +87,11 @@ class SkeletonParser:
                 out.append(point)
         return out
 
-    def close(self) -> list[PlanPoint]:
-        """The text is over: the last line counts even without a newline."""
+    def close(self, truncated: bool = False) -> list[PlanPoint]:
+        """The text is over: the last line counts even without a newline, unless the
+        text was ``truncated`` (cut by a token limit), which leaves that line unfinished."""
         out: list[PlanPoint] = []
-        if not self.finished and self._buffer:
+        if not self.finished and self._buffer and not truncated:
             end = self._offset + len(self._buffer)
             point = self._line(self._buffer, end)
             if point is not None:

@@ -45,6 +45,7 @@ class CompletionChunk:
     token_ids: list[int] | None
     finish_reason: str | None = None
     prompt_tokens: int | None = None  # on the last chunk, when known
+    cached_tokens: int | None = None  # prompt tokens served by the prefix cache, when known
 
 
 class Backend(ABC):

@@ -101,6 +101,8 @@ class HTTPBackend(Backend):
                     if not choices:
                         if usage and finished is not None:
                             finished.prompt_tokens = usage.get("prompt_tokens")
+                            details = usage.get("prompt_tokens_details") or {}
+                            finished.cached_tokens = details.get("cached_tokens")
                         continue
                     choice = choices[0]
                     chunk = CompletionChunk(

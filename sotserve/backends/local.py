@@ -54,6 +54,7 @@ class LocalBackend(Backend):
                     delta.token_ids,
                     delta.finish_reason,
                     prompt_len if delta.finished else None,
+                    delta.cached_tokens,
                 )
         except InvalidRequestError as exc:
             raise BackendRequestError(str(exc), exc.param) from exc

@@ -1,0 +1,160 @@
+"""Quick figures for the planner on vicuna80 (the full harness comes later).
+
+Sections (``--sections``, comma-separated):
+
+- ``parse``: skeletons for all 80 questions, generated in one batch with the
+  planner's own prompt; success = the parser finds at least two points.
+- ``router``: accuracy of the rule router and the model router against the
+  ``sot_suitable`` labels (sot = suitable; sequential and graph = not).
+- ``latency``: the ``sot_suitable`` questions one at a time, ``sot`` and
+  ``sequential`` interleaved on the same engine, both with the same ``max_tokens``;
+  the median end-to-end latency of each and their ratio, and the share of
+  point-prompt tokens the prefix cache served.
+
+Run: ``python -m evals.bench_sot [--sections parse,router,latency] [--limit N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import prompts
+from engine import LLM, AsyncEngine, SamplingParams
+from sotserve.backends import LocalBackend
+from sotserve.planner import Planner
+from sotserve.router import route_by_rules
+from sotserve.schemas import PointDone
+from sotserve.skeleton_parser import SkeletonParser
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
+
+
+def load_questions(path: Path = DATA) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def skeleton_prompt(renderer: prompts.ChatRenderer, question: str, graph: bool = False):
+    """The planner's skeleton prompt ids and prefill for ``question``."""
+    messages = prompts.load("graph" if graph else "skeleton").messages(question=question)
+    _, prefill = prompts.split_prefill(messages)
+    return renderer.render(messages), prefill
+
+
+def parse_points(text: str, truncated: bool, max_points: int = 6) -> list[str]:
+    parser = SkeletonParser(max_points=max_points)
+    parser.feed(text)
+    parser.close(truncated)
+    return [p.title for p in parser.points]
+
+
+def bench_parse(llm: LLM, questions: list[dict[str, Any]], dump: Path | None) -> None:
+    renderer = prompts.ChatRenderer(llm.tokenizer)
+    built = [skeleton_prompt(renderer, q["question"]) for q in questions]
+    outs = llm.generate([ids for ids, _ in built], SamplingParams(max_tokens=96, temperature=0))
+    by_cat: dict[str, list[bool]] = defaultdict(list)
+    rows = []
+    for q, (_, prefill), out in zip(questions, built, outs, strict=True):
+        text = prefill + out.text
+        points = parse_points(text, out.finish_reason == "length")
+        by_cat[q["category"]].append(len(points) >= 2)
+        rows.append({
+            "question_id": q["question_id"], "skeleton": text,
+            "finish_reason": out.finish_reason, "points": points,
+        })  # fmt: skip
+    ok = sum(sum(v) for v in by_cat.values())
+    print(f"\n## skeleton parse success: {ok}/{len(questions)} = {ok / len(questions):.1%}")
+    for cat, v in sorted(by_cat.items()):
+        print(f"  {cat:15s} {sum(v)}/{len(v)}")
+    if dump:
+        dump.write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"  raw skeletons written to {dump}")
+
+
+def bench_router(llm: LLM, questions: list[dict[str, Any]]) -> None:
+    renderer = prompts.ChatRenderer(llm.tokenizer)
+    ids = [
+        renderer.render(prompts.load("router").messages(question=q["question"])) for q in questions
+    ]
+    outs = llm.generate(ids, SamplingParams(max_tokens=2, temperature=0))
+    letters = {"A": "sot", "B": "graph", "C": "sequential"}
+    deciders = {
+        "rules": [route_by_rules(q["question"]).mode for q in questions],
+        "model": [letters.get(o.text.strip()[:1], "?") for o in outs],
+    }
+    print("\n## router accuracy vs sot_suitable (sot = suitable; sequential, graph = not)")
+    for name, modes in deciders.items():
+        hits = sum((m == "sot") == q["sot_suitable"] for m, q in zip(modes, questions, strict=True))
+        table = Counter((m, q["sot_suitable"]) for m, q in zip(modes, questions, strict=True))
+        print(f"  {name:6s} {hits}/{len(questions)} = {hits / len(questions):.1%}   "
+              + "  ".join(f"{m}|{'suit' if s else 'unsuit'}={n}"
+                          for (m, s), n in sorted(table.items())))  # fmt: skip
+
+
+async def bench_latency(questions: list[dict[str, Any]], max_tokens: int, limit: int) -> None:
+    qs = [q for q in questions if q["sot_suitable"]][:limit]
+    backend = LocalBackend(AsyncEngine())
+    planner = Planner(backend, max_tokens=max_tokens)
+    await planner.answer("Warm up the engine.", mode="sequential", max_tokens=8)
+    times: dict[str, list[float]] = {"sot": [], "sequential": []}
+    tokens: dict[str, list[int]] = {"sot": [], "sequential": []}
+    ttft: dict[str, list[float]] = {"sot": [], "sequential": []}
+    point_prompt = point_cached = 0
+    for i, q in enumerate(qs):
+        order = ("sot", "sequential") if i % 2 == 0 else ("sequential", "sot")
+        for mode in order:
+            t = time.perf_counter()
+            done = None
+            async for event in planner.stream(q["question"], mode=mode):
+                if isinstance(event, PointDone):
+                    point_prompt += event.prompt_tokens
+                    point_cached += event.cached_tokens or 0
+                if event.type == "done":
+                    done = event
+            assert done is not None
+            times[mode].append(time.perf_counter() - t)
+            tokens[mode].append(done.usage.completion_tokens)
+            ttft[mode].append(done.timings.first_answer_token_s or 0.0)
+        print(f"  q{q['question_id']:>2}: sot {times['sot'][-1]:5.1f}s  "
+              f"sequential {times['sequential'][-1]:5.1f}s", flush=True)  # fmt: skip
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"\n## latency on {len(qs)} sot_suitable questions (max_tokens={max_tokens}, median)")
+    for m in ("sot", "sequential"):
+        print(f"  {m:10s} end-to-end {med[m]:6.2f}s  first answer text "
+              f"{statistics.median(ttft[m]):5.2f}s  generated tokens "
+              f"{statistics.median(tokens[m]):5.0f}")  # fmt: skip
+    print(f"  speed-up sequential/sot: {med['sequential'] / med['sot']:.2f}x")
+    if point_prompt:
+        print(f"  point prompts served from the prefix cache: {point_cached}/{point_prompt} "
+              f"= {point_cached / point_prompt:.1%}")  # fmt: skip
+    await backend.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sections", default="parse,router,latency")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--limit", type=int, default=37, help="latency: first N suitable questions")
+    ap.add_argument("--dump", type=Path, default=None, help="parse: write raw skeletons here")
+    args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    questions = load_questions()
+    if sections & {"parse", "router"}:
+        llm = LLM()
+        if "parse" in sections:
+            bench_parse(llm, questions, args.dump)
+        if "router" in sections:
+            bench_router(llm, questions)
+        del llm
+    if "latency" in sections:
+        asyncio.run(bench_latency(questions, args.max_tokens, args.limit))
+
+
+if __name__ == "__main__":
+    main()

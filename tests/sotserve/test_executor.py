@@ -1,0 +1,168 @@
+"""The point executor's DAG scheduling, budgets and cancellation.
+
+The backend is scripted (tests/scripted_backend.py) so that timing and faults are
+under the test's control; the tokenizer is the real SmolLM2 one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from scripted_backend import ScriptedBackend
+
+from sotserve.backends.base import CompletionParams
+from sotserve.executor import (
+    PointExecutor,
+    PointFailed,
+    PointFinished,
+    PointText,
+    TokenBudget,
+)
+from sotserve.schemas import PlanPoint
+
+
+def make(tokenizer, script, delay=0.0, budget=10_000, point_max=8, expected=4):
+    calls = []
+
+    def build_prompt(point, parents):
+        calls.append((point.index, [(p.index, text) for p, text in parents]))
+        # the prompt text only needs to be recognisable to the scripted backend
+        return tokenizer.encode(f"Now write point {point.index}", add_special_tokens=False)
+
+    backend = ScriptedBackend(tokenizer, script, delay)
+    queue: asyncio.Queue = asyncio.Queue()
+    ex = PointExecutor(
+        backend, build_prompt, CompletionParams(max_tokens=point_max), TokenBudget(budget),
+        queue, expected_points=expected,
+    )  # fmt: skip
+    return ex, backend, queue, calls
+
+
+async def drain(ex, queue, timeout=5.0):
+    """Play the planner: hear events until every point is finished."""
+    events = []
+    while not ex.finished:
+        item = await asyncio.wait_for(queue.get(), timeout)
+        events.append(item)
+        if isinstance(item, PointFinished):
+            ex.mark_done(item.index, item.text)
+        if isinstance(item, PointFailed):
+            raise item.error
+    return events
+
+
+def P(index, *deps):
+    return PlanPoint(index=index, title=f"T{index}", depends_on=list(deps))
+
+
+async def test_independent_points_run_in_parallel(tokenizer):
+    ex, backend, queue, _ = make(tokenizer, lambda c: [f" p{c.point}"] * 3, delay=0.02)
+    for i in (1, 2, 3):
+        ex.add(P(i))
+    ex.close()
+    events = await drain(ex, queue)
+    starts = sorted(c.started for c in backend.calls)
+    ends = sorted(c.ended for c in backend.calls)
+    assert starts[-1] < ends[0]  # all three were in flight at once
+    finished = {e.index: e for e in events if isinstance(e, PointFinished)}
+    assert {i: f.text for i, f in finished.items()} == {i: f" p{i}" * 3 for i in (1, 2, 3)}
+    for i, f in finished.items():
+        assert f.finish_reason == "stop"
+        assert f.completion_tokens == 3 * len(tokenizer.encode(f" p{i}", add_special_tokens=False))
+
+
+async def test_children_wait_for_parents_and_get_their_text(tokenizer):
+    ex, backend, queue, calls = make(tokenizer, lambda c: [f" text{c.point}"], delay=0.02)
+    ex.add(P(1))
+    ex.add(P(2))
+    ex.add(P(3, 1, 2))
+    ex.add(P(4, 3))
+    plan = ex.close()
+    assert [p.depends_on for p in plan] == [[], [], [1, 2], [3]]
+    await drain(ex, queue)
+    by_point = {c.point: c for c in backend.calls}
+    assert by_point[3].started >= max(by_point[1].ended, by_point[2].ended)
+    assert by_point[4].started >= by_point[3].ended
+    assert dict(calls)[3] == [(1, " text1"), (2, " text2")]
+    assert dict(calls)[4] == [(3, " text3")]
+
+
+async def test_unknown_references_are_dropped_when_the_plan_closes(tokenizer):
+    ex, backend, queue, calls = make(tokenizer, lambda c: [" x"])
+    ex.add(P(1))
+    ex.add(P(2, 1, 7))  # 7 might still come while the plan is open
+    await asyncio.sleep(0.05)
+    assert {c.point for c in backend.calls} == {1}
+    plan = ex.close()
+    assert plan[1].depends_on == [1]
+    await drain(ex, queue)
+    assert dict(calls)[2] == [(1, " x")]
+
+
+async def test_cycles_are_broken_and_nothing_hangs(tokenizer):
+    ex, backend, queue, _ = make(tokenizer, lambda c: [" y"])
+    ex.add(P(1, 3))
+    ex.add(P(2, 1))
+    ex.add(P(3, 2))
+    ex.add(P(4, 4))  # self-loop
+    plan = ex.close()
+    await drain(ex, queue, timeout=2.0)
+    assert {c.point for c in backend.calls} == {1, 2, 3, 4}
+    deps = {p.index: set(p.depends_on) for p in plan}
+    assert deps[4] == set()
+    # what is left is acyclic: some order runs every point after its parents
+    order = [c.point for c in sorted(backend.calls, key=lambda c: c.started)]
+    assert all(order.index(d) < order.index(i) for i, ds in deps.items() for d in ds)
+    assert sum(len(d) for d in deps.values()) == 2  # exactly one edge of the 3-cycle cut
+
+
+async def test_budget_caps_each_point_and_the_total(tokenizer):
+    ex, backend, queue, _ = make(
+        tokenizer, lambda c: [" w"] * 50, budget=20, point_max=8, expected=3
+    )
+    for i in (1, 2, 3):
+        ex.add(P(i))
+    ex.close()
+    events = await drain(ex, queue)
+    used = {e.index: e.completion_tokens for e in events if isinstance(e, PointFinished)}
+    assert all(c.params.max_tokens <= 8 for c in backend.calls)
+    assert sum(used.values()) <= 20
+    assert all(n > 0 for n in used.values())  # fair shares: nobody starves
+    assert ex.budget.remaining == 20 - sum(used.values())
+
+
+async def test_exhausted_budget_finishes_points_empty(tokenizer):
+    ex, backend, queue, _ = make(tokenizer, lambda c: [" w"] * 5, budget=0)
+    ex.add(P(1))
+    ex.add(P(2))
+    ex.close()
+    events = await drain(ex, queue)
+    assert backend.calls == []
+    assert [(e.text, e.finish_reason) for e in events] == [("", "length"), ("", "length")]
+
+
+async def test_backend_error_is_reported_not_raised(tokenizer):
+    def script(call):
+        return ([" ok"], RuntimeError("boom")) if call.point == 2 else [" ok"]
+
+    ex, _, queue, _ = make(tokenizer, script)
+    ex.add(P(1))
+    ex.add(P(2))
+    ex.close()
+    with pytest.raises(RuntimeError, match="boom"):
+        await drain(ex, queue)
+
+
+async def test_cancel_aborts_every_request_in_flight(tokenizer):
+    ex, backend, queue, _ = make(tokenizer, lambda c: [" z"] * 1000, delay=0.01, point_max=2000)
+    for i in (1, 2, 3):
+        ex.add(P(i))
+    ex.add(P(4, 1))  # waits on its parent: never starts
+    ex.close()
+    assert isinstance(await asyncio.wait_for(queue.get(), 2.0), PointText)
+    await asyncio.wait_for(ex.cancel(), 1.0)
+    assert {c.point for c in backend.calls} == {1, 2, 3}
+    assert all(c.closed_early and c.ended is not None for c in backend.calls)
+    # the 3 x 2000 reserved tokens went back, less the few that were generated
+    assert ex.budget.remaining >= 10_000 - 100

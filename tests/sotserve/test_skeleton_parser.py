@@ -1,0 +1,165 @@
+"""The streaming skeleton parser, on hand-written and real SmolLM2 skeletons."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sotserve.skeleton_parser import SkeletonParser
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def parse(text: str, max_points: int = 6, truncated: bool = False):
+    p = SkeletonParser(max_points=max_points)
+    p.feed(text)
+    p.close(truncated)
+    return p.points
+
+
+def stream(text: str, max_points: int = 6, truncated: bool = False):
+    """Feed one character at a time; record after which character each point appeared."""
+    p = SkeletonParser(max_points=max_points)
+    seen = []
+    for i, ch in enumerate(text):
+        for point in p.feed(ch):
+            seen.append((i, point))
+    for point in p.close(truncated):
+        seen.append((len(text), point))
+    return p, seen
+
+
+def titles(points):
+    return [p.title for p in points]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1. Alpha\n2. Beta\n3. Gamma",
+        "1) Alpha\n2) Beta\n3) Gamma\n",
+        "Point 1: Alpha\nPoint 2: Beta\nPoint 3: Gamma",
+        "**1. Alpha**\n**2. Beta**\n**3. Gamma**",
+        "1. **Alpha**:\n2. **Beta**:\n3. **Gamma**:",
+        "Here is the skeleton:\n\n1. Alpha\n\n2. Beta\n\n3. Gamma\n",
+        "### Step 1: Alpha\n### Step 2: Beta\n### Step 3: Gamma",
+    ],
+)
+def test_accepts_the_usual_numbering_styles(text):
+    assert titles(parse(text)) == ["Alpha", "Beta", "Gamma"]
+
+
+def test_a_point_is_ready_when_its_line_ends():
+    text = "1. Alpha\n2. Beta\n3. Gamma"
+    _, seen = stream(text)
+    assert [(i, p.title) for i, p in seen] == [
+        (text.index("\n"), "Alpha"),
+        (text.index("\n", 9), "Beta"),
+        (len(text), "Gamma"),  # the last line is complete when the text ends
+    ]
+
+
+def test_drops_duplicates_and_empty_points_and_renumbers():
+    pts = parse("1. Alpha\n2. alpha!\n3.\n4. 1. 2. 3.\n5. Beta")
+    assert [(p.index, p.title) for p in pts] == [(1, "Alpha"), (2, "Beta")]
+
+
+def test_caps_the_count_and_stops_reading():
+    p, _ = stream("".join(f"{i}. Point number {i}\n" for i in range(1, 10)), max_points=4)
+    assert len(p.points) == 4 and p.finished
+    assert p.consumed_chars == len("".join(f"{i}. Point number {i}\n" for i in range(1, 5)))
+
+
+def test_prose_or_a_restarted_list_ends_the_skeleton():
+    assert titles(parse("1. Alpha\n2. Beta\nThe answer is 4.\n3. Gamma")) == ["Alpha", "Beta"]
+    # The model starting a second list (copying its few-shot format) is not more points.
+    assert titles(parse("1. Alpha\n2. Beta\n\nQuestion: x\n1. Other\n2. More")) == [
+        "Alpha",
+        "Beta",
+    ]
+    assert titles(parse("1. Alpha\n2. Beta\n1. Again")) == ["Alpha", "Beta"]
+
+
+def test_indented_detail_under_a_point_is_ignored():
+    assert titles(parse("1. Alpha\n   - detail\n* more\n2. Beta")) == ["Alpha", "Beta"]
+
+
+def test_truncated_last_line_is_not_a_point():
+    assert titles(parse("1. Alpha\n2. Beta\n3. Gam", truncated=True)) == ["Alpha", "Beta"]
+    assert titles(parse("1. Alpha\n2. Beta\n3. Gam", truncated=False)) == ["Alpha", "Beta", "Gam"]
+
+
+def test_fewer_than_two_points_is_visible_to_the_caller():
+    assert len(parse("Sure! Here is my answer without a list.")) == 0
+    assert len(parse("1. Only one\n1. Only one")) == 1
+
+
+def test_dependencies_map_to_new_numbers_and_only_point_upwards():
+    pts = parse(
+        "1. Costs of renting\n"
+        "2. Costs of renting\n"  # duplicate: dropped, so skeleton 3 becomes point 2
+        "3. Costs of buying [depends on 1]\n"
+        "4. Compare costs (depends on: 1 and 3)\n"
+        "5. Decide [depends on 4, 6, 99]\n"  # 6 comes later, 99 never exists
+        "6. Loop back [depends on 6, 5]"  # itself: dropped
+    )
+    assert [(p.index, p.title, p.depends_on) for p in pts] == [
+        (1, "Costs of renting", []),
+        (2, "Costs of buying", [1]),
+        (3, "Compare costs", [1, 2]),
+        (4, "Decide", [3]),
+        (5, "Loop back", [4]),
+    ]
+
+
+def _real_skeletons():
+    rows = json.loads((FIXTURES / "smollm2_skeletons.json").read_text())
+    return {r["question_id"]: r for r in rows}
+
+
+def test_real_smollm2_skeletons_stream_like_they_parse_whole():
+    """Every recorded SmolLM2 skeleton: char-by-char parsing equals whole-text parsing,
+    titles carry no numbering, and no two titles are the same."""
+    rows = _real_skeletons()
+    assert len(rows) == 80
+    for row in rows.values():
+        truncated = row["finish_reason"] == "length"
+        whole = parse(row["skeleton"], truncated=truncated)
+        p, _ = stream(row["skeleton"], truncated=truncated)
+        assert p.points == whole
+        assert len(whole) <= 6
+        assert all(t and not re.match(r"\d+[.)]\s", t) for t in titles(whole))
+        assert len({t.lower() for t in titles(whole)}) == len(whole)
+
+
+# Hand-checked parses of messy real skeletons (question ids of vicuna80).
+EXPECTED = {
+    3: ["Syntax", "Performance", "Security", "Debugging", "Code style"],
+    # repeated lines collapse
+    33: [
+        "Travel and exploration",
+        "Personal comfort and convenience",
+        "Personal branding and identity",
+    ],
+    43: ["Lightning strikes occur every day"],  # one point: the planner falls back
+    73: ["Professionalism and integrity"],
+    # cut off by max_tokens mid-line: the unfinished last line is not a point
+    70: [
+        "Length of the segment = 2 + 4 = 6",
+        "Length of the segment = 2 + 10 = 12",
+        "Length of the segment = 2 + 12 = 14",
+        "Length of the segment = 2 + 14 = 16",
+    ],
+}
+
+
+@pytest.mark.parametrize("qid", sorted(EXPECTED))
+def test_messy_real_skeletons(qid):
+    row = _real_skeletons()[qid]
+    assert (
+        titles(parse(row["skeleton"], truncated=row["finish_reason"] == "length"))
+        == (EXPECTED[qid])
+    )
