@@ -42,6 +42,7 @@ class PointFinished:
     completion_tokens: int
     prompt_tokens: int
     cached_tokens: int | None
+    budget_cut: bool  # stopped by the answer's overall budget, not the point's own cap
 
 
 @dataclass
@@ -102,7 +103,8 @@ class PointExecutor:
         if point.index in self.points:
             raise ValueError(f"point {point.index} was added twice")
         self.points[point.index] = point
-        self._pending[point.index] = set(point.depends_on) - {point.index}
+        # parents that finished before this point was even parsed count as done
+        self._pending[point.index] = set(point.depends_on) - {point.index} - self.results.keys()
         self._launch_ready()
 
     def close(self) -> list[PlanPoint]:
@@ -194,9 +196,10 @@ class PointExecutor:
             return
         finally:
             self.budget.refund(reserved, used)
+        cut = finish == "length" and reserved < self.params.max_tokens
         text = "".join(parts)
         await self.queue.put(
-            PointFinished(point.index, text, finish, used, prompt_tokens, cached_tokens)
+            PointFinished(point.index, text, finish, used, prompt_tokens, cached_tokens, cut)
         )
 
 

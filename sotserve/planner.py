@@ -322,14 +322,15 @@ class _Answer:
             self.queue,
             expected_points=opts.max_points,
         )
-        skel_reserved = self.budget.reserve(opts.skeleton_max_tokens)
+        # The skeleton may use at most half the answer's budget; the points share the rest.
+        skel_reserved = self.budget.reserve(min(opts.skeleton_max_tokens, opts.max_tokens // 2))
         skel_task = asyncio.create_task(self._run_skeleton(skel, skel_reserved))
         self.tasks.append(skel_task)
         yield SkeletonDelta(text=prefill)
         parser.feed(prefill)  # the reply starts inside the first point line ("1.")
         pending_start: list[PlanPoint] = []  # parsed, not yet launched
         plan: list[PlanPoint] | None = None
-        done_points: dict[int, PointDone] = {}
+        budget_cut = False
 
         def start(point: PlanPoint) -> list[Event]:
             executor.add(point)
@@ -398,7 +399,7 @@ class _Answer:
                     completion_tokens=item.completion_tokens, prompt_tokens=item.prompt_tokens,
                     cached_tokens=item.cached_tokens,
                 )  # fmt: skip
-                done_points[item.index] = done
+                budget_cut |= item.budget_cut
                 yield done
                 executor.mark_done(item.index, item.text)
                 delta = self._answer_delta(merger.done(item.index))
@@ -407,12 +408,8 @@ class _Answer:
             elif isinstance(item, PointFailed):
                 raise item.error
             if plan is not None and merger.complete and executor.finished:
-                out_of_budget = self.budget.remaining <= 0 and any(
-                    d.finish_reason == "length" for d in done_points.values()
-                )
-                yield self._done(
-                    mode, merger.answer, plan, finish_reason="length" if out_of_budget else "stop"
-                )
+                finish = "length" if budget_cut else "stop"
+                yield self._done(mode, merger.answer, plan, finish_reason=finish)
                 return
 
     async def _run_skeleton(self, skel: _Skeleton, reserved: int) -> None:

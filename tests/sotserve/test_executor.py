@@ -88,6 +88,19 @@ async def test_children_wait_for_parents_and_get_their_text(tokenizer):
     assert dict(calls)[4] == [(3, " text3")]
 
 
+async def test_a_parent_that_finished_before_its_child_was_parsed_counts(tokenizer):
+    ex, _, queue, calls = make(tokenizer, lambda c: [f" t{c.point}"])
+    ex.add(P(1))
+    finished = await asyncio.wait_for(queue.get(), 2)
+    while not isinstance(finished, PointFinished):
+        finished = await asyncio.wait_for(queue.get(), 2)
+    ex.mark_done(1, finished.text)
+    ex.add(P(2, 1))  # parsed only now (pipelined skeleton)
+    ex.close()
+    await drain(ex, queue, timeout=2.0)
+    assert dict(calls)[2] == [(1, " t1")]
+
+
 async def test_unknown_references_are_dropped_when_the_plan_closes(tokenizer):
     ex, backend, queue, calls = make(tokenizer, lambda c: [" x"])
     ex.add(P(1))

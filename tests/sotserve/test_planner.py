@@ -1,0 +1,203 @@
+"""Planner behaviour with a scripted backend (tests/scripted_backend.py): pipelining,
+graph prompts, fallbacks and faults, which a real model cannot be made to show on cue.
+The end-to-end tests with the real SmolLM2 are in test_planner_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from scripted_backend import ScriptedBackend, point_prompt_parents
+
+from sotserve.planner import InvalidQuestionError, Planner, PlannerError
+from sotserve.schemas import (
+    AnswerDelta,
+    Done,
+    ErrorEvent,
+    PlanReady,
+    PointDelta,
+    PointDone,
+    PointStart,
+    SkeletonDelta,
+)
+
+SKELETON = [" Alpha", "\n2.", " Beta", "\n3.", " Gamma", "\n"]
+
+
+def script_for(skeleton=SKELETON, point_text=lambda c: [f" about {c.point}", "."]):
+    def script(call):
+        if call.kind == "skeleton":
+            return skeleton
+        if call.kind == "point":
+            return point_text(call)
+        return [" A plain", " answer."]
+
+    return script
+
+
+async def collect(planner, question, **kw):
+    return [e async for e in planner.stream(question, **kw)]
+
+
+async def test_sot_stream_events_and_merged_answer(tokenizer):
+    backend = ScriptedBackend(tokenizer, script_for(), delay=0.01)
+    events = await collect(Planner(backend), "Q?", mode="sot")
+    types = [e.type for e in events]
+    assert types[0] == "skeleton_delta" and types[-1] == "done"
+    assert "".join(e.text for e in events if isinstance(e, SkeletonDelta)) == (
+        "1. Alpha\n2. Beta\n3. Gamma\n"
+    )
+    plan = next(e for e in events if isinstance(e, PlanReady))
+    assert plan.mode == "sot" and [p.title for p in plan.points] == ["Alpha", "Beta", "Gamma"]
+    done = events[-1]
+    assert isinstance(done, Done)
+    expected = "1. **Alpha** about 1.\n\n2. **Beta** about 2.\n\n3. **Gamma** about 3."
+    assert done.answer == expected
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == expected
+    assert {e.index: e.text for e in events if isinstance(e, PointDone)} == {
+        i: f" about {i}." for i in (1, 2, 3)
+    }
+    assert done.usage.requests == 4  # skeleton + 3 points
+    t = done.timings
+    assert 0 < t.skeleton_s <= t.total_s and 0 < t.first_answer_token_s <= t.total_s
+
+
+async def test_point_events_come_in_order_per_point_and_answer_in_skeleton_order(tokenizer):
+    # point 1 is slow, so points 2 and 3 finish first; the answer still starts with 1
+    backend = ScriptedBackend(
+        tokenizer, script_for(), delay=lambda c: 0.05 if c.point == 1 else 0.001
+    )
+    events = await collect(Planner(backend), "Q?", mode="sot")
+    done_order = [e.index for e in events if isinstance(e, PointDone)]
+    assert done_order[-1] == 1
+    answer = "".join(e.text for e in events if isinstance(e, AnswerDelta))
+    assert answer.index("Alpha") < answer.index("Beta") < answer.index("Gamma")
+    # the live head (point 1) streams: its deltas reach the answer as they arrive
+    first_point1 = next(
+        i for i, e in enumerate(events) if isinstance(e, PointDelta) and e.index == 1
+    )
+    assert isinstance(events[first_point1 + 1], AnswerDelta)
+
+
+async def test_pipeline_starts_points_before_the_skeleton_ends(tokenizer):
+    for pipeline in (True, False):
+        backend = ScriptedBackend(tokenizer, script_for(), delay=0.02)
+        done = (await collect(Planner(backend, pipeline=pipeline), "Q?", mode="sot"))[-1]
+        assert isinstance(done, Done) and len(done.points) == 3
+        skeleton = next(c for c in backend.calls if c.kind == "skeleton")
+        first_point = min(c.started for c in backend.calls if c.kind == "point")
+        assert (first_point < skeleton.ended) is pipeline
+
+
+async def test_point_prompts_continue_the_skeleton_tokens(tokenizer):
+    backend = ScriptedBackend(tokenizer, script_for(), delay=0.0)
+    await collect(Planner(backend, pipeline=False), "Q?", mode="sot")
+    skeleton = next(c for c in backend.calls if c.kind == "skeleton")
+    for call in (c for c in backend.calls if c.kind == "point"):
+        assert call.prompt.startswith(skeleton.prompt + " Alpha\n2. Beta\n3. Gamma")
+        assert call.prompt.endswith(f'Now write point {call.point} ("' + ["Alpha", "Beta",
+            "Gamma"][call.point - 1] + '") as one or two plain sentences that explain it. '
+            "Do not use a list. Do not repeat the other points.<|im_end|>\n"
+            f"<|im_start|>assistant\n{call.point}. " + ["Alpha", "Beta", "Gamma"][call.point - 1]
+            + ":")  # fmt: skip
+
+
+async def test_graph_mode_runs_children_after_parents_with_their_text(tokenizer):
+    skeleton = [" Costs of renting\n", "2. Costs of buying\n", "3. Compare [depends on 1, 2]\n",
+                "4. Decide [depends on 3]"]  # fmt: skip
+    backend = ScriptedBackend(
+        tokenizer, script_for(skeleton, lambda c: [f" text of {c.point}"]), delay=0.01
+    )
+    events = await collect(Planner(backend), "Rent or buy?", mode="graph")
+    plan = next(e for e in events if isinstance(e, PlanReady))
+    assert [p.depends_on for p in plan.points] == [[], [], [1, 2], [3]]
+    calls = {c.point: c for c in backend.calls if c.kind == "point"}
+    assert calls[3].started >= max(calls[1].ended, calls[2].ended)
+    assert calls[4].started >= calls[3].ended
+    assert point_prompt_parents(calls[3].prompt) == (
+        "1. Costs of renting: text of 1\n2. Costs of buying: text of 2"
+    )
+    assert point_prompt_parents(calls[4].prompt) == "3. Compare: text of 3"
+    assert events[-1].answer.index("Costs of renting") < events[-1].answer.index("Decide")
+
+
+@pytest.mark.parametrize("skeleton", [["Sorry, I can't make a list."], [" Only one point"]])
+async def test_unparseable_skeleton_falls_back_to_sequential(tokenizer, skeleton):
+    backend = ScriptedBackend(tokenizer, script_for(skeleton), delay=0.0)
+    events = await collect(Planner(backend), "Q?", mode="sot")
+    plan = next(e for e in events if isinstance(e, PlanReady))
+    assert plan.mode == "sequential" and plan.fallback and "usable point" in plan.fallback
+    done = events[-1]
+    assert isinstance(done, Done) and done.mode == "sequential" and done.fallback
+    assert done.answer == " A plain answer."
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == done.answer
+    assert not any(isinstance(e, PointStart) and e.point.index > 1 for e in events)
+    assert all(c.closed_early or c.ended for c in backend.calls)  # nothing left running
+
+
+@pytest.mark.parametrize("question", ["", "   ", [], [{"role": "user", "content": " "}],
+                                      [{"role": "user"}], 42])  # fmt: skip
+async def test_empty_or_malformed_question_is_a_typed_error(tokenizer, question):
+    backend = ScriptedBackend(tokenizer, script_for())
+    with pytest.raises(InvalidQuestionError):
+        await collect(Planner(backend), question, mode="sot")
+    assert backend.calls == []
+
+
+async def test_backend_error_mid_stream_is_an_error_event_and_no_hang(tokenizer):
+    def point_text(call):
+        if call.point == 2:
+            return [" half"], ConnectionError("backend went away")
+        return [" fine"] * 200  # still running when point 2 fails
+
+    backend = ScriptedBackend(tokenizer, script_for(point_text=point_text), delay=0.01)
+    planner = Planner(backend, point_max_tokens=500)
+    events = await asyncio.wait_for(collect(planner, "Q?", mode="sot"), 10)
+    assert isinstance(events[-1], ErrorEvent)
+    assert "backend went away" in events[-1].message
+    assert not any(isinstance(e, Done) for e in events)
+    assert all(c.ended is not None for c in backend.calls)  # every request was closed
+    with pytest.raises(PlannerError, match="backend went away"):
+        await planner.answer("Q?", mode="sot")
+
+
+async def test_closing_the_stream_aborts_every_request(tokenizer):
+    backend = ScriptedBackend(
+        tokenizer, script_for(point_text=lambda c: [" go"] * 1000), delay=0.01
+    )
+    stream = Planner(backend, point_max_tokens=2000).stream("Q?", mode="sot")
+    async for event in stream:
+        if isinstance(event, PointDelta):
+            break
+    await stream.aclose()
+    points = [c for c in backend.calls if c.kind == "point"]
+    assert points and all(c.closed_early and c.ended is not None for c in points)
+
+
+async def test_max_tokens_caps_the_whole_answer(tokenizer):
+    backend = ScriptedBackend(tokenizer, script_for(point_text=lambda c: [" w"] * 100), delay=0.0)
+    done = await Planner(backend, max_tokens=30, point_max_tokens=20).answer("Q?", mode="sot")
+    assert done.usage.completion_tokens <= 30
+    assert done.finish_reason == "length"
+    assert all(c.params.max_tokens <= 20 for c in backend.calls if c.kind == "point")
+
+
+async def test_auto_mode_reports_the_route(tokenizer):
+    backend = ScriptedBackend(tokenizer, script_for(), delay=0.0)
+    planner = Planner(backend)
+    done = await planner.answer("What are some tips for staying focused?", mode="auto")
+    assert done.mode == "sot" and done.route.source == "rules"
+    done = await planner.answer("Write a Python function that sorts a list.", mode="auto")
+    assert done.mode == "sequential" and done.route.reason == "looks like code"
+
+
+async def test_model_router_reads_the_letter_and_falls_back_on_junk(tokenizer):
+    replies = iter([["B"], ["I think"]])
+    backend = ScriptedBackend(
+        tokenizer, lambda c: next(replies) if c.kind == "router" else script_for()(c)
+    )
+    planner = Planner(backend, router="model")
+    done = await planner.answer("Anything at all?", mode="auto")
+    assert done.route.source == "model" and done.mode == "graph"
+    done = await planner.answer("What are some tips for sleeping well?", mode="auto")
+    assert done.route.source == "rules" and "I think" in done.route.reason
