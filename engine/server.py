@@ -348,12 +348,14 @@ class _Meta:
             "choices": choices,
         }
 
-    def usage(self, completion_tokens: int) -> dict[str, int]:
+    def usage(self, completion_tokens: int, cached_tokens: int | None) -> dict[str, Any]:
         n = len(self.prompt_ids)
         return {
             "prompt_tokens": n,
             "completion_tokens": completion_tokens,
             "total_tokens": n + completion_tokens,
+            # as OpenAI: prompt tokens the prefix cache served
+            "prompt_tokens_details": {"cached_tokens": cached_tokens or 0},
         }
 
 
@@ -383,7 +385,7 @@ async def _collect(
         choice["prompt_token_ids"] = meta.prompt_ids
         choice["token_ids"] = ids
     out = meta.envelope([choice])
-    out["usage"] = meta.usage(len(ids))
+    out["usage"] = meta.usage(len(ids), delta.cached_tokens)
     return web.json_response(out)
 
 
@@ -416,7 +418,7 @@ async def _stream(
                 delta = await anext(gen)
             if meta.include_usage:
                 chunk = meta.envelope([])
-                chunk["usage"] = meta.usage(n_tokens)
+                chunk["usage"] = meta.usage(n_tokens, delta.cached_tokens)
                 await _send(resp, chunk)
         except EngineDeadError:
             # The status line is long gone; tell the client in-band, as vLLM does.

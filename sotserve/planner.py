@@ -312,7 +312,10 @@ class _Answer:
                     or "(none)"
                 )
             tail = self.renderer.continuation(skel.messages, point_template.messages(**values))
-            return skel.prompt_ids + skel.reply_ids(parser.consumed_chars, self.renderer) + tail
+            # A pipelined point sees the skeleton up to its own line, otherwise all of
+            # it; either way its prompt does not depend on timing.
+            upto = parser.line_ends[point.index] if opts.pipeline else parser.consumed_chars
+            return skel.prompt_ids + skel.reply_ids(upto, self.renderer) + tail
 
         self.executor = executor = PointExecutor(
             self.backend,

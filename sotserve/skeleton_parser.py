@@ -66,6 +66,7 @@ class SkeletonParser:
     points: list[PlanPoint] = field(default_factory=list)
     finished: bool = False  # the list has ended (or hit max_points); ignore the rest
     consumed_chars: int = 0  # text up to the end of the last line that was a point
+    line_ends: dict[int, int] = field(default_factory=dict)  # point index -> end of its line
     _buffer: str = ""
     _offset: int = 0  # chars of the whole text before _buffer
     _last_number: int = 0
@@ -122,7 +123,7 @@ class SkeletonParser:
         self._numbers[raw.number] = index
         point = PlanPoint(index=index, title=raw.title, depends_on=deps)
         self.points.append(point)
-        self.consumed_chars = end
+        self.consumed_chars = self.line_ends[index] = end
         if len(self.points) >= self.max_points:
             self.finished = True
         return point

@@ -166,6 +166,8 @@ async def test_completion_matches_engine(client, aengine, prompt):
     assert choice["token_ids"] == want_ids
     assert choice["prompt_token_ids"] == prompt_ids
     assert choice["finish_reason"] == want_finish == "length"
+    cached = body["usage"].pop("prompt_tokens_details")["cached_tokens"]
+    assert 0 <= cached < len(prompt_ids)  # earlier tests may have cached a prefix
     assert body["usage"] == {
         "prompt_tokens": len(prompt_ids),
         "completion_tokens": 24,
@@ -264,6 +266,8 @@ async def test_stream_include_usage(client, aengine):
     assert events[-1] == "[DONE]"
     *content, usage_chunk = events[:-1]
     assert usage_chunk["choices"] == []
+    cached = usage_chunk["usage"].pop("prompt_tokens_details")["cached_tokens"]
+    assert 0 <= cached < len(prompt_ids)
     assert usage_chunk["usage"] == {
         "prompt_tokens": len(prompt_ids),
         "completion_tokens": 24,
