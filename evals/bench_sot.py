@@ -142,9 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=37, help="latency: first N suitable questions")
     ap.add_argument("--dump", type=Path, default=None, help="parse: write raw skeletons here")
+    ap.add_argument("--data", type=Path, default=DATA, help="vicuna80.jsonl")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
-    questions = load_questions()
+    questions = load_questions(args.data)
     if sections & {"parse", "router"}:
         llm = LLM()
         if "parse" in sections:

@@ -170,14 +170,16 @@ class _Skeleton:
         return ids
 
 
+@dataclass
 class _SkeletonChunk:
-    def __init__(self, text: str, token_ids: list[int] | None) -> None:
-        self.text, self.token_ids = text, token_ids
+    text: str
+    token_ids: list[int] | None
 
 
+@dataclass
 class _SkeletonEnded:
-    def __init__(self, finish_reason: str | None, error: BaseException | None = None) -> None:
-        self.finish_reason, self.error = finish_reason, error
+    finish_reason: str | None
+    error: BaseException | None = None
 
 
 class _Answer:
@@ -293,13 +295,9 @@ class _Answer:
         opts = self.opts
         question = question_text(self.messages)
         template = prompts.load("graph" if mode == "graph" else "skeleton")
-        turns, prefill = prompts.split_prefill(template.messages(question=question))
-        skel = _Skeleton(
-            messages=turns,
-            prompt_ids=self.renderer.render([*turns, {"role": "assistant", "content": prefill}]),
-            prefill=prefill,
-            text=prefill,
-        )
+        messages = template.messages(question=question)
+        turns, prefill = prompts.split_prefill(messages)
+        skel = _Skeleton(turns, self.renderer.render(messages), prefill, text=prefill)
         parser = SkeletonParser(max_points=opts.max_points)
         merger = InOrderMerger()
         point_template = prompts.load("graph_point" if mode == "graph" else "point")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -17,15 +15,20 @@ from sotserve.schemas import Done, PlanReady, PointDelta, PointDone
 
 pytestmark = pytest.mark.slow
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "vicuna80.jsonl"
+# A few questions of ../shared/data/vicuna80.jsonl (by question_id), inline so the
+# suite does not depend on a checkout layout.
+VICUNA = {
+    1: "How can I improve my time management skills?",
+    2: "What are the most effective ways to deal with stress?",
+    3: "What are the main differences between Python and JavaScript programming languages?",
+    4: "How can I increase my productivity while working from home?",
+    5: "Can you explain the basics of quantum computing?",
+    7: "How can I develop my critical thinking skills?",
+}
 
 
 def vicuna(qid: int) -> str:
-    for line in DATA.read_text().splitlines():
-        row = json.loads(line)
-        if row["question_id"] == qid:
-            return row["question"]
-    raise KeyError(qid)
+    return VICUNA[qid]
 
 
 @pytest.fixture(scope="module")
