@@ -64,9 +64,6 @@ class TokenBudget:
         self.remaining -= got
         return got
 
-    def spend(self, used: int) -> None:
-        self.remaining -= used
-
     def refund(self, reserved: int, used: int) -> None:
         self.remaining += max(reserved - used, 0)
 
