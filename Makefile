@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 QUESTION ?= What are the most effective ways to deal with stress?
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup browser run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The web page test drives Debian's chromium through its chromedriver.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing Debian's chromium and chromium-driver for the web page test"; \
+		$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) \
+			apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
 run: setup
 	$(BIN)/sotserve ask "$(QUESTION)"
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 lint: setup

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # refuse long contexts before the engine could judge them.
 CLIENT_MAX_SIZE = 64 * 2**20
 
-_SSE_HEADERS = {
+SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # keep reverse proxies from buffering the stream
@@ -177,12 +177,14 @@ class APIError(Exception):
         return cls(503, "the engine is not running", type="server_error", code="engine_dead")
 
 
-def _validation_error(exc: ValidationError) -> APIError:
+def validation_error(exc: ValidationError, accepted: dict[str, str] | None = None) -> APIError:
+    """A 400 naming the first invalid field; ``accepted`` words union fields' errors."""
+    accepted = _ACCEPTED if accepted is None else accepted
     err = exc.errors()[0]
     loc = [str(x) for x in err["loc"]]
     field = loc[0] if loc else None
-    if field in _ACCEPTED:
-        return APIError(400, f"{field} must be {_ACCEPTED[field]}", param=field)
+    if field in accepted:
+        return APIError(400, f"{field} must be {accepted[field]}", param=field)
     where = ".".join(loc) or "body"
     return APIError(400, f"{where}: {err['msg']}", param=field)
 
@@ -192,7 +194,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def _read_json(request: web.Request) -> dict[str, Any]:
+async def read_json(request: web.Request) -> dict[str, Any]:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -215,7 +217,7 @@ def engine_alive(engine: AsyncEngine) -> bool:
     return getattr(engine, "_dead", None) is None and (thread is None or thread.is_alive())
 
 
-def _client_gone(request: web.Request) -> bool:
+def client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
 
@@ -287,11 +289,11 @@ class CompletionHandlers:
             return web.Response(status=499)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        data = await _read_json(request)
+        data = await read_json(request)
         try:
             body = CompletionRequest.model_validate(data)
         except ValidationError as exc:
-            raise _validation_error(exc) from None
+            raise validation_error(exc) from None
         if body.model is not None and body.model != self.model_name:
             raise APIError(
                 404,
@@ -370,7 +372,7 @@ async def _collect(
         ids.extend(delta.token_ids)
         if delta.finished:
             break
-        if _client_gone(request):
+        if client_gone(request):
             # Without handler cancellation nobody else notices: stop paying for it.
             raise ConnectionResetError("client disconnected")
         delta = await anext(gen)
@@ -389,7 +391,7 @@ async def _collect(
     return web.json_response(out)
 
 
-async def _send(resp: web.StreamResponse, payload: dict[str, Any] | str) -> None:
+async def send_sse(resp: web.StreamResponse, payload: dict[str, Any] | str) -> None:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     await resp.write(f"data: {data}\n\n".encode())
 
@@ -397,7 +399,7 @@ async def _send(resp: web.StreamResponse, payload: dict[str, Any] | str) -> None
 async def _stream(
     request: web.Request, meta: _Meta, first: RequestDelta, gen: Any
 ) -> web.StreamResponse:
-    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
     n_tokens = 0
     sent_any = False
@@ -409,9 +411,9 @@ async def _stream(
                 # Held-back text (a possible stop-string prefix) gives empty deltas; skip
                 # them unless they carry token ids the client asked for, or the finish.
                 if delta.text or delta.finished or (meta.token_ids and delta.token_ids):
-                    await _send(resp, _chunk(meta, delta, first=not sent_any))
+                    await send_sse(resp, _chunk(meta, delta, first=not sent_any))
                     sent_any = True
-                elif _client_gone(request):
+                elif client_gone(request):
                     raise ConnectionResetError("client disconnected")
                 if delta.finished:
                     break
@@ -419,11 +421,11 @@ async def _stream(
             if meta.include_usage:
                 chunk = meta.envelope([])
                 chunk["usage"] = meta.usage(n_tokens, delta.cached_tokens)
-                await _send(resp, chunk)
+                await send_sse(resp, chunk)
         except EngineDeadError:
             # The status line is long gone; tell the client in-band, as vLLM does.
-            await _send(resp, APIError.dead().body())
-        await _send(resp, "[DONE]")
+            await send_sse(resp, APIError.dead().body())
+        await send_sse(resp, "[DONE]")
         await resp.write_eof()
     except ConnectionResetError:
         # Returning leaves the caller's aclosing block with the generator unfinished,

@@ -11,6 +11,8 @@ import sys
 import time
 
 from engine import AsyncEngine, EngineError, SamplingParams
+from sotserve.server.app import add_server_args
+from sotserve.server.app import serve as _serve
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -64,7 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--seed", type=int, default=None)
     _add_model_args(ask)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API and the web page")
+    _add_model_args(serve)
+    add_server_args(serve)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            _serve(args)
+        except EngineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         return asyncio.run(_ask(args))
     except EngineError as exc:

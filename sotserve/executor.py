@@ -171,7 +171,9 @@ class PointExecutor:
         try:
             if reserved > 0:
                 prompt = self.build_prompt(point, parents)
-                params = dataclasses.replace(self.params, max_tokens=reserved)
+                n_prompt = len(prompt) if isinstance(prompt, list) else 0  # text: let it judge
+                room = self.backend.room(n_prompt, reserved)
+                params = dataclasses.replace(self.params, max_tokens=room)
                 # aclosing: a cancel that lands on our own await must still close
                 # the backend stream, which aborts the request.
                 async with contextlib.aclosing(self.backend.complete(prompt, params)) as stream:

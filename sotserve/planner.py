@@ -257,7 +257,7 @@ class _Answer:
     # -- sequential ---------------------------------------------------------------------
     async def _sequential(self, fallback: str | None) -> AsyncIterator[Event]:
         ids = self.renderer.render(self.messages)
-        params = self._params(max(self.budget.remaining, 1))
+        params = self._params(self.backend.room(len(ids), max(self.budget.remaining, 1)))
         parts: list[str] = []
         finish = None
         cached = None
@@ -420,7 +420,8 @@ class _Answer:
         error: BaseException | None = None
         try:
             if reserved > 0:
-                stream = self.backend.complete(skel.prompt_ids, self._params(reserved))
+                room = self.backend.room(len(skel.prompt_ids), reserved)
+                stream = self.backend.complete(skel.prompt_ids, self._params(room))
                 async with contextlib.aclosing(stream):
                     async for chunk in stream:
                         used += len(chunk.token_ids) if chunk.token_ids is not None else 1

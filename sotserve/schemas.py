@@ -137,6 +137,26 @@ class Done(BaseModel):
     finish_reason: str | None = None
 
 
+class PointResult(PlanPoint):
+    """A finished point: its plan entry and its expansion."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    cached_tokens: int | None = None
+
+
+class AnswerInfo(BaseModel):
+    """How an answer was made: the ``sot`` field of a non-streamed chat completion."""
+
+    mode: ResolvedMode
+    points: list[PointResult] = Field(default_factory=list)
+    timings: Timings
+    usage: Usage
+    route: RouteDecision | None = None
+    fallback: str | None = None
+
+
 class ErrorEvent(BaseModel):
     type: Literal["error"] = "error"
     message: str

@@ -100,3 +100,13 @@ def tiny_model_dirs(tmp_path_factory, tokenizer) -> dict[str, tuple[Path, torch.
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama"][0]
+
+
+@pytest.fixture(scope="session")
+def sotserve_url() -> str:
+    """A real ``sotserve serve`` process with the embedded SmolLM2, shared by the
+    server, client, CLI and web page tests; its base URL."""
+    from live_server import running_server
+
+    with running_server() as url:
+        yield url

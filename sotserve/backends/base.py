@@ -65,6 +65,15 @@ class Backend(ABC):
     def max_model_len(self) -> int | None:
         """Context length, if known, so the planner can reject long questions early."""
 
+    def room(self, prompt_len: int, want: int) -> int:
+        """``want`` output tokens, cut to what the context has left after the prompt.
+
+        At least 1, so a prompt that fills the context is reported by the backend as
+        too long rather than as a request for 0 tokens.
+        """
+        limit = self.max_model_len
+        return want if limit is None else max(min(want, limit - prompt_len), 1)
+
     @abstractmethod
     def complete(
         self, prompt: str | list[int], params: CompletionParams

@@ -1,0 +1,169 @@
+"""The sotserve HTTP app: chat, raw completions, models, health, metrics, web page.
+
+``build_app(engine)`` mounts everything on one :class:`engine.AsyncEngine`; the
+caller owns the engine. ``serve(args)`` is ``sotserve serve``: it loads the engine,
+serves until interrupted, and closes the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from engine import AsyncEngine
+from engine.server import add_completion_routes, error_middleware
+from sotserve.backends.local import LocalBackend
+from sotserve.planner import Planner
+from sotserve.server.chat import ChatHandler
+from sotserve.server.limits import AdmissionGate, ServerLimits
+from sotserve.server.metrics import CONTENT_TYPE, Metrics
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+METRICS_KEY = web.AppKey("metrics", Metrics)
+PLANNER_KEY = web.AppKey("planner", Planner)
+
+
+def _endpoint(request: web.Request) -> str:
+    # The route's pattern, not the raw path, so unknown URLs cannot blow up the label set.
+    info = request.match_info
+    route = info.route if info is not None else None
+    if route is None or route.resource is None or info.http_exception is not None:
+        return "other"
+    return route.resource.canonical
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Count every request and time it, by endpoint and final status."""
+    metrics = request.app[METRICS_KEY]
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client hung up (nginx's "client closed request")
+        raise
+    finally:
+        endpoint = _endpoint(request)
+        if endpoint != "/metrics":  # scrapes would drown the interesting numbers
+            metrics.requests.labels(endpoint, str(status)).inc()
+            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+def build_app(
+    engine: AsyncEngine,
+    model_name: str | None = None,
+    limits: ServerLimits | None = None,
+    **plan_defaults: Any,
+) -> web.Application:
+    """An app serving ``engine``; ``plan_defaults`` are :class:`PlanOptions` defaults
+    (a request's ``sot`` field overrides them)."""
+    limits = limits or ServerLimits()
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware],
+        client_max_size=limits.max_request_bytes,
+    )
+    metrics = Metrics(engine.stats)
+    planner = Planner(LocalBackend(engine), **plan_defaults)
+    app[METRICS_KEY] = metrics
+    app[PLANNER_KEY] = planner
+    handlers = add_completion_routes(app, engine, model_name)
+    gate = AdmissionGate(limits.max_concurrency, limits.max_queue)
+    chat = ChatHandler(planner, handlers.model_name, limits, gate, metrics)
+    app.router.add_post("/v1/chat/completions", chat)
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/", index)
+    app.router.add_static("/static", STATIC_DIR)
+    return app
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """``sotserve serve`` options."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model id clients send")
+    g = p.add_argument_group("engine limits")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length")
+    g.add_argument("--max-batched-tokens", type=int, default=None, help="token budget per step")
+    g.add_argument("--max-running", type=int, default=None, help="requests decoded at once")
+    g.add_argument("--kv-slots", type=int, default=None, help="KV cache size in tokens")
+    g = p.add_argument_group("request limits")
+    d = ServerLimits()
+    g.add_argument(
+        "--max-concurrency", type=int, default=d.max_concurrency,
+        help=f"chat answers running at once (default {d.max_concurrency})",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-queue", type=int, default=d.max_queue,
+        help=f"answers waiting for a slot before 429s start (default {d.max_queue})",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-request-bytes", type=int, default=d.max_request_bytes,
+        help="largest request body; 413 above it",
+    )  # fmt: skip
+    g.add_argument("--max-messages", type=int, default=d.max_messages)
+    g = p.add_argument_group("answer defaults (a request's `sot` field overrides them)")
+    g.add_argument("--mode", default="auto", choices=["sequential", "sot", "graph", "auto"])
+    g.add_argument("--max-points", type=int, default=None)
+    g.add_argument("--point-max-tokens", type=int, default=None)
+    g.add_argument("--router", default=None, choices=["rules", "model"])
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Load the engine and serve until interrupted."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    limits = ServerLimits(
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        max_request_bytes=args.max_request_bytes,
+        max_messages=args.max_messages,
+    )
+    engine_config = {
+        k: v
+        for k in ("max_model_len", "max_running", "max_batched_tokens", "kv_slots")
+        if (v := getattr(args, k)) is not None
+    }
+    plan = {
+        k: v
+        for k in ("mode", "max_points", "point_max_tokens", "router")
+        if (v := getattr(args, k)) is not None
+    }
+    logger.info("loading %s", args.model or "the embedded SmolLM2-135M-Instruct")
+    engine = AsyncEngine(args.model, dtype=args.dtype, device=args.device, **engine_config)
+    app = build_app(engine, args.served_model_name, limits, **plan)
+
+    async def _close(_: web.Application) -> None:
+        engine.close()
+
+    app.on_cleanup.append(_close)
+    ready = f"sotserve: serving {engine.model_name} at http://{args.host}:{args.port}/"
+    # handler_cancellation: a client that hangs up cancels its handler at once, which
+    # closes the planner stream and aborts every request of its answer. The line is
+    # printed once the socket listens, so scripts can wait for it.
+    web.run_app(
+        app, host=args.host, port=args.port, handler_cancellation=True,
+        print=lambda _: print(ready, flush=True),
+    )  # fmt: skip

@@ -1,0 +1,117 @@
+"""Prometheus metrics for ``GET /metrics``.
+
+Request counters and latency histograms are updated by the handlers; the engine's
+gauges (running and waiting requests, KV slots, prefix-cache hits) are read from
+:meth:`engine.AsyncEngine.stats` at scrape time by a custom collector, so they are
+never stale and cost nothing between scrapes. Each app gets its own registry, so
+several servers can live in one process (as in the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Latency buckets from 10 ms (a cached first token on a GPU) to 5 minutes (a long
+# answer on a small CPU).
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 300)
+
+
+class EngineCollector(Collector):
+    """Engine gauges and counters read from ``stats()`` at each scrape."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        st = self._stats()
+        gauges = {
+            "running": ("sotserve_engine_running_requests", "requests being decoded"),
+            "waiting": ("sotserve_engine_waiting_requests", "requests waiting for admission"),
+            "kv_slots_used": (
+                "sotserve_kv_slots_used",
+                "KV slots held by running requests, including the cached prefixes they lock",
+            ),
+            "kv_slots_total": ("sotserve_kv_slots_total", "KV slots in the pool"),
+            "cache_size": ("sotserve_prefix_cache_tokens", "tokens held by the radix cache"),
+        }
+        for key, (name, doc) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=float(st.get(key, 0)))
+        counters = {
+            "prompt_tokens": ("sotserve_engine_prompt_tokens", "prompt tokens admitted"),
+            "cached_tokens": (
+                "sotserve_engine_cached_prompt_tokens",
+                "prompt tokens served by the prefix cache",
+            ),
+            "generated_tokens": ("sotserve_engine_generated_tokens", "tokens generated"),
+            "steps": ("sotserve_engine_steps", "engine forward steps"),
+            "preemptions": ("sotserve_engine_preemptions", "requests preempted for KV space"),
+            "aborted_requests": ("sotserve_engine_aborted_requests", "requests aborted"),
+        }
+        for key, (name, doc) in counters.items():
+            yield CounterMetricFamily(name, doc, value=float(st.get(key, 0)))
+        prompt = st.get("prompt_tokens", 0)
+        yield GaugeMetricFamily(
+            "sotserve_prefix_cache_hit_ratio",
+            "share of admitted prompt tokens served by the prefix cache, since start",
+            value=st.get("cached_tokens", 0) / prompt if prompt else 0.0,
+        )
+
+
+class Metrics:
+    """The server's metrics, in a registry of their own."""
+
+    def __init__(self, engine_stats: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sotserve_requests", "HTTP requests by endpoint and status",
+            ["endpoint", "status"], registry=r,
+        )  # fmt: skip
+        self.request_latency = Histogram(
+            "sotserve_request_duration_seconds", "HTTP request duration by endpoint",
+            ["endpoint"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.answers = Counter(
+            "sotserve_answers", "chat answers by the mode that answered and how they ended",
+            ["mode", "outcome"], registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "sotserve_time_to_first_token_seconds",
+            "chat: time from request to the first token of the answer, by mode",
+            ["mode"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "sotserve_e2e_latency_seconds", "chat: time from request to the whole answer",
+            ["mode"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "sotserve_tokens", "chat tokens over every request of an answer, by mode and kind",
+            ["mode", "kind"], registry=r,
+        )  # fmt: skip
+        self.points = Histogram(
+            "sotserve_points_per_answer", "points per skeleton answer",
+            ["mode"], buckets=(2, 3, 4, 5, 6, 8, 10, 12, 16), registry=r,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            "sotserve_fallbacks", "skeleton answers that fell back to sequential decoding",
+            registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("sotserve_answers_in_flight", "chat answers running", registry=r)
+        self.queued = Gauge(
+            "sotserve_answers_queued", "chat answers waiting for a concurrency slot", registry=r
+        )
+        self.rejected = Counter(
+            "sotserve_rejected", "requests refused at the concurrency limit (429)", registry=r
+        )
+        if engine_stats is not None:
+            r.register(EngineCollector(engine_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
