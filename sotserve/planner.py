@@ -335,14 +335,16 @@ class _Answer:
 
         def start(point: PlanPoint) -> list[Event]:
             executor.add(point)
-            merger.add_point(point.index, point.title)
+            # Due now if every point before this one is already done.
+            due = merger.add_point(point.index, point.title)
             out: list[Event] = [PointStart(point=point)]
             # Nothing reaches the answer until a second point shows the plan is viable;
             # with fewer the planner falls back to sequential decoding.
             if len(parser.points) >= 2:
-                delta = self._answer_delta(merger.release())
-                if delta is not None:
-                    out.append(delta)
+                due += merger.release()
+            delta = self._answer_delta(due)
+            if delta is not None:
+                out.append(delta)
             return out
 
         while True:

@@ -96,11 +96,15 @@ class _Answer:
             PointResult(
                 **p.model_dump(),
                 text=self.points[p.index].text if p.index in self.points else "",
-                finish_reason=self.points[p.index].finish_reason if p.index in self.points else None,
+                finish_reason=self.points[p.index].finish_reason
+                if p.index in self.points
+                else None,
                 completion_tokens=(
                     self.points[p.index].completion_tokens if p.index in self.points else 0
                 ),
-                cached_tokens=self.points[p.index].cached_tokens if p.index in self.points else None,
+                cached_tokens=self.points[p.index].cached_tokens
+                if p.index in self.points
+                else None,
             )
             for p in d.points
         ]
@@ -155,8 +159,12 @@ class ChatHandler:
                 async with contextlib.aclosing(events):
                     first = await self._first(events, answer)
                     if body.stream:
-                        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                        resp, outcome = await self._stream(request, answer, first, events, include_usage)
+                        include_usage = bool(
+                            body.stream_options and body.stream_options.include_usage
+                        )
+                        resp, outcome = await self._stream(
+                            request, answer, first, events, include_usage
+                        )
                         return resp
                     resp = await self._collect(request, answer, first, events)
                     outcome = "ok"

@@ -62,6 +62,27 @@ async def test_sot_stream_events_and_merged_answer(tokenizer):
     assert 0 < t.skeleton_s <= t.total_s and 0 < t.first_answer_token_s <= t.total_s
 
 
+async def test_point_parsed_after_earlier_points_finished_still_gets_its_header(tokenizer):
+    # A slow skeleton: points 1 and 2 are done before line 3 is even written, so
+    # point 3's header is due the moment it is parsed (found on SmolLM2 via HTTP).
+    def delay(call):
+        return 0.05 if call.kind == "skeleton" else 0.001
+
+    backend = ScriptedBackend(tokenizer, script_for(), delay=delay)
+    events = await collect(Planner(backend), "Q?", mode="sot")
+    done = events[-1]
+    first_start3 = next(
+        i for i, e in enumerate(events) if isinstance(e, PointStart) and e.point.index == 3
+    )
+    assert all(
+        any(isinstance(e, PointDone) and e.index == i for e in events[:first_start3])
+        for i in (1, 2)
+    )
+    expected = "1. **Alpha** about 1.\n\n2. **Beta** about 2.\n\n3. **Gamma** about 3."
+    assert done.answer == expected
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == expected
+
+
 async def test_point_events_come_in_order_per_point_and_answer_in_skeleton_order(tokenizer):
     # point 1 is slow, so points 2 and 3 finish first; the answer still starts with 1
     backend = ScriptedBackend(
