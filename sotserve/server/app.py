@@ -84,7 +84,7 @@ def build_app(
     handlers = add_completion_routes(app, engine, model_name)
     gate = AdmissionGate(limits.max_concurrency, limits.max_queue)
     chat = ChatHandler(planner, handlers.model_name, limits, gate, metrics)
-    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/chat/completions", chat.handle)
 
     async def metrics_page(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -143,7 +143,7 @@ class ChatHandler:
         self.gate = gate
         self.metrics = metrics
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         data = await read_json(request)
         try:
             body = ChatCompletionRequest.model_validate(data)

@@ -1,0 +1,135 @@
+"""The concurrency limit: answers past it queue, and past the queue get 429.
+
+Real HTTP on 127.0.0.1 against an in-process app on a tiny random-weight model, so
+answers are cheap and the limits can be set small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from engine import AsyncEngine
+from sotserve.server import ServerLimits, build_app
+from sotserve.server.limits import AdmissionGate
+
+# sequential: one engine request per answer; the tiny model rarely hits its EOS
+BODY = {
+    "messages": [{"role": "user", "content": "Tell me a story."}],
+    "max_tokens": 150,
+    "stream": True,
+    "sot": {"mode": "sequential"},
+}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    eng = AsyncEngine(str(tiny_llama_dir), dtype="float32", device="cpu", kv_slots=4096)
+    yield eng
+    eng.close()
+
+
+@contextlib.asynccontextmanager
+async def serve(engine, limits: ServerLimits) -> AsyncIterator[aiohttp.ClientSession]:
+    runner = web.AppRunner(build_app(engine, "tiny", limits), handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with aiohttp.ClientSession(f"http://{host}:{port}") as session:
+            yield session
+    finally:
+        await runner.cleanup()
+
+
+async def first_chunk(resp: aiohttp.ClientResponse) -> None:
+    """Wait until the answer is running (its first SSE event arrived)."""
+    assert resp.status == 200
+    line = await resp.content.readline()
+    assert line.startswith(b"data: ")
+
+
+async def gauge(http, name: str) -> float:
+    async with http.get("/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise AssertionError(name)
+
+
+async def test_over_the_limit_is_429_and_the_slot_frees(engine):
+    async with serve(engine, ServerLimits(max_concurrency=1, max_queue=0)) as http:
+        running = await http.post("/v1/chat/completions", json=BODY)
+        await first_chunk(running)
+        async with http.post("/v1/chat/completions", json=BODY) as resp:
+            assert resp.status == 429
+            err = (await resp.json())["error"]
+        assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
+        assert "1 concurrent" in err["message"]
+        assert await gauge(http, "sotserve_rejected_total") == 1
+        await running.read()  # the first answer completes normally
+        running.release()
+        async with http.post("/v1/chat/completions", json=BODY) as resp:
+            assert resp.status == 200
+            assert (await resp.text()).endswith("data: [DONE]\n\n")
+
+
+async def test_queued_answer_runs_when_the_slot_frees(engine):
+    async with serve(engine, ServerLimits(max_concurrency=1, max_queue=1)) as http:
+        first = await http.post("/v1/chat/completions", json=BODY)
+        await first_chunk(first)
+        second = asyncio.create_task(http.post("/v1/chat/completions", json=BODY))
+        for _ in range(100):  # until the second request sits in the queue
+            if await gauge(http, "sotserve_answers_queued") == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert await gauge(http, "sotserve_answers_queued") == 1
+        assert await gauge(http, "sotserve_answers_in_flight") == 1
+        async with http.post("/v1/chat/completions", json=BODY) as third:
+            assert third.status == 429  # one running, one queued: full
+        first.close()  # the first client hangs up, so the queued answer gets the slot
+        resp = await second
+        assert resp.status == 200
+        text = await resp.text()
+        done = [json.loads(x[6:]) for x in text.split("\n\n") if x.startswith("data: {")]
+        assert done[-1]["sot"]["events"][-1]["type"] == "done"
+        assert await gauge(http, "sotserve_answers_queued") == 0
+
+
+async def test_gate_counts_and_rejects_without_a_server():
+    gate = AdmissionGate(limit=2, max_queue=1)
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with gate.slot():
+            entered.set()
+            await release.wait()
+
+    holders = [asyncio.create_task(hold()) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert (gate.running, gate.waiting) == (2, 1)
+    with pytest.raises(Exception, match="limit of 2 concurrent answers") as exc:
+        async with gate.slot():
+            pass
+    assert exc.value.status == 429
+    holders[2].cancel()  # a queued client that leaves gives up its queue place
+    await asyncio.sleep(0.01)
+    assert (gate.running, gate.waiting) == (2, 0)
+    release.set()
+    await asyncio.gather(*holders, return_exceptions=True)
+    assert (gate.running, gate.waiting) == (0, 0)
+
+
+def test_limits_reject_nonsense():
+    with pytest.raises(ValueError):
+        ServerLimits(max_concurrency=0)
+    with pytest.raises(ValueError):
+        ServerLimits(max_queue=-1)
