@@ -4,8 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 QUESTION ?= What are the most effective ways to deal with stress?
+HOST     ?= 127.0.0.1
+PORT     ?= 8000
+URL      := http://$(HOST):$(PORT)
+# exits 0 once the server answers /health
+HEALTHY  := $(BIN)/python -c "import sys, urllib.request as u; u.urlopen('$(URL)/health', timeout=2)"
 
-.PHONY: setup browser run test lint bench clean
+.PHONY: setup browser run stop test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +32,25 @@ browser:
 			apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
+# Start the server in the background (unless one already answers on PORT), answer
+# QUESTION through it live in the terminal, and leave it running for the web page.
 run: setup
-	$(BIN)/sotserve ask "$(QUESTION)"
+	@if ! $(HEALTHY) 2>/dev/null; then \
+		echo "starting sotserve serve on $(URL) (log: .sotserve.log)"; \
+		nohup $(BIN)/sotserve serve --host $(HOST) --port $(PORT) >.sotserve.log 2>&1 & \
+		echo $$! >.sotserve.pid; \
+		for i in $$(seq 600); do \
+			$(HEALTHY) 2>/dev/null && break; \
+			kill -0 $$(cat .sotserve.pid) 2>/dev/null || { cat .sotserve.log; exit 1; }; \
+			sleep 0.5; \
+		done; \
+	fi
+	$(BIN)/sotserve ask --url $(URL) "$(QUESTION)"
+	@echo
+	@echo "The server is still running: open $(URL)/ for the web page; 'make stop' ends it."
+
+stop:
+	@if [ -f .sotserve.pid ]; then kill $$(cat .sotserve.pid) 2>/dev/null || true; rm -f .sotserve.pid; fi
 
 test: setup browser
 	$(BIN)/python -m pytest
