@@ -1,18 +1,40 @@
 """``sotserve`` command line.
 
-``sotserve ask "question"`` streams an answer from the engine in this process.
+``sotserve ask "question"`` answers one question with the Skeleton-of-Thought
+planner, on the engine in this process or on a running server (``--url``), and
+draws the skeleton and the points live in a terminal. ``sotserve serve`` serves
+the OpenAI-compatible API and the web page.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import os
 import sys
-import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from engine import AsyncEngine, EngineError, SamplingParams
+from pydantic import ValidationError
+from rich.console import Console
+from rich.live import Live
+
+from engine import AsyncEngine, EngineError
+from sotserve.backends.local import LocalBackend
+from sotserve.live_view import REFRESH_PER_SECOND, LiveView, PlainView
+from sotserve.planner import Planner, PlannerError
+from sotserve.schemas import Done, ErrorEvent, Event, PlanOptions, PointDone
 from sotserve.server.app import add_server_args
 from sotserve.server.app import serve as _serve
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """A failure reported as ``error: <message>`` with exit status 2."""
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,35 +45,224 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
 
 
-async def _ask(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    engine = AsyncEngine(args.model, dtype=args.dtype, device=args.device)
-    t_loaded = time.perf_counter()
+def _add_ask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("question")
+    p.add_argument(
+        "--mode", default=None, choices=["auto", "sequential", "sot", "graph"],
+        help="how to answer (default: auto; with --url, the server's default)",
+    )  # fmt: skip
+    p.add_argument(
+        "--url", default=None, help="a sotserve server's base URL, e.g. http://host:8000"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object at the end, no live view"
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens of the whole answer")
+    p.add_argument("--max-points", type=int, default=None, help="points of the skeleton")
+    p.add_argument("--point-max-tokens", type=int, default=None, help="tokens of each point")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--no-pipeline", action="store_true",
+        help="start the points after the whole skeleton, not as each line completes",
+    )  # fmt: skip
+    p.add_argument(
+        "--timeout", type=float, default=None,
+        help="seconds to wait for the answer (with --url: the client's timeout)",
+    )  # fmt: skip
+    g = p.add_argument_group("in process only (without --url)")
+    g.add_argument(
+        "--model", default=None, help="HF directory, hub id or .gguf (default: embedded SmolLM2)"
+    )
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | auto (default auto)")
+    g.add_argument("--device", default=None, help="cpu | cuda | auto (default auto)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The answer options the command line sets; the rest keep their defaults."""
+    values = {
+        "max_tokens": args.max_tokens,
+        "max_points": args.max_points,
+        "point_max_tokens": args.point_max_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "pipeline": False if args.no_pipeline else None,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _options_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else "options"
+    return f"--{name.replace('_', '-')}: {err['msg']}"
+
+
+# -- event sources ------------------------------------------------------------------------
+async def _local_events(
+    engine: AsyncEngine, question: str, mode: str | None, overrides: dict[str, Any]
+) -> AsyncIterator[Event]:
+    planner = Planner(LocalBackend(engine))
     try:
-        ids = engine.apply_chat_template([{"role": "user", "content": args.question}])
-        params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
-        )
-        first = None
-        n_tokens = 0
-        finish = None
-        async for delta in engine.generate(ids, params):
-            if first is None:
-                first = time.perf_counter()
-            n_tokens += len(delta.token_ids)
-            finish = delta.finish_reason
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-        end = time.perf_counter()
-        sys.stdout.write("\n")
-        decode_s = end - (first or end)
-        print(
-            f"[load {t_loaded - t0:.1f}s | first token {(first or end) - t_loaded:.2f}s | "
-            f"{n_tokens} tokens in {end - t_loaded:.2f}s "
-            f"({(n_tokens - 1) / decode_s if decode_s > 0 else 0:.1f} tok/s decode) | "
-            f"finish={finish}]",
-            file=sys.stderr,
-        )
+        async with contextlib.aclosing(planner.stream(question, mode, **overrides)) as events:
+            async for event in events:
+                yield event
+    except PlannerError as exc:
+        raise CLIError(str(exc)) from None
+    except ValidationError as exc:
+        raise CLIError(_options_error(exc)) from None
+
+
+async def _remote_events(
+    url: str, timeout: float | None, question: str, mode: str | None, overrides: dict[str, Any]
+) -> AsyncIterator[Event]:
+    from sotserve import client
+
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    try:
+        async with client.AsyncClient(url, **kwargs) as c:
+            stream = c.stream(question, mode, **overrides)
+            try:
+                async for event in stream:
+                    yield event
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+    except client.SotserveError as exc:
+        raise CLIError(_client_error(exc, url)) from None
+
+
+def _client_error(exc: Exception, url: str) -> str:
+    from sotserve import client
+
+    text = str(exc)
+    if isinstance(exc, client.APITimeoutError):
+        return f"{url} did not answer in time: {text}"
+    if isinstance(exc, client.APIConnectionError):
+        return text if url in text else f"cannot connect to {url}: {text}"
+    if isinstance(exc, client.APIError):
+        status = getattr(exc, "status", None)
+        message = getattr(exc, "message", None) or text
+        return f"{url} answered {status}: {message}" if status else f"{url}: {message}"
+    return text
+
+
+# -- presenting the events ------------------------------------------------------------------
+async def _consume(events: AsyncIterator[Event], update: Callable[[Event], None]) -> Done:
+    async for event in events:
+        if isinstance(event, ErrorEvent):
+            raise CLIError(event.message)
+        update(event)
+        if isinstance(event, Done):
+            return event
+    raise CLIError("the answer ended without a result")
+
+
+class _JSONResult:
+    """Collects the finished points; ``result(done)`` is what ``--json`` prints."""
+
+    def __init__(self) -> None:
+        self.points: dict[int, PointDone] = {}
+
+    def update(self, event: Event) -> None:
+        if isinstance(event, PointDone):
+            self.points[event.index] = event
+
+    def result(self, done: Done) -> dict[str, Any]:
+        points = [
+            {
+                "index": p.index,
+                "title": p.title,
+                "depends_on": p.depends_on,
+                "text": self.points[p.index].text if p.index in self.points else "",
+            }
+            for p in done.points
+        ]
+        return {
+            "answer": done.answer,
+            "mode": done.mode,
+            "points": points,
+            "timings": done.timings.model_dump(mode="json"),
+            "usage": done.usage.model_dump(mode="json"),
+            "route": done.route.model_dump(mode="json") if done.route else None,
+            "fallback": done.fallback,
+            "finish_reason": done.finish_reason,
+        }
+
+
+def _interactive(console: Console) -> bool:
+    # stdout itself, not rich's guess: FORCE_COLOR must not turn a pipe into a live view
+    return console.is_terminal and sys.stdout.isatty()
+
+
+async def _refresh(live: Live) -> None:
+    # One thread draws and updates: the view is never read while an event changes it.
+    while True:
+        live.refresh()
+        await asyncio.sleep(1 / REFRESH_PER_SECOND)
+
+
+async def _present(
+    events: AsyncIterator[Event], args: argparse.Namespace, console: Console
+) -> None:
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        if args.json:
+            collector = _JSONResult()
+            done = await _consume(events, collector.update)
+            print(json.dumps(collector.result(done), ensure_ascii=False), flush=True)
+        elif _interactive(console):
+            view = LiveView(args.question)
+            with Live(view, console=console, auto_refresh=False) as live:
+                refresher = asyncio.create_task(_refresh(live))
+                try:
+                    await _consume(events, view.update)
+                finally:
+                    refresher.cancel()
+        else:
+            await _consume(events, PlainView().update)
+
+
+async def _with_timeout(coro: Any, timeout: float | None) -> None:
+    if timeout is None:
+        await coro
+        return
+    try:
+        async with asyncio.timeout(timeout):
+            await coro
+    except TimeoutError:
+        raise CLIError(f"no answer within {timeout:g} s") from None
+
+
+def _ask(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    console = Console()
+    if args.url is not None:
+        source = _remote_events(args.url, args.timeout, args.question, args.mode, overrides)
+        asyncio.run(_present(source, args, console))
+        return 0
+    # Check what needs no model before spending seconds on loading it.
+    try:
+        PlanOptions(**overrides, **({"mode": args.mode} if args.mode else {}))
+    except ValidationError as exc:
+        raise CLIError(_options_error(exc)) from None
+    if not args.question.strip():
+        raise CLIError("the question is empty")
+    name = args.model or "the embedded SmolLM2-135M-Instruct"
+    status = (
+        console.status(f"loading {name}…")
+        if _interactive(console) and not args.json
+        else contextlib.nullcontext()
+    )
+    try:
+        with status:
+            engine = AsyncEngine(
+                args.model, dtype=args.dtype or "auto", device=args.device or "auto"
+            )
+    except EngineError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        source = _local_events(engine, args.question, args.mode, overrides)
+        asyncio.run(_with_timeout(_present(source, args, console), args.timeout))
     finally:
         engine.close()
     return 0
@@ -60,12 +271,13 @@ async def _ask(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sotserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    ask = sub.add_parser("ask", help="answer one question, streaming")
-    ask.add_argument("question")
-    ask.add_argument("--max-tokens", type=int, default=256)
-    ask.add_argument("--temperature", type=float, default=0.0)
-    ask.add_argument("--seed", type=int, default=None)
-    _add_model_args(ask)
+    ask = sub.add_parser(
+        "ask",
+        help="answer one question, drawing the skeleton and the points live",
+        description="Answer one question. In a terminal the skeleton and the points are "
+        "drawn live; piped, the answer streams to stdout and the timings go to stderr.",
+    )
+    _add_ask_args(ask)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API and the web page")
     _add_model_args(serve)
     add_server_args(serve)
@@ -77,11 +289,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
+    if args.url is not None:
+        local = [f"--{k}" for k in ("model", "dtype", "device") if getattr(args, k) is not None]
+        if local:
+            ask.error(f"{', '.join(local)}: not with --url (the server has its own model)")
     try:
-        return asyncio.run(_ask(args))
-    except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _ask(args)
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout was closed early (`| head`): stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
