@@ -15,19 +15,18 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 
-from engine import AsyncEngine, EngineError
-from sotserve.backends.local import LocalBackend
 from sotserve.live_view import REFRESH_PER_SECOND, LiveView, PlainView
-from sotserve.planner import Planner, PlannerError
 from sotserve.schemas import Done, ErrorEvent, Event, PlanOptions, PointDone
-from sotserve.server.app import add_server_args
-from sotserve.server.app import serve as _serve
+
+# The engine (and torch) load only where the model runs: `ask --url` starts quickly.
+if TYPE_CHECKING:
+    from engine import AsyncEngine
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -101,6 +100,9 @@ def _options_error(exc: ValidationError) -> str:
 async def _local_events(
     engine: AsyncEngine, question: str, mode: str | None, overrides: dict[str, Any]
 ) -> AsyncIterator[Event]:
+    from sotserve.backends.local import LocalBackend
+    from sotserve.planner import Planner, PlannerError
+
     planner = Planner(LocalBackend(engine))
     try:
         async with contextlib.aclosing(planner.stream(question, mode, **overrides)) as events:
@@ -247,6 +249,8 @@ def _ask(args: argparse.Namespace) -> int:
         raise CLIError(_options_error(exc)) from None
     if not args.question.strip():
         raise CLIError("the question is empty")
+    from engine import AsyncEngine, EngineError
+
     name = args.model or "the embedded SmolLM2-135M-Instruct"
     status = (
         console.status(f"loading {name}…")
@@ -268,8 +272,27 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_HELP = "serve the OpenAI-compatible API and the web page"
+
+
+def _serve_command(argv: list[str]) -> int:
+    from engine import EngineError
+    from sotserve.server.app import add_server_args, serve
+
+    parser = argparse.ArgumentParser(prog="sotserve serve", description=SERVE_HELP)
+    _add_model_args(parser)
+    add_server_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        serve(args)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sotserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sotserve", description=__doc__.replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     ask = sub.add_parser(
         "ask",
@@ -278,17 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         "drawn live; piped, the answer streams to stdout and the timings go to stderr.",
     )
     _add_ask_args(ask)
-    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API and the web page")
-    _add_model_args(serve)
-    add_server_args(serve)
-    args = parser.parse_args(argv)
+    # `serve` has its own parser (below): its options come with the server, which
+    # imports the engine, and `ask` should not wait for torch to load.
+    sub.add_parser("serve", add_help=False, help=SERVE_HELP)
+    args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
-        try:
-            _serve(args)
-        except EngineError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return 0
+        return _serve_command(rest)
+    if rest:
+        ask.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.url is not None:
         local = [f"--{k}" for k in ("model", "dtype", "device") if getattr(args, k) is not None]
         if local:

@@ -137,6 +137,23 @@ def test_ask_unreachable_url():
     assert "Traceback" not in proc.stderr
 
 
+def test_ask_url_does_not_load_torch():
+    # The engine loads only where the model runs: a client starts in a blink.
+    url = f"http://127.0.0.1:{free_port()}"
+    code = (
+        "import sys\n"
+        "from sotserve.cli import main\n"
+        f"assert main(['ask', 'hi', '--url', {url!r}, '--json']) == 2\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+        timeout=120, env=_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("error:") and url in proc.stderr
+
+
 @slow
 def test_ask_url_reports_the_servers_400(sotserve_url):
     # The CLI leaves checking to the server with --url: a 400 and its message.
