@@ -92,22 +92,20 @@ class _Answer:
     def info(self) -> AnswerInfo:
         assert self.done is not None
         d = self.done
-        points = [
-            PointResult(
-                **p.model_dump(),
-                text=self.points[p.index].text if p.index in self.points else "",
-                finish_reason=self.points[p.index].finish_reason
-                if p.index in self.points
-                else None,
-                completion_tokens=(
-                    self.points[p.index].completion_tokens if p.index in self.points else 0
-                ),
-                cached_tokens=self.points[p.index].cached_tokens
-                if p.index in self.points
-                else None,
+        points = []
+        for p in d.points:
+            done = self.points.get(p.index)
+            extra = (
+                {}
+                if done is None
+                else {
+                    "text": done.text,
+                    "finish_reason": done.finish_reason,
+                    "completion_tokens": done.completion_tokens,
+                    "cached_tokens": done.cached_tokens,
+                }
             )
-            for p in d.points
-        ]
+            points.append(PointResult(**p.model_dump(), **extra))
         return AnswerInfo(
             mode=d.mode, points=points, timings=d.timings, usage=d.usage,
             route=d.route, fallback=d.fallback,
