@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,9 @@ class AsyncEngine:
         self._pending_add: list[Request] = []
         self._pending_abort: list[
             tuple[str, asyncio.Future[bool] | None, asyncio.AbstractEventLoop | None]
+        ] = []
+        self._pending_calls: list[
+            tuple[Callable[[LLMEngine], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
         ] = []
         self._streams: dict[str, _Stream] = {}
         self._stats: dict[str, Any] = self.engine.stats()
@@ -119,6 +122,28 @@ class AsyncEngine:
         self._submit_abort(request_id, fut, loop)
         return await fut
 
+    async def reset_prefix_cache(self) -> int:
+        """Evict every cached prefix no running request holds; returns the tokens freed."""
+        return await self._call(lambda engine: engine.reset_prefix_cache())
+
+    async def cached_prefix_len(self, prompt: Prompt) -> int:
+        """How many leading tokens of ``prompt`` the prefix cache holds now."""
+        return await self._call(lambda engine: engine.cached_prefix_len(prompt))
+
+    async def _call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run ``fn(engine)`` on the step thread between two steps (the engine is not
+        thread-safe) and return its result."""
+        if self._dead is not None:
+            raise EngineDeadError("engine loop has died") from self._dead
+        if self._closed:
+            raise EngineDeadError("engine closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        with self._cv:
+            self._pending_calls.append((fn, fut, loop))
+            self._cv.notify()
+        return await fut
+
     def stats(self) -> dict[str, Any]:
         """A snapshot taken after the latest step."""
         with self._cv:
@@ -153,13 +178,18 @@ class AsyncEngine:
                         self._closed
                         or self._pending_add
                         or self._pending_abort
+                        or self._pending_calls
                         or engine.has_unfinished()
                     ):
                         self._cv.wait()
                     if self._closed:
+                        calls, self._pending_calls = self._pending_calls, []
+                        for _, fut, loop in calls:
+                            loop.call_soon_threadsafe(_fail, fut, EngineDeadError("engine closed"))
                         return
                     adds, self._pending_add = self._pending_add, []
                     aborts, self._pending_abort = self._pending_abort, []
+                    calls, self._pending_calls = self._pending_calls, []
                 for req in adds:
                     engine.add(req)
                 out: list[RequestDelta] = []
@@ -170,6 +200,13 @@ class AsyncEngine:
                         out.append(delta)
                     if fut is not None and loop is not None:
                         resolved.append((fut, loop, delta is not None))
+                # after this turn's aborts, so a reset sees the slots they unlocked
+                answered = []
+                for fn, fut, loop in calls:
+                    try:
+                        answered.append((fut, loop, _resolve, fn(engine)))
+                    except Exception as exc:  # the caller's error, not the loop's
+                        answered.append((fut, loop, _fail, exc))
                 if engine.has_unfinished():
                     out.extend(engine.step())
                 # Publish stats before anyone hears of this step, so a caller that
@@ -178,6 +215,8 @@ class AsyncEngine:
                     self._stats = engine.stats()
                 for fut, loop, found in resolved:
                     loop.call_soon_threadsafe(_resolve, fut, found)
+                for fut, loop, settle, value in answered:
+                    loop.call_soon_threadsafe(settle, fut, value)
                 self._deliver(out)
         except BaseException as exc:  # surface to every waiting stream, never hang them
             logger.exception("engine loop died")
@@ -186,11 +225,14 @@ class AsyncEngine:
             with self._cv:
                 streams = list(self._streams.values())
                 pending = list(self._pending_abort)
+                calls, self._pending_calls = self._pending_calls, []
             for s in streams:
                 s.loop.call_soon_threadsafe(s.queue.put_nowait, err)
             for _, fut, loop in pending:
                 if fut is not None and loop is not None:
                     loop.call_soon_threadsafe(_resolve, fut, False)
+            for _, fut, loop in calls:
+                loop.call_soon_threadsafe(_fail, fut, err)
 
     def _deliver(self, deltas: list[RequestDelta]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestDelta]]] = {}
@@ -208,6 +250,11 @@ def _put_all(items: list[tuple[asyncio.Queue, RequestDelta]]) -> None:
         q.put_nowait(d)
 
 
-def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -191,6 +191,24 @@ class LLMEngine:
             req.cached_prompt_tokens or 0,
         )
 
+    def reset_prefix_cache(self) -> int:
+        """Evict every cached prefix that no running request holds (vLLM's
+        ``reset_prefix_cache``, SGLang's ``flush_cache``); returns the tokens freed.
+
+        Benchmarks call it so one run cannot warm the cache for the next.
+        """
+        if self.cache is None:
+            return 0
+        freed = self.cache.evict(self.cache.evictable_size)
+        self.cm.evicted_tokens += freed
+        return freed
+
+    def cached_prefix_len(self, prompt: Prompt) -> int:
+        """How many leading tokens of ``prompt`` the prefix cache holds now."""
+        if self.cache is None:
+            return 0
+        return int(self.cache.match_prefix(self.tokenize(prompt))[0].numel())
+
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 

@@ -261,6 +261,14 @@ class CompletionHandlers:
             return web.json_response({"status": "ok"})
         return APIError.dead().response()
 
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """``POST /reset_prefix_cache`` (as vLLM): empty the prefix cache of everything
+        no running request holds, so benchmarks can start each run cold."""
+        if not engine_alive(self.engine):
+            return APIError.dead().response()
+        freed = await self.engine.reset_prefix_cache()
+        return web.json_response({"status": "ok", "freed_tokens": freed})
+
     async def models(self, request: web.Request) -> web.Response:
         """The served model in OpenAI's list shape, with vLLM's ``max_model_len``."""
         card = {
@@ -455,12 +463,14 @@ def _chunk(meta: _Meta, delta: RequestDelta, first: bool) -> dict[str, Any]:
 def add_completion_routes(
     app: web.Application, engine: AsyncEngine, model_name: str | None = None
 ) -> CompletionHandlers:
-    """Mount ``POST /v1/completions``, ``GET /v1/models`` and ``GET /health`` for
-    ``engine`` on ``app``; ``model_name`` defaults to the engine's model name."""
+    """Mount ``POST /v1/completions``, ``GET /v1/models``, ``GET /health`` and
+    ``POST /reset_prefix_cache`` for ``engine`` on ``app``; ``model_name`` defaults to
+    the engine's model name."""
     handlers = CompletionHandlers(engine, model_name)
     app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
+    app.router.add_post("/reset_prefix_cache", handlers.reset_prefix_cache)
     return handlers
 
 

@@ -377,3 +377,32 @@ async def test_bad_input_raises_before_first_delta(aengine):
     assert deltas[-1].finish_reason == "length"
     assert sum(len(d.token_ids) for d in deltas) == 5
     assert _idle(await _wait_for(aengine, _idle))
+
+
+async def test_reset_prefix_cache_empties_what_no_request_holds(aengine):
+    params = engine.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompt = "A prompt whose prefix the cache will hold afterwards"
+    await aengine.reset_prefix_cache()
+    assert await aengine.cached_prefix_len(prompt) == 0
+    async for _ in aengine.generate(prompt, params):
+        pass
+    n = len(aengine.engine.tokenize(prompt))
+    assert await aengine.cached_prefix_len(prompt) == n
+    assert aengine.stats()["cache_size"] >= n + 3
+    freed = await aengine.reset_prefix_cache()
+    assert freed >= n + 3
+    assert await aengine.cached_prefix_len(prompt) == 0
+    assert aengine.stats()["cache_size"] == 0
+
+
+async def test_reset_keeps_the_prefix_a_running_request_locks(aengine):
+    params = engine.SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    prompt = "Another prompt, still running while the cache is reset"
+    await aengine.reset_prefix_cache()
+    gen = aengine.generate(prompt, params)
+    await anext(gen)  # prefilled and committed: its prefix is in the cache, locked
+    await aengine.reset_prefix_cache()
+    assert await aengine.cached_prefix_len(prompt) > 0
+    await gen.aclose()
+    await aengine.reset_prefix_cache()
+    assert await aengine.cached_prefix_len(prompt) == 0

@@ -129,6 +129,18 @@ async def test_models_and_health(client, aengine):
     assert card["max_model_len"] == aengine.max_model_len == 512
 
 
+async def test_reset_prefix_cache_endpoint(client, aengine):
+    body = {"prompt": "Warm the cache with this prompt", **GREEDY, "max_tokens": 4}
+    status, _ = await _post(client, body)
+    assert status == 200 and aengine.stats()["cache_size"] > 0
+    async with client.post("/reset_prefix_cache") as resp:
+        assert resp.status == 200
+        out = await resp.json()
+    assert out["freed_tokens"] > 0 and aengine.stats()["cache_size"] == 0
+    async with client.get("/reset_prefix_cache") as resp:
+        assert resp.status == 405
+
+
 async def test_default_model_name_is_the_engines(aengine):
     async with _serve(build_app(aengine)) as client:
         async with client.get("/v1/models") as resp:
