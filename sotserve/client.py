@@ -43,8 +43,10 @@ else, such as a ``backend_error``. An integer ``status`` or ``code`` in the erro
 body (vLLM puts the status there) wins over that guess.
 
 The client also works against a plain OpenAI-compatible server: the answer and
-usage are read from the standard fields, :attr:`ChatResult.sot` is ``None`` and a
-stream yields only :class:`~sotserve.schemas.AnswerDelta` events.
+usage are read from the standard fields and :attr:`ChatResult.sot` is ``None``. A
+stream yields its :class:`~sotserve.schemas.AnswerDelta` events and ends with a
+``Done`` the client builds itself: mode ``sequential``, the answer, the finish
+reason, the usage chunk's counts (one request) and timings measured here.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, get_args
@@ -74,6 +77,7 @@ from sotserve.schemas import (
     PointStart,
     SkeletonDelta,
     Timings,
+    Usage,
 )
 
 __all__ = [
@@ -586,6 +590,7 @@ class AsyncClient:
         session = self._get_session()
         headers = {"Accept": "text/event-stream"}
         finished = False
+        plain = _PlainAnswer()
         try:
             async with session.post(
                 url, json=body, headers=headers, timeout=self._client_timeout()
@@ -599,10 +604,12 @@ class AsyncClient:
                             if data.strip() == "[DONE]":
                                 finished = True
                                 break
-                            for event in _chunk_events(data, url):
+                            for event in plain.see(_chunk_events(data, url)):
                                 yield event
                         if not chunk:
                             break
+                    if finished and not plain.saw_done:
+                        yield plain.done()  # a plain OpenAI server: no planner events
                 finally:
                     if not finished:
                         # left early (or failed): drop the connection so the server
@@ -667,8 +674,53 @@ def _parse_completion(data: dict[str, Any]) -> ChatResult:
     )
 
 
-def _chunk_events(data: str, url: str) -> list[Event]:
-    """The typed events of one SSE ``data`` payload (a ``chat.completion.chunk``)."""
+class _PlainAnswer:
+    """What a stream from a server without the ``sot`` extension says about its
+    answer, for the ``Done`` the client then builds itself."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage = Usage(requests=1)
+        self.saw_done = False
+
+    def see(self, parsed: tuple[dict[str, Any], list[Event]]) -> list[Event]:
+        chunk, events = parsed
+        for event in events:
+            if isinstance(event, Done):
+                self.saw_done = True
+            elif isinstance(event, AnswerDelta):
+                if self.first_token_s is None:
+                    self.first_token_s = time.perf_counter() - self.t0
+                self.parts.append(event.text)
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) == 0 and choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            details = usage.get("prompt_tokens_details") or {}
+            self.usage = Usage(
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                cached_tokens=int(details.get("cached_tokens") or 0),
+                requests=1,
+            )
+        return events
+
+    def done(self) -> Done:
+        timings = Timings(
+            first_answer_token_s=self.first_token_s, total_s=time.perf_counter() - self.t0
+        )
+        return Done(
+            mode="sequential", answer="".join(self.parts), points=[], timings=timings,
+            usage=self.usage, finish_reason=self.finish_reason,
+        )  # fmt: skip
+
+
+def _chunk_events(data: str, url: str) -> tuple[dict[str, Any], list[Event]]:
+    """One SSE ``data`` payload (a ``chat.completion.chunk``) and its typed events."""
     try:
         chunk = json.loads(data)
     except ValueError as exc:
@@ -702,7 +754,7 @@ def _chunk_events(data: str, url: str) -> list[Event]:
             kind = "invalid_request_error" if status == 400 else "server_error"
             raise _error_class(status)(status, event.message, type=kind, code=event.code)
         events.append(event)
-    return events
+    return chunk, events
 
 
 # The mode names, for callers that validate before sending (e.g. a CLI's choices).

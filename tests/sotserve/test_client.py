@@ -400,7 +400,14 @@ async def test_request_wire_format(fake_server) -> None:
                 pipeline=False,
             )
         ]
-    assert events == [AnswerDelta(text="Hel"), AnswerDelta(text="lo")]
+    # a plain server sends no planner events: the client ends the stream with its own
+    # Done (sequential, the answer, the finish reason, timings measured here)
+    assert events[:2] == [AnswerDelta(text="Hel"), AnswerDelta(text="lo")]
+    done = events[2]
+    assert isinstance(done, Done) and len(events) == 3
+    assert (done.mode, done.answer, done.finish_reason) == ("sequential", "Hello", "stop")
+    assert done.usage.requests == 1 and done.points == []
+    assert 0 < done.timings.first_answer_token_s <= done.timings.total_s
     body, headers = seen[-1]
     assert body == {
         "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
@@ -607,3 +614,23 @@ async def test_close_and_reuse(fake_server) -> None:
     await client.close()  # twice is fine
     assert await client.models() == ["a", "b"]  # a new session after close
     await client.close()
+
+
+async def test_plain_server_stream_ends_with_a_done_carrying_its_usage(fake_server) -> None:
+    # Fake: a plain OpenAI server (vLLM, SGLang) with a usage chunk and no `sot` field.
+    async def chat(request: web.Request) -> web.StreamResponse:
+        usage = {
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11,
+                      "prompt_tokens_details": {"cached_tokens": 4}},
+        }  # fmt: skip
+        return await sse_response(request, chunk("A"), chunk("B", finish="length"), usage, "[DONE]")
+
+    url = await fake_server(chat)
+    async with AsyncClient(url) as client:
+        events = [e async for e in client.stream("q", max_tokens=2)]
+    done = events[-1]
+    assert isinstance(done, Done) and done.answer == "AB" and done.finish_reason == "length"
+    assert done.usage.model_dump() == {
+        "prompt_tokens": 9, "completion_tokens": 2, "cached_tokens": 4, "requests": 1,
+    }  # fmt: skip
