@@ -1,0 +1,287 @@
+"""Latency (and quality) of skeleton decoding against sequential decoding.
+
+``python -m evals.latency --dataset PATH.jsonl --modes sequential,sot,graph,auto --out DIR``
+
+Every mode runs on the same engine, model, dtype, sampling and overall token limit.
+After a warm-up, the modes of each question run back to back in an order that
+rotates from question to question, so drift of the machine hits every mode alike.
+By default the prefix cache is emptied before every run (``--cache cold``), and the
+record says how many tokens of the question the cache held beforehand, so no mode
+warms the cache for another; each mode keeps only the hits within its own answer.
+With ``--concurrency C``, C questions are sent at once in one mode, then the same C
+in the next mode.
+
+Writes ``results.jsonl`` (a row per question, mode and repeat), ``summary.json``,
+``report.md`` and PNG plots to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from evals.dataset import DatasetError, load_dataset, select
+from evals.records import Question, RunRecord
+from evals.runner import HTTPTarget, LocalTarget, Target, TargetError, run_one
+from evals.summary import BASELINE, summarize
+
+MODES = ("sequential", "sot", "graph", "auto")
+DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
+WARMUP_QUESTION = Question(
+    question_id="warmup", category="warmup", question="How do I boil an egg?"
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m evals.latency", description=__doc__)
+    p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="JSONL question set")
+    p.add_argument("--modes", default="sequential,sot,graph,auto")
+    p.add_argument("--out", type=Path, default=Path("out/eval"))
+    p.add_argument("--backend", default="local", help="'local' or a server's base URL")
+    p.add_argument("--model", default=None, help="local: model path/id; URL: model id")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--limit", type=int, default=None, help="first N questions (after filters)")
+    p.add_argument("--categories", default=None, help="comma-separated categories")
+    p.add_argument("--per-category", type=int, default=None, help="first N of each category")
+    p.add_argument("--suitable-only", action="store_true", help="only sot_suitable questions")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=256, help="the whole answer, every mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument(
+        "--cache", choices=["cold", "warm"], default="cold",
+        help="cold: empty the prefix cache before every run (default); warm: never",
+    )  # fmt: skip
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per answer over HTTP")
+    j = p.add_argument_group("quality")
+    j.add_argument(
+        "--judge", choices=["self", "none"], default="self",
+        help="self: the answering model judges (unless --judge-url); none: no judge",
+    )  # fmt: skip
+    j.add_argument("--judge-url", default=None, help="any OpenAI-compatible endpoint")
+    j.add_argument("--judge-model", default=None)
+    j.add_argument("--judge-concurrency", type=int, default=8)
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+    if args.repeats < 1 or args.concurrency < 1 or args.max_tokens < 1:
+        p.error("--repeats, --concurrency and --max-tokens must be at least 1")
+    return args
+
+
+def make_target(args: argparse.Namespace) -> Target:
+    if args.backend == "local":
+        return LocalTarget(args.model, args.dtype, args.device)
+    if not args.backend.startswith(("http://", "https://")):
+        raise TargetError(f"--backend must be 'local' or an http(s) URL, not {args.backend!r}")
+    return HTTPTarget(args.backend, args.model, args.timeout)
+
+
+def rotated(modes: list[str], k: int) -> list[str]:
+    """``modes`` starting at position ``k``: each mode goes first as often as the others."""
+    k %= len(modes)
+    return modes[k:] + modes[:k]
+
+
+async def run_all(
+    target: Target, questions: list[Question], args: argparse.Namespace, log: Any = print
+) -> list[RunRecord]:
+    """Every question in every mode, ``args.repeats`` times, interleaved."""
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    cold = args.cache == "cold"
+    # Warm-up: first calls pay for lazy initialisation (allocator, kernels, sockets).
+    for mode in args.modes:
+        await run_one(target, WARMUP_QUESTION, mode, {**options, "max_tokens": 32})
+    if cold and not await target.reset_cache():
+        log(f"warning: {target.description} cannot empty its prefix cache; runs are warm")
+        cold = False
+
+    records: list[RunRecord] = []
+    c = args.concurrency
+    batches = [questions[i : i + c] for i in range(0, len(questions), c)]
+    total = len(questions) * len(args.modes) * args.repeats
+    with tqdm(total=total, desc="answers", unit="ans", file=sys.stderr) as bar:
+        for repeat in range(args.repeats):
+            for b, batch in enumerate(batches):
+                for mode in rotated(args.modes, b + repeat):
+                    if cold:
+                        await target.reset_cache()
+                    cached = [await target.question_cached(q.question) for q in batch]
+                    runs = [
+                        run_one(
+                            target, q, mode, options, repeat=repeat, concurrency=c,
+                            cache_reset=cold, question_cached=n,
+                        )
+                        for q, n in zip(batch, cached, strict=True)
+                    ]  # fmt: skip
+                    for record in await asyncio.gather(*runs):
+                        records.append(record)
+                        if not record.ok:
+                            log(f"error: question {record.question_id} ({mode}): {record.error}")
+                        bar.update(1)
+    return records
+
+
+async def judge_all(
+    records: list[RunRecord], questions: list[Question], judge: Any, concurrency: int
+) -> dict[str, dict[str, int]]:
+    """Pairwise verdicts of each mode's answer against the sequential one."""
+    from evals.judge import judge_pair, tally
+
+    text = {q.question_id: q.question for q in questions}
+    baseline = {
+        r.question_id: r.answer for r in records if r.mode == BASELINE and r.ok and r.repeat == 0
+    }
+    pairs = [
+        r for r in records
+        if r.mode != BASELINE and r.ok and r.repeat == 0 and r.question_id in baseline
+    ]  # fmt: skip
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(r: RunRecord) -> Any:
+        async with gate:
+            qid = r.question_id
+            verdict = await judge_pair(judge, text[qid], r.answer, baseline[qid])
+        r.checks["judge"] = verdict.outcome
+        bar.update(1)
+        return verdict
+
+    with tqdm(total=len(pairs), desc="judging", unit="pair", file=sys.stderr) as bar:
+        verdicts = await asyncio.gather(*(one(r) for r in pairs))
+    by_mode: dict[str, list[Any]] = {}
+    for r, v in zip(pairs, verdicts, strict=True):
+        by_mode.setdefault(r.mode, []).append(v)
+    return {mode: tally(vs) for mode, vs in by_mode.items()}
+
+
+def make_judge(args: argparse.Namespace, target: Target) -> Any:
+    """The judge the run uses, or None."""
+    from evals.judge import HTTPJudge, LocalJudge
+
+    if args.judge_url:
+        return HTTPJudge(args.judge_url, args.judge_model)
+    if args.judge == "none":
+        return None
+    if isinstance(target, LocalTarget):
+        return LocalJudge(target.engine)
+    assert isinstance(target, HTTPTarget)
+    return HTTPJudge(target.url, target.model)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    from evals.quality import auto_checks
+    from evals.report import write_report
+
+    try:
+        dataset = load_dataset(args.dataset)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line, why in dataset.skipped:
+        print(f"warning: {args.dataset}:{line}: skipped: {why}", file=sys.stderr)
+    categories = args.categories.split(",") if args.categories else None
+    questions = select(
+        dataset.questions, categories, args.per_category, args.suitable_only, args.limit
+    )
+    if not questions:
+        print("error: no question left after the filters", file=sys.stderr)
+        return 2
+    try:
+        target = make_target(args)
+        if isinstance(target, HTTPTarget):
+            await target.start()
+            if not target.sotserve and args.modes != ["sequential"]:
+                raise TargetError(
+                    f"{target.url} is not a sotserve server; only --modes sequential works there"
+                )
+    except TargetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log(f"{len(questions)} questions x {args.modes} on {target.description}")
+    t0 = time.perf_counter()
+    try:
+        records = await run_all(target, questions, args, log)
+        for r in records:
+            r.checks.update(auto_checks(r))
+        judge = make_judge(args, target) if BASELINE in args.modes else None
+        judged = None
+        if judge is not None:
+            judged = await judge_all(records, questions, judge, args.judge_concurrency)
+    finally:
+        await target.close()
+
+    summary = summarize(records, args.modes)
+    summary["judge"] = None if judge is None else {"name": judge.name, "results": judged}
+    summary["config"] = {
+        "dataset": str(args.dataset), "questions": len(questions), "modes": args.modes,
+        "backend": target.description, "max_tokens": args.max_tokens,
+        "temperature": args.temperature, "seed": args.seed, "repeats": args.repeats,
+        "concurrency": args.concurrency, "cache": args.cache, "limit": args.limit,
+        "categories": categories, "per_category": args.per_category,
+        "suitable_only": args.suitable_only, "skipped_lines": len(dataset.skipped),
+        "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "results.jsonl").open("w") as f:
+        for r in records:
+            f.write(r.model_dump_json() + "\n")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    paths = write_report(args.out, records, summary)
+    print_headline(summary, args.modes)
+    written = ", ".join(["results.jsonl", "summary.json", *(p.name for p in paths.values())])
+    print(f"wrote {written} to {args.out}")
+    return 0 if all(r.ok for r in records) else 1
+
+
+def print_headline(summary: dict[str, Any], modes: list[str]) -> None:
+    """One line per mode: the speed-ups over sequential."""
+
+    def fmt(x: float | None, unit: str = "x") -> str:
+        return "-" if x is None else f"{x:.2f}{unit}"
+
+    for scope in ("overall", "sot_suitable"):
+        stats = summary.get(scope)
+        if not stats:
+            continue
+        for mode in modes:
+            s = stats[mode]
+            line = f"{scope:12s} {mode:10s} median latency {fmt(s['median_latency_s'], ' s')}"
+            if mode != BASELINE:
+                line += (
+                    f", speed-up median {fmt(s['median_speedup'])} "
+                    f"geomean {fmt(s['geomean_speedup'])} over {s['paired']} questions"
+                )
+            print(line)
+    router = summary.get("router")
+    if router:
+        print(f"router accuracy {router['accuracy']:.1%} over {router['questions']} questions")
+    judge = summary.get("judge")
+    if judge:
+        for mode, t in (judge["results"] or {}).items():
+            print(f"judge ({judge['name']}): {mode} vs sequential {t}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(main_async(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Run questions through a target and record what the client saw.
+
+A :class:`Target` answers a question in a mode as a stream of planner events: the
+engine in this process (:class:`LocalTarget`) or a server over HTTP
+(:class:`HTTPTarget`: a sotserve server in any mode, any OpenAI-compatible server
+in ``sequential``). :func:`run_one` times one answer from the client's side, so
+local and remote runs are measured the same way, and turns its events into a
+:class:`RunRecord` with a timeline of the skeleton and every point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from evals.records import PointRecord, Question, RunRecord, Span
+from sotserve.schemas import (
+    AnswerDelta,
+    Done,
+    ErrorEvent,
+    Event,
+    PlanReady,
+    PointDone,
+    PointStart,
+    SkeletonDelta,
+)
+
+
+class TargetError(Exception):
+    """The target cannot be used (unreachable, wrong kind of server)."""
+
+
+class Target(ABC):
+    """Something that answers questions in a mode."""
+
+    description: str  # for the report: model, backend, where
+
+    @abstractmethod
+    def stream(self, question: str, mode: str, **options: Any) -> AsyncIterator[Event]:
+        """The planner's events for one answer, ending with ``Done``."""
+
+    @abstractmethod
+    async def reset_cache(self) -> bool:
+        """Empty the prefix cache; False if this target cannot."""
+
+    async def question_cached(self, question: str) -> int | None:
+        """Tokens of the question's plain chat prompt the cache holds (None: unknown)."""
+        return None
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        """Release what the target holds."""
+
+
+class LocalTarget(Target):
+    """The planner on an :class:`engine.AsyncEngine` in this process."""
+
+    def __init__(self, model: str | None, dtype: str = "auto", device: str = "auto") -> None:
+        from engine import AsyncEngine
+        from sotserve.backends.local import LocalBackend
+        from sotserve.planner import Planner
+
+        self.engine = AsyncEngine(model, dtype=dtype, device=device)
+        self.planner = Planner(LocalBackend(self.engine))
+        cfg = self.engine.engine.config
+        self.description = (
+            f"{self.engine.model_name} in process ({cfg.dtype}, {cfg.device}), sotserve engine"
+        ).replace("torch.", "")
+
+    def stream(self, question: str, mode: str, **options: Any) -> AsyncIterator[Event]:
+        return self.planner.stream(question, mode, **options)  # type: ignore[arg-type]
+
+    async def reset_cache(self) -> bool:
+        await self.engine.reset_prefix_cache()
+        return True
+
+    async def question_cached(self, question: str) -> int | None:
+        ids = self.engine.apply_chat_template([{"role": "user", "content": question}])
+        return await self.engine.cached_prefix_len(ids)
+
+    async def close(self) -> None:
+        self.engine.close()
+
+
+class HTTPTarget(Target):
+    """A server at ``url``: a sotserve server answers every mode; any other
+    OpenAI-compatible server (vLLM, SGLang...) answers ``sequential`` only."""
+
+    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0) -> None:
+        from sotserve.client import AsyncClient
+
+        self.url = url.rstrip("/").removesuffix("/v1")
+        self.client = AsyncClient(self.url, timeout=timeout, model=model)
+        self.model = model
+        self.sotserve = False
+        self.description = url
+
+    async def start(self) -> None:
+        """Find out what the server is; raises :class:`TargetError` if unreachable."""
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+                s.get(f"{self.url}/v1/models") as resp,
+            ):
+                cards = (await resp.json())["data"]
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            raise TargetError(
+                f"cannot reach an OpenAI-compatible server at {self.url}: {exc}"
+            ) from None
+        card = next((c for c in cards if c.get("id") == self.model), cards[0] if cards else {})
+        self.model = self.model or card.get("id")
+        self.sotserve = card.get("owned_by") == "sotserve"
+        kind = "sotserve server" if self.sotserve else "OpenAI-compatible server"
+        self.description = f"{self.model} at {self.url} ({kind})"
+
+    def stream(self, question: str, mode: str, **options: Any) -> AsyncIterator[Event]:
+        if not self.sotserve:
+            if mode != "sequential":
+                raise TargetError(f"{self.url} is not a sotserve server: only sequential")
+            # a plain server gets OpenAI's fields only
+            openai = ("max_tokens", "temperature", "seed")
+            options = {k: v for k, v in options.items() if k in openai}
+            return self.client.stream(question, None, **options)
+        return self.client.stream(question, mode, **options)  # type: ignore[arg-type]
+
+    async def reset_cache(self) -> bool:
+        # vLLM and sotserve: POST /reset_prefix_cache; SGLang: POST /flush_cache
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            for path in ("/reset_prefix_cache", "/flush_cache"):
+                try:
+                    async with s.post(self.url + path) as resp:
+                        if resp.status == 200:
+                            return True
+                except aiohttp.ClientError:
+                    return False
+        return False
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class _Timeline:
+    """Client-side times of the events of one answer, turned into spans."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.skeleton_start: float | None = None
+        self.skeleton_end: float | None = None
+        self.point_start: dict[int, float] = {}
+        self.point_end: dict[int, float] = {}
+        self.first_token: float | None = None
+
+    def see(self, event: Event) -> None:
+        now = time.perf_counter() - self.t0
+        if isinstance(event, SkeletonDelta) and self.skeleton_start is None:
+            self.skeleton_start = now
+        elif isinstance(event, PointStart):
+            self.point_start.setdefault(event.point.index, now)
+        elif isinstance(event, PlanReady) and self.skeleton_end is None:
+            self.skeleton_end = now
+        elif isinstance(event, PointDone):
+            self.point_end[event.index] = now
+        elif isinstance(event, AnswerDelta) and self.first_token is None:
+            self.first_token = now
+
+    def spans(self, done: Done, end: float) -> list[Span]:
+        if not done.points:  # sequential (or a fallback): one request for the answer
+            start = self.skeleton_end if done.fallback else 0.0
+            return [Span(kind="answer", start_s=start or 0.0, end_s=end)]
+        spans = []
+        if self.skeleton_start is not None:
+            skel_end = self.skeleton_end if self.skeleton_end is not None else end
+            spans.append(Span(kind="skeleton", start_s=self.skeleton_start, end_s=skel_end))
+        for p in done.points:
+            # a point runs from when it is parsed, or (graph) when its last parent ends
+            start = max(
+                [self.point_start.get(p.index, 0.0)]
+                + [self.point_end.get(d, 0.0) for d in p.depends_on]
+            )
+            spans.append(
+                Span(kind="point", index=p.index, start_s=start,
+                     end_s=self.point_end.get(p.index, end))
+            )  # fmt: skip
+        return spans
+
+
+async def run_one(
+    target: Target,
+    question: Question,
+    mode: str,
+    options: dict[str, Any],
+    *,
+    repeat: int = 0,
+    concurrency: int = 1,
+    cache_reset: bool = False,
+    question_cached: int | None = None,
+) -> RunRecord:
+    """Answer ``question`` in ``mode`` and record it; failures are recorded, not raised."""
+    record = RunRecord(
+        question_id=question.question_id, category=question.category,
+        sot_suitable=question.sot_suitable, mode=mode, repeat=repeat,
+        concurrency=concurrency, cache_reset=cache_reset,
+        question_cached_tokens=question_cached,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    timeline = _Timeline(t0)
+    points: dict[int, PointDone] = {}
+    done: Done | None = None
+    try:
+        async with contextlib.aclosing(target.stream(question.question, mode, **options)) as events:
+            async for event in events:
+                timeline.see(event)
+                if isinstance(event, ErrorEvent):
+                    raise RuntimeError(f"{event.code}: {event.message}")
+                if isinstance(event, PointDone):
+                    points[event.index] = event
+                elif isinstance(event, Done):
+                    done = event
+                    break
+        if done is None:
+            raise RuntimeError("the answer ended without a result")
+    except Exception as exc:  # recorded: one bad answer must not end the run
+        record.ok = False
+        record.error = f"{exc.__class__.__name__}: {exc}"
+        record.latency_s = None
+        return record
+    end = time.perf_counter() - t0
+    u = done.usage
+    record.resolved_mode = done.mode
+    record.routed_mode = done.route.mode if done.route else None
+    record.route_reason = done.route.reason if done.route else None
+    record.answer = done.answer
+    record.finish_reason = done.finish_reason
+    record.latency_s = end
+    record.ttft_s = timeline.first_token
+    record.skeleton_s = done.timings.skeleton_s
+    record.generated_tokens = u.completion_tokens
+    record.prompt_tokens = u.prompt_tokens
+    record.cached_tokens = u.cached_tokens
+    record.requests = u.requests
+    record.num_points = len(done.points)
+    record.fallback = done.fallback is not None
+    record.fallback_reason = done.fallback
+    record.points = [
+        PointRecord(
+            index=p.index, title=p.title, depends_on=p.depends_on,
+            text=points[p.index].text if p.index in points else "",
+            finish_reason=points[p.index].finish_reason if p.index in points else None,
+            completion_tokens=points[p.index].completion_tokens if p.index in points else 0,
+        )
+        for p in done.points
+    ]  # fmt: skip
+    record.timeline = timeline.spans(done, end)
+    return record
