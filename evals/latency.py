@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     j.add_argument("--judge-url", default=None, help="any OpenAI-compatible endpoint")
     j.add_argument("--judge-model", default=None)
     j.add_argument("--judge-concurrency", type=int, default=8)
+    j.add_argument("--judge-max-tokens", type=int, default=512, help="the judge's reply")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in MODES]
@@ -170,14 +171,15 @@ def make_judge(args: argparse.Namespace, target: Target) -> Any:
     """The judge the run uses, or None."""
     from evals.judge import HTTPJudge, LocalJudge
 
+    n = args.judge_max_tokens
     if args.judge_url:
-        return HTTPJudge(args.judge_url, args.judge_model)
+        return HTTPJudge(args.judge_url, args.judge_model, max_tokens=n)
     if args.judge == "none":
         return None
-    if isinstance(target, LocalTarget):
-        return LocalJudge(target.engine)
+    if isinstance(target, LocalTarget):  # the answering model judges itself
+        return LocalJudge(target.engine, max_tokens=n)
     assert isinstance(target, HTTPTarget)
-    return HTTPJudge(target.url, target.model)
+    return HTTPJudge(target.url, target.model, max_tokens=n)
 
 
 async def main_async(args: argparse.Namespace) -> int:

@@ -94,6 +94,7 @@ class HTTPTarget(Target):
         from sotserve.client import AsyncClient
 
         self.url = url.rstrip("/").removesuffix("/v1")
+        self.timeout = timeout
         self.client = AsyncClient(self.url, timeout=timeout, model=model)
         self.model = model
         self.sotserve = False
@@ -112,7 +113,12 @@ class HTTPTarget(Target):
                 f"cannot reach an OpenAI-compatible server at {self.url}: {exc}"
             ) from None
         card = next((c for c in cards if c.get("id") == self.model), cards[0] if cards else {})
-        self.model = self.model or card.get("id")
+        if self.model is None:  # OpenAI servers want a model: the one it serves
+            from sotserve.client import AsyncClient
+
+            self.model = card.get("id")
+            await self.client.close()
+            self.client = AsyncClient(self.url, timeout=self.timeout, model=self.model)
         self.sotserve = card.get("owned_by") == "sotserve"
         kind = "sotserve server" if self.sotserve else "OpenAI-compatible server"
         self.description = f"{self.model} at {self.url} ({kind})"
