@@ -10,7 +10,7 @@ URL      := http://$(HOST):$(PORT)
 # exits 0 once the server answers /health
 HEALTHY  := $(BIN)/python -c "import sys, urllib.request as u; u.urlopen('$(URL)/health', timeout=2)"
 
-.PHONY: setup browser run stop test lint bench clean
+.PHONY: setup browser run stop test eval lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ stop:
 
 test: setup browser
 	$(BIN)/python -m pytest
+
+# A representative subset of vicuna80 (the first 2 questions of each category), every
+# mode against sequential, judged by the embedded model; report in out/eval/.
+EVAL_DATA ?= ../shared/data/vicuna80.jsonl
+eval: setup
+	$(BIN)/python -m evals.latency --dataset $(EVAL_DATA) --per-category 2 \
+		--modes sequential,sot,graph,auto --max-tokens 256 --judge-max-tokens 96 --out out/eval
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""Quick figures for the planner on vicuna80 (the full harness comes later).
+"""Quick planner figures on vicuna80; ``python -m evals.latency`` is the full harness.
 
 Sections (``--sections``, comma-separated):
 

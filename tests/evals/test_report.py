@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from evals.plots import pick_timeline_record
 from evals.records import PointRecord, RunRecord, Span
-from evals.report import pick_timeline_record, write_report
+from evals.report import write_report
 from evals.summary import summarize
 
 MODES = ["sequential", "sot", "graph", "auto"]
