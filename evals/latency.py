@@ -139,7 +139,7 @@ async def judge_all(
     records: list[RunRecord], questions: list[Question], judge: Any, concurrency: int
 ) -> dict[str, dict[str, int]]:
     """Pairwise verdicts of each mode's answer against the sequential one."""
-    from evals.judge import judge_pair, tally
+    from evals.judge import JudgeError, PairVerdict, judge_pair, tally
 
     text = {q.question_id: q.question for q in questions}
     baseline = {
@@ -154,7 +154,13 @@ async def judge_all(
     async def one(r: RunRecord) -> Any:
         async with gate:
             qid = r.question_id
-            verdict = await judge_pair(judge, text[qid], r.answer, baseline[qid])
+            try:
+                verdict = await judge_pair(judge, text[qid], r.answer, baseline[qid])
+            except JudgeError as exc:  # counted as invalid; the latency results stand
+                verdict = PairVerdict(
+                    outcome="invalid", first=None, second=None, first_text="",
+                    second_text="", note=f"judge failed: {exc}",
+                )  # fmt: skip
         r.checks["judge"] = verdict.outcome
         bar.update(1)
         return verdict
