@@ -55,11 +55,11 @@ stop:
 test: setup browser
 	$(BIN)/python -m pytest
 
-# A representative subset of vicuna80 (the first 2 questions of each category), every
+# A representative subset of vicuna80 (the first question of each category), every
 # mode against sequential, judged by the embedded model; report in out/eval/.
 EVAL_DATA ?= ../shared/data/vicuna80.jsonl
 eval: setup
-	$(BIN)/python -m evals.latency --dataset $(EVAL_DATA) --per-category 2 \
+	$(BIN)/python -m evals.latency --dataset $(EVAL_DATA) --per-category 1 \
 		--modes sequential,sot,graph,auto --max-tokens 256 --judge-max-tokens 96 --out out/eval
 
 lint: setup

@@ -48,6 +48,14 @@ SYSTEM_PROMPT = (
     '"[[C]]" if the two are equally good (a tie).'
 )
 
+#: Asked once more when a reply states no verdict (small judges often ramble on):
+#: the reply then stays in the conversation and only the verdict is wanted.
+FOLLOWUP_PROMPT = (
+    'State your final verdict now as exactly one of "[[A]]", "[[B]]" or "[[C]]", and nothing else.'
+)
+#: Tokens the judge may write when asked again.
+FOLLOWUP_MAX_TOKENS = 8
+
 USER_TEMPLATE = (
     "[User Question]\n{question}\n\n"
     "[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
@@ -146,10 +154,13 @@ class Judge(ABC):
     """A model that answers chat messages; ``name`` says which, for reports."""
 
     name: str = "judge"
+    #: Ask once more, for the verdict alone, when a reply states none.
+    ask_again: bool = True
 
     @abstractmethod
-    async def complete(self, messages: list[dict[str, str]]) -> str:
-        """The judge's reply to ``messages`` (greedy); raises :class:`JudgeError`."""
+    async def complete(self, messages: list[dict[str, str]], max_tokens: int | None = None) -> str:
+        """The judge's reply to ``messages`` (greedy), at most ``max_tokens`` long
+        (None: the judge's own limit); raises :class:`JudgeError`."""
 
     def fit_answers(
         self, question: str, answer_a: str, answer_b: str
@@ -215,12 +226,14 @@ class HTTPJudge(Judge):
             )
         return self._sotserve
 
-    async def request_body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+    async def request_body(
+        self, messages: list[dict[str, str]], max_tokens: int | None = None
+    ) -> dict[str, Any]:
         """The JSON body :meth:`complete` posts."""
         body: dict[str, Any] = {
             "messages": messages,
             "temperature": 0,
-            "max_tokens": self.max_tokens,
+            "max_tokens": max_tokens or self.max_tokens,
         }
         if self.model is not None:
             body["model"] = self.model
@@ -228,8 +241,8 @@ class HTTPJudge(Judge):
             body["sot"] = {"mode": "sequential"}
         return body
 
-    async def complete(self, messages: list[dict[str, str]]) -> str:
-        body = await self.request_body(messages)
+    async def complete(self, messages: list[dict[str, str]], max_tokens: int | None = None) -> str:
+        body = await self.request_body(messages, max_tokens)
         url = f"{self.base_url}/chat/completions"
         try:
             async with self._session() as session, session.post(url, json=body) as resp:
@@ -330,7 +343,7 @@ class LocalJudge(Judge):
             room -= over + self.MARGIN
         raise JudgeError("could not fit the answers into the judge's context")
 
-    async def complete(self, messages: list[dict[str, str]]) -> str:
+    async def complete(self, messages: list[dict[str, str]], max_tokens: int | None = None) -> str:
         from engine.errors import EngineError
         from engine.sampling_params import SamplingParams
 
@@ -342,7 +355,7 @@ class LocalJudge(Judge):
                     f"the judge prompt has {len(ids)} tokens; the judge's context is {limit}"
                 )
             params = SamplingParams(
-                max_tokens=min(self.max_tokens, limit - len(ids)), temperature=0
+                max_tokens=min(max_tokens or self.max_tokens, limit - len(ids)), temperature=0
             )
             parts = [d.text async for d in self.engine.generate(ids, params)]
         except EngineError as exc:
@@ -416,16 +429,15 @@ async def judge_pair(judge: Judge, question: str, answer: str, baseline_answer: 
     ans_a, base_b, note1 = judge.fit_answers(question, answer, baseline_answer)
     base_a, ans_b, note2 = judge.fit_answers(question, baseline_answer, answer)
     tasks = [
-        asyncio.ensure_future(judge.complete(build_messages(question, ans_a, base_b))),
-        asyncio.ensure_future(judge.complete(build_messages(question, base_a, ans_b))),
+        asyncio.ensure_future(_ask(judge, build_messages(question, ans_a, base_b))),
+        asyncio.ensure_future(_ask(judge, build_messages(question, base_a, ans_b))),
     ]
     try:
-        text1, text2 = await asyncio.gather(*tasks)
+        (first, text1), (second, text2) = await asyncio.gather(*tasks)
     except BaseException:
         for t in tasks:  # one order failed (or we were cancelled): drop the other
             t.cancel()
         raise
-    first, second = parse_verdict(text1), parse_verdict(text2)
     notes = [n for n in (note1, note2) if n]
     return PairVerdict(
         outcome=combine(first, second),
@@ -436,6 +448,33 @@ async def judge_pair(judge: Judge, question: str, answer: str, baseline_answer: 
         truncated=bool(notes),
         note="; ".join(dict.fromkeys(notes)) or None,
     )
+
+
+async def _ask(judge: Judge, messages: list[dict[str, str]]) -> tuple[Verdict | None, str]:
+    """One order's verdict and the judge's text; asks again for the verdict alone if
+    the reply states none (the follow-up's text is kept after a marker)."""
+    text = await judge.complete(messages)
+    verdict = parse_verdict(text)
+    if verdict is not None or not judge.ask_again:
+        return verdict, text
+    followup = [
+        *messages,
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": FOLLOWUP_PROMPT},
+    ]
+    try:
+        again = await judge.complete(followup, max_tokens=FOLLOWUP_MAX_TOKENS)
+    except JudgeError as exc:  # e.g. the conversation no longer fits: no verdict
+        return None, f"{text}\n[asked again: {exc}]"
+    return parse_verdict(again) or parse_letter(again), f"{text}\n[asked again]\n{again}"
+
+
+def parse_letter(text: str) -> Verdict | None:
+    """A reply that is just the letter: ``A``, ``[B]``, ``C.`` (C is a tie)."""
+    m = re.fullmatch(r"\W*([ABC])\W*", text.strip())
+    if m is None:
+        return None
+    return "tie" if m.group(1) == "C" else m.group(1)  # type: ignore[return-value]
 
 
 def tally(verdicts: Iterable[PairVerdict]) -> dict[str, int]:

@@ -182,8 +182,11 @@ def judge_section(judge: Mapping[str, Any] | None) -> list[str]:
             + [fmt_percent(r.get("win", 0) / decided if decided else None)]
         )
     return [
-        f"Judge: **{judge.get('name', 'unnamed')}**. Verdicts on each mode's answers; "
-        "win rate = wins / (wins + ties + losses).",
+        f"Judge: **{judge.get('name', 'unnamed')}**. Each mode's answer against the "
+        "sequential answer to the same question, asked in both orders: a win or a loss "
+        "only when both orders agree, else a tie (FastChat's rule); invalid when the "
+        "judge stated no verdict, even when asked again. "
+        "Win rate = wins / (wins + ties + losses).",
         "",
         md_table(["Mode", "Win", "Tie", "Loss", "Invalid", "Win rate"], rows)
         if rows

@@ -9,6 +9,8 @@ import pytest
 from aiohttp import web
 
 from evals.judge import (
+    FOLLOWUP_MAX_TOKENS,
+    FOLLOWUP_PROMPT,
     SYSTEM_PROMPT,
     HTTPJudge,
     Judge,
@@ -18,6 +20,7 @@ from evals.judge import (
     build_messages,
     combine,
     judge_pair,
+    parse_letter,
     parse_verdict,
     split_budget,
     tally,
@@ -101,6 +104,28 @@ def test_prompt_shape():
 # -- judge_pair with a scripted judge --------------------------------------------------------
 
 
+async def test_a_reply_without_verdict_is_asked_again_for_the_verdict_alone():
+    judge = ScriptedJudge("Both answers talk about sleep. Sleep is", "[[B]]", followup="A")
+    v = await judge_pair(judge, QUESTION, ANSWER, BASELINE)
+    # first order: rambling, then "A" when asked again -> the answer wins both orders
+    assert (v.first, v.second, v.outcome) == ("A", "B", "win")
+    [(messages, max_tokens)] = judge.followup_calls
+    assert messages[-2] == {
+        "role": "assistant",
+        "content": "Both answers talk about sleep. Sleep is",
+    }
+    assert max_tokens == FOLLOWUP_MAX_TOKENS
+    assert "[asked again]" in v.first_text
+
+
+@pytest.mark.parametrize(
+    ("text", "verdict"),
+    [("A", "A"), ("[B]", "B"), (" C. ", "tie"), ("[[A]]", "A"), ("A or B", None), ("", None)],
+)
+def test_parse_letter(text, verdict):
+    assert (parse_verdict(text) or parse_letter(text)) == verdict
+
+
 class ScriptedJudge(Judge):
     """Replies from a script keyed by which answer is shown as assistant A.
 
@@ -110,11 +135,18 @@ class ScriptedJudge(Judge):
 
     name = "scripted"
 
-    def __init__(self, when_answer_first: str, when_baseline_first: str) -> None:
+    def __init__(
+        self, when_answer_first: str, when_baseline_first: str, followup: str = "Hmm."
+    ) -> None:
         self.replies = {ANSWER: when_answer_first, BASELINE: when_baseline_first}
+        self.followup = followup
         self.calls: list[list[dict[str, str]]] = []
+        self.followup_calls: list[tuple[list[dict[str, str]], int | None]] = []
 
-    async def complete(self, messages: list[dict[str, str]]) -> str:
+    async def complete(self, messages: list[dict[str, str]], max_tokens: int | None = None) -> str:
+        if messages[-1]["content"] == FOLLOWUP_PROMPT:  # asked again for the verdict
+            self.followup_calls.append((messages, max_tokens))
+            return self.followup
         self.calls.append(messages)
         user = messages[-1]["content"]
         shown_first = user.split("[The Start of Assistant A's Answer]\n")[1].split("\n[The End")[0]
@@ -140,7 +172,13 @@ async def test_judge_pair_outcomes(first, second, outcome):
     assert verdict.outcome == outcome
     assert verdict.first == parse_verdict(first)
     assert verdict.second == parse_verdict(second)
-    assert (verdict.first_text, verdict.second_text) == (first, second)
+    # a reply without a verdict is asked again; "Hmm." settles nothing
+    asked_again = [parse_verdict(t) is None for t in (first, second)]
+    assert len(judge.followup_calls) == sum(asked_again)
+    for text, reply, again in zip(
+        (verdict.first_text, verdict.second_text), (first, second), asked_again, strict=True
+    ):
+        assert text == (f"{reply}\n[asked again]\nHmm." if again else reply)
     assert verdict.truncated is False and verdict.note is None
 
 
@@ -157,7 +195,7 @@ async def test_judge_pair_asks_both_orders_with_swapped_answers():
 
 async def test_judge_pair_propagates_judge_errors():
     class Broken(ScriptedJudge):
-        async def complete(self, messages):
+        async def complete(self, messages, max_tokens=None):
             raise JudgeError("judge is down")
 
     with pytest.raises(JudgeError, match="down"):
