@@ -7,6 +7,13 @@ wheel, and tiny models are built from configs with seeded random weights.
 from __future__ import annotations
 
 import os
+
+# Without a GPU, Triton kernels run in Triton's interpreter. It must be chosen before
+# anything imports triton (torch and transformers may), or triton.language's helpers
+# are set up for the compiler and fail inside interpreted kernels.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest
