@@ -1,0 +1,368 @@
+"""Shared-prefix (cascade) attention in Triton: the prefix pass and the LSE merge.
+
+:func:`shared_prefix_attention_triton` is the GPU twin of
+:func:`kernels.cascade.shared_prefix_attention`. The grid is ``(Hk, row blocks,
+splits)``. The ``B * group`` query rows of one KV head (row ``r`` is request
+``r // group``, query head ``kv_head * group + r % group``) are tiled by ``BLOCK_M``;
+each program loads its ``[BLOCK_M, D]`` query tile once and streams the prefix keys in
+blocks of ``BLOCK_N``, gathered through ``prefix_slots``, with an online softmax. Both
+products are ``tl.dot`` (matrix-matrix), so each prefix key is read once per row block
+(once in all when ``B * group <= BLOCK_M``) instead of once per request.
+
+``tl.dot`` needs every dimension >= 16. We pad rather than fall back to a
+broadcast-and-reduce formulation: ``BLOCK_M``, ``BLOCK_N`` and ``BLOCK_D`` are powers
+of two >= 16 and loads are masked (padded query rows and head-dim columns read 0,
+padded keys get score -inf), so tiny groups (one request, GQA 1 is a single row) and
+head sizes such as 48, 80 or 96 work. Padded rows cost tensor-core work, not memory
+traffic, and the kernel is bound by reading K/V.
+
+With few KV heads and one row block the grid would be tiny (SmolLM2: 3 programs), so
+on CUDA the prefix is also split over the third grid axis (flash-decoding); each
+split writes a partial ``(out, lse)`` in float32 and a second kernel merges them.
+
+:func:`merge_attention_triton` is a Triton kernel rather than a reuse of the torch
+:func:`kernels.cascade.merge_attention`: on the GPU the torch merge is about eight
+elementwise launches per layer over tiny tensors, so launch latency dominates; the
+kernel reads each partial once in one launch. On CPU the torch merge is the path.
+
+The module imports without CUDA; tests run the kernels with ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.cascade import decode_attention_with_lse
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _shared_prefix_kernel(
+    Q,
+    K,
+    V,
+    Slots,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_os,
+    stride_ob,
+    stride_oh,
+    stride_ls,
+    stride_lb,
+    num_rows,
+    prefix_len,
+    keys_per_split,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    m_block = tl.program_id(1)
+    split = tl.program_id(2)
+
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    req = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+
+    q = tl.load(
+        Q + req[:, None] * stride_qb + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, prefix_len)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        slot = tl.load(Slots + n, mask=n_ok, other=0).to(tl.int64)
+        k_t = tl.load(  # [BLOCK_D, BLOCK_N], gathered rows of the pool
+            K + slot[None, :] * stride_kn + kv_head * stride_kh + d[:, None],
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has a real key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + slot[:, None] * stride_vn + kv_head * stride_vh + d[None, :],
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(
+        Out + split * stride_os + req[:, None] * stride_ob + head[:, None] * stride_oh + d[None, :],
+        out,
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(Lse + split * stride_ls + req * stride_lb + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    PartO,
+    PartL,
+    Out,
+    Lse,
+    num_splits,
+    stride_ps,
+    stride_ls,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)  # one (request, query head) row
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < num_splits
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    lse_s = tl.load(PartL + s * stride_ls + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m)
+    total = tl.sum(w, 0)
+    o = tl.load(
+        PartO + s[:, None] * stride_ps + row * HEAD_DIM + d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    safe = tl.where(total > 0.0, total, 1.0)
+    out = tl.sum(o * w[:, None], 0) / safe
+    tl.store(Out + row * HEAD_DIM + d, out, mask=d_ok)
+    tl.store(Lse + row, tl.where(total > 0.0, m + tl.log(safe), float("-inf")))
+
+
+@triton.jit
+def _merge_kernel(
+    OA,
+    LA,
+    OB,
+    LB,
+    Out,
+    Lse,
+    num_rows,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < num_rows
+    d = tl.arange(0, BLOCK_D)
+    ok = r_ok[:, None] & (d < HEAD_DIM)[None, :]
+    la = tl.load(LA + r, mask=r_ok, other=float("-inf")).to(tl.float32)
+    lb = tl.load(LB + r, mask=r_ok, other=float("-inf")).to(tl.float32)
+    m = tl.maximum(la, lb)
+    m = tl.where(m == float("-inf"), 0.0, m)  # both empty: keep exp() at 0, no nan
+    wa = tl.exp(la - m)
+    wb = tl.exp(lb - m)
+    total = wa + wb
+    safe = tl.where(total > 0.0, total, 1.0)  # no log(0) or 1/0, even in masked lanes
+    inv = tl.where(total > 0.0, 1.0 / safe, 0.0)
+    offs = r[:, None] * HEAD_DIM + d[None, :]
+    oa = tl.load(OA + offs, mask=ok, other=0.0).to(tl.float32)
+    ob = tl.load(OB + offs, mask=ok, other=0.0).to(tl.float32)
+    out = oa * (wa * inv)[:, None] + ob * (wb * inv)[:, None]
+    tl.store(Out + offs, out, mask=ok)
+    tl.store(Lse + r, tl.where(total > 0.0, m + tl.log(safe), float("-inf")), mask=r_ok)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _default_splits(device: torch.device, programs: int, prefix_len: int) -> int:
+    """Enough programs to fill the GPU, but at least 128 keys per split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(prefix_len, 128)))
+
+
+def shared_prefix_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefix_slots: torch.Tensor,
+    scale: float,
+    *,
+    out_dtype: torch.dtype | None = None,
+    num_splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``B`` queries ``q [B, Hq, D]`` over the shared ``prefix_slots [P]`` of the pool.
+
+    ``k_cache``/``v_cache [num_slots, Hk, D]`` (one layer), ``Hq = group * Hk``.
+    Returns ``(out [B, Hq, D]`` in ``out_dtype`` (default ``q.dtype``), ``lse [B, Hq]``
+    float32, natural log). ``P == 0`` gives ``out = 0``, ``lse = -inf``.
+    ``num_splits`` splits the prefix over more programs (default: 1 off CUDA, enough to
+    fill the GPU on CUDA); ``block_m``/``block_n`` are rounded up to powers of two >= 16.
+    """
+    b, hq, d = q.shape
+    hk = k_cache.shape[1]
+    if hq % hk:
+        raise ValueError(f"query heads {hq} are not a multiple of KV heads {hk}")
+    group = hq // hk
+    out_dtype = out_dtype or q.dtype
+    out = torch.empty((b, hq, d), dtype=out_dtype, device=q.device)
+    lse = torch.empty((b, hq), dtype=torch.float32, device=q.device)
+    p = prefix_slots.numel()
+    if p == 0 or b == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    if v_cache.stride(-1) != 1:
+        v_cache = v_cache.contiguous()
+    prefix_slots = prefix_slots.contiguous()
+
+    rows = b * group
+    bm = _pow2_at_least_16(block_m or min(64, rows))
+    bn = _pow2_at_least_16(block_n)
+    bd = _pow2_at_least_16(d)
+    m_blocks = triton.cdiv(rows, bm)
+    if num_splits is None:
+        num_splits = _default_splits(q.device, hk * m_blocks, p)
+    # whole key blocks per split, and no empty split
+    keys_per_split = triton.cdiv(triton.cdiv(p, max(1, num_splits)), bn) * bn
+    num_splits = triton.cdiv(p, keys_per_split)
+
+    if num_splits == 1:
+        part_o, part_l, stride_os, stride_ls = out, lse, 0, 0
+    else:
+        part_o = torch.empty((num_splits, b, hq, d), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((num_splits, b, hq), dtype=torch.float32, device=q.device)
+        stride_os, stride_ls = part_o.stride(0), part_l.stride(0)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _shared_prefix_kernel[(hk, m_blocks, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        prefix_slots,
+        part_o,
+        part_l,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        stride_os,
+        part_o.stride(-3),
+        part_o.stride(-2),
+        stride_ls,
+        part_l.stride(-2),
+        rows,
+        p,
+        keys_per_split,
+        scale * _LOG2E,
+        GROUP=group,
+        HEAD_DIM=d,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        DOT_PRECISION=precision,
+        num_warps=num_warps,
+    )
+    if num_splits > 1:
+        _combine_splits_kernel[(b * hq,)](
+            part_o,
+            part_l,
+            out,
+            lse,
+            num_splits,
+            part_o.stride(0),
+            part_l.stride(0),
+            HEAD_DIM=d,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=triton.next_power_of_2(d),
+        )
+    return out, lse
+
+
+def merge_attention_triton(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSE merge of :func:`kernels.cascade.merge_attention` in one launch.
+
+    ``out_* [..., D]``, ``lse_* [...]``; returns ``(out`` in ``out_dtype`` (default
+    ``out_a.dtype``), ``lse`` float32). Empty sides (``lse = -inf``) get weight 0.
+    """
+    shape, d = out_a.shape, out_a.shape[-1]
+    out = torch.empty(shape, dtype=out_dtype or out_a.dtype, device=out_a.device)
+    lse = torch.empty(shape[:-1], dtype=torch.float32, device=out_a.device)
+    rows = lse.numel()
+    if rows == 0:
+        return out, lse
+    block_r = 16
+    _merge_kernel[(triton.cdiv(rows, block_r),)](
+        out_a.contiguous(),
+        lse_a.contiguous(),
+        out_b.contiguous(),
+        lse_b.contiguous(),
+        out,
+        lse,
+        rows,
+        HEAD_DIM=d,
+        BLOCK_R=block_r,
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+    return out, lse
+
+
+def shared_prefix_decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefix_slots: torch.Tensor,
+    suffix_index: torch.Tensor,
+    suffix_lens: torch.Tensor | None,
+    scale: float,
+    **prefix_kwargs,
+) -> torch.Tensor:
+    """:func:`kernels.cascade.shared_prefix_decode_attention` with the prefix pass and
+    the merge in Triton; the short private suffixes go through the torch
+    :func:`kernels.cascade.decode_attention_with_lse`. Returns ``[B, Hq, D]``."""
+    out_p, lse_p = shared_prefix_attention_triton(
+        q, k_cache, v_cache, prefix_slots, scale, out_dtype=torch.float32, **prefix_kwargs
+    )
+    out_s, lse_s = decode_attention_with_lse(
+        q, k_cache, v_cache, suffix_index, suffix_lens, scale, torch.float32
+    )
+    out, _ = merge_attention_triton(out_p, lse_p, out_s, lse_s, out_dtype=q.dtype)
+    return out
