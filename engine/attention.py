@@ -9,6 +9,7 @@ import torch
 
 from engine.context import ForwardContext, get_context
 from kernels.attention import decode_attention, extend_attention, store_kv
+from kernels.cascade import shared_prefix_decode_attention
 
 
 class AttentionBackend(ABC):
@@ -31,36 +32,82 @@ class AttentionBackend(ABC):
 
 
 @dataclass
+class _Padded:
+    """Slots of several requests' key ranges, padded to the longest."""
+
+    which: torch.Tensor | None  # the requests' places in the batch (None: 0..n-1)
+    index: torch.Tensor  # [n, L] slots, padding points at slot 0
+    lens: torch.Tensor | None  # [n] real lengths; None when none is padded
+    mask: torch.Tensor | None  # [n, 1, 1, L] additive mask, or None
+
+
+@dataclass
+class _Group:
+    """A fan-out group: members share ``prefix_slots``; ``suffix`` is each one's own keys."""
+
+    prefix_slots: torch.Tensor  # [P]
+    suffix: _Padded
+
+
+@dataclass
 class _TorchPlan:
-    decode_index: torch.Tensor | None  # [B, L] slots, padded
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] additive; None when lengths are equal
+    plain: _Padded | None  # decodes attended over all their keys
+    groups: list[_Group]  # decodes whose shared prefix is attended once per group
     extends: list[tuple[int, int, torch.Tensor]]  # (q_start, q_len, kv slots)
 
 
+def _padded(
+    ctx: ForwardContext, which: list[int], starts: list[int], dtype: torch.dtype
+) -> _Padded:
+    """Slots ``[starts[j], kv_len)`` of decode ``which[j]``, padded to the longest."""
+    dev = ctx.req_to_token.device
+    rows = torch.tensor([ctx.rows[i] for i in which], device=dev)
+    lens_list = [ctx.kv_lens[i] - st for i, st in zip(which, starts, strict=True)]
+    width = max(lens_list)
+    cols = torch.arange(width, device=dev)[None, :]
+    first = torch.tensor(starts, device=dev)[:, None]
+    index = ctx.req_to_token[rows[:, None], (first + cols).clamp(max=ctx.req_to_token.shape[1] - 1)]
+    lens = mask = None
+    if min(lens_list) < width:
+        lens = torch.tensor(lens_list, device=dev)
+        valid = cols < lens[:, None]
+        index = index.masked_fill(~valid, 0)
+        # an additive mask built once per step; SDPA would convert a bool one per layer
+        mask = torch.zeros(valid.shape, dtype=dtype, device=dev)
+        mask = mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
+    contiguous = which == list(range(len(which)))
+    return _Padded(None if contiguous else torch.tensor(which, device=dev), index, lens, mask)
+
+
+def _plan_groups(ctx: ForwardContext) -> tuple[list[_Group], list[int]]:
+    """The step's fan-out groups, and the decodes outside any group."""
+    groups, grouped = [], set()
+    for g in ctx.prefix_groups:
+        members = list(g.members)
+        grouped.update(members)
+        prefix = ctx.req_to_token[ctx.rows[members[0]], : g.prefix_len]
+        suffix = _padded(ctx, members, [g.prefix_len] * len(members), ctx.kv_pool.k.dtype)
+        groups.append(_Group(prefix, suffix))
+    return groups, [i for i in range(ctx.num_decodes) if i not in grouped]
+
+
 class TorchAttentionBackend(AttentionBackend):
-    """Batched SDPA for decodes (padded to the longest), one SDPA per prefill chunk."""
+    """Batched SDPA for decodes (padded to the longest), one SDPA per prefill chunk, and
+    for fan-out groups (``ctx.prefix_groups``) the shared prefix attended once per group
+    as one matrix-matrix pass, merged with each member's own keys by log-sum-exp."""
 
     def plan(self, ctx: ForwardContext) -> None:
         nd = ctx.num_decodes
-        index = mask = None
-        if nd:
-            rows = torch.tensor(ctx.rows[:nd], device=ctx.req_to_token.device)
-            lens = torch.tensor(ctx.kv_lens[:nd], device=ctx.req_to_token.device)
-            max_len = int(max(ctx.kv_lens[:nd]))
-            index = ctx.req_to_token[rows, :max_len]
-            if min(ctx.kv_lens[:nd]) < max_len:
-                valid = torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
-                index = index.masked_fill(~valid, 0)
-                # an additive mask built once per step; SDPA would convert a bool one per layer
-                mask = torch.zeros(valid.shape, dtype=ctx.kv_pool.k.dtype, device=lens.device)
-                mask = mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
+        groups, plain_which = _plan_groups(ctx)
+        dtype = ctx.kv_pool.k.dtype
+        plain = _padded(ctx, plain_which, [0] * len(plain_which), dtype) if plain_which else None
         extends = []
         start = nd
         for i in range(nd, len(ctx.rows)):
             slots = ctx.req_to_token[ctx.rows[i], : ctx.kv_lens[i]]
             extends.append((start, ctx.q_lens[i], slots))
             start += ctx.q_lens[i]
-        ctx.attn = _TorchPlan(index, mask, extends)
+        ctx.attn = _TorchPlan(plain, groups, extends)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float
@@ -70,13 +117,27 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache, v_cache = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]
         store_kv(k_cache, v_cache, ctx.out_slots, k, v)
         nd = ctx.num_decodes
-        if nd and not plan.extends:
-            return decode_attention(q, k_cache, v_cache, plan.decode_index, plan.decode_mask, scale)
+        plain = plan.plain
+        if plain is not None and plain.which is None and nd == q.shape[0] and not plan.groups:
+            return decode_attention(q, k_cache, v_cache, plain.index, plain.mask, scale)
         out = torch.empty_like(q)
-        if nd:
-            out[:nd] = decode_attention(
-                q[:nd], k_cache, v_cache, plan.decode_index, plan.decode_mask, scale
+        if plain is not None:
+            qp = q[: plain.index.shape[0]] if plain.which is None else q[plain.which]
+            res = decode_attention(qp, k_cache, v_cache, plain.index, plain.mask, scale)
+            if plain.which is None:
+                out[: res.shape[0]] = res
+            else:
+                out[plain.which] = res
+        for g in plan.groups:
+            which, n = g.suffix.which, g.suffix.index.shape[0]
+            qg = q[:n] if which is None else q[which]  # None: the members are decodes 0..n-1
+            res = shared_prefix_decode_attention(
+                qg, k_cache, v_cache, g.prefix_slots, g.suffix.index, g.suffix.lens, scale
             )
+            if which is None:
+                out[:n] = res
+            else:
+                out[which] = res
         for start, n, slots in plan.extends:
             out[start : start + n] = extend_attention(
                 q[start : start + n], k_cache, v_cache, slots, scale
@@ -84,8 +145,100 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
 
+@dataclass
+class _TritonPlan:
+    decode_which: torch.Tensor | None  # batch indices of the decodes outside any group
+    decode_rows: torch.Tensor | None  # their req_to_token rows
+    decode_lens: torch.Tensor | None  # their key counts
+    max_decode_len: int
+    groups: list[_Group]
+    extend_rows: torch.Tensor | None  # [E]
+    extend_starts: torch.Tensor | None  # [E + 1] offsets of each request's new tokens
+    extend_lens: torch.Tensor | None  # [E] key counts after this step
+    max_q_len: int
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Triton kernels (:mod:`kernels.triton_attention`): split-K decode attention and
+    extend attention, both reading K/V through ``req_to_token`` inside the kernel, and
+    the shared-prefix kernel (:mod:`kernels.triton_cascade`) for fan-out groups.
+
+    Runs compiled on CUDA, and in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``,
+    for tests: slow, but the same kernels)."""
+
+    def __init__(self) -> None:
+        # imported here so the torch backend never needs triton
+        from kernels import triton_attention, triton_cascade
+
+        self._attn = triton_attention
+        self._cascade = triton_cascade
+
+    def plan(self, ctx: ForwardContext) -> None:
+        dev = ctx.req_to_token.device
+        nd = ctx.num_decodes
+        groups, plain = _plan_groups(ctx)
+        ext = range(nd, len(ctx.rows))
+        starts = [0]
+        for i in ext:
+            starts.append(starts[-1] + ctx.q_lens[i])
+
+        def tensor(values: list[int]) -> torch.Tensor | None:
+            return torch.tensor(values, device=dev) if values else None
+
+        ctx.attn = _TritonPlan(
+            decode_which=tensor(plain),
+            decode_rows=tensor([ctx.rows[i] for i in plain]),
+            decode_lens=tensor([ctx.kv_lens[i] for i in plain]),
+            max_decode_len=max((ctx.kv_lens[i] for i in plain), default=0),
+            groups=groups,
+            extend_rows=tensor([ctx.rows[i] for i in ext]),
+            extend_starts=tensor(starts) if ext else None,
+            extend_lens=tensor([ctx.kv_lens[i] for i in ext]),
+            max_q_len=max((ctx.q_lens[i] for i in ext), default=0),
+        )
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float
+    ) -> torch.Tensor:
+        ctx = get_context()
+        plan: _TritonPlan = ctx.attn
+        k_cache, v_cache = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]
+        store_kv(k_cache, v_cache, ctx.out_slots, k, v)
+        nd = ctx.num_decodes
+        out = torch.empty_like(q)
+        if plan.decode_which is not None:
+            idx = plan.decode_which
+            res = self._attn.decode_attention_triton(
+                q[idx], k_cache, v_cache, ctx.req_to_token, plan.decode_rows,
+                plan.decode_lens, scale, max_kv_len=plan.max_decode_len,
+            )  # fmt: skip
+            out[idx] = res
+        for g in plan.groups:
+            which = g.suffix.which
+            n = g.suffix.index.shape[0]
+            qg = q[:n] if which is None else q[which]
+            res = self._cascade.shared_prefix_decode_attention_triton(
+                qg, k_cache, v_cache, g.prefix_slots, g.suffix.index, g.suffix.lens, scale
+            )
+            if which is None:
+                out[:n] = res
+            else:
+                out[which] = res
+        if plan.extend_rows is not None:
+            out[nd:] = self._attn.extend_attention_triton(
+                q[nd:], k_cache, v_cache, ctx.req_to_token, plan.extend_rows,
+                plan.extend_starts, plan.extend_lens, scale, max_q_len=plan.max_q_len,
+            )  # fmt: skip
+        return out
+
+
 def create_backend(name: str | None, device: torch.device) -> AttentionBackend:
-    """Pick an attention backend by name; ``None`` means the device default."""
-    if name in (None, "torch"):
+    """Pick an attention backend by name; ``None`` means the device default (triton on
+    CUDA, torch on the CPU)."""
+    if name is None:
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}; available: torch")
+    if name == "triton":
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; available: torch, triton")

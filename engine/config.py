@@ -18,6 +18,9 @@ class EngineConfig:
                            from ``kv_cache_gib``.
     ``prepack_weights``    on CPU, hold projections in oneDNN's blocked layout.
     ``prefix_cache``       share KV of common prefixes through the radix cache.
+    ``shared_prefix_min_tokens``  decodes sharing a cached prefix at least this long
+                           get its attention computed once per group (cascade
+                           attention); ``None`` turns it off.
     """
 
     dtype: torch.dtype = torch.float32
@@ -29,6 +32,7 @@ class EngineConfig:
     kv_cache_gib: float = 1.0
     prepack_weights: bool = True
     prefix_cache: bool = True
+    shared_prefix_min_tokens: int | None = 256
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

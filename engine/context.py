@@ -7,7 +7,7 @@ therefore never threads batch metadata through its layers (nano-vllm's pattern).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,9 @@ class ForwardContext:
     kv_pool: KVPool
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    # decodes that share a cached prefix (engine.prefix_groups.PrefixGroup), for
+    # backends that compute the shared part of attention once per group
+    prefix_groups: list[Any] = field(default_factory=list)
     attn: Any = None  # backend-specific metadata, built once per step
 
 

@@ -40,7 +40,9 @@ class LLMEngine:
 
     ``config`` keys are the fields of :class:`EngineConfig` (``max_model_len``,
     ``max_running``, ``max_batched_tokens``, ``kv_slots``, ``kv_cache_gib``,
-    ``prepack_weights``, ``prefix_cache``) plus ``attention_backend``.
+    ``prepack_weights``, ``prefix_cache``, ``shared_prefix_min_tokens``) plus
+    ``attention_backend`` (``"torch"`` or ``"triton"``; by default triton on CUDA,
+    torch on the CPU).
     """
 
     def __init__(
@@ -93,8 +95,9 @@ class LLMEngine:
         inv_freq, scaling = rope_inv_freq(hf_config, args.head_dim)
         cos, sin = rope_cos_sin_cache(inv_freq, cfg.max_model_len, scaling)
         self.runner = ModelRunner(
-            self.model, self.backend, self.kv_pool, self.table, cos.to(dev), sin.to(dev), dev
-        )
+            self.model, self.backend, self.kv_pool, self.table, cos.to(dev), sin.to(dev), dev,
+            shared_prefix_min_tokens=cfg.shared_prefix_min_tokens if self.cache else None,
+        )  # fmt: skip
 
         self._requests: dict[str, Request] = {}
         self._arrivals = itertools.count()

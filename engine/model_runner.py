@@ -8,6 +8,7 @@ from engine.attention import AttentionBackend
 from engine.context import ForwardContext, set_context
 from engine.kv_cache import KVPool, ReqToTokenTable
 from engine.models import LlamaForCausalLM
+from engine.prefix_groups import find_prefix_groups
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
@@ -25,6 +26,7 @@ class ModelRunner:
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
         device: torch.device,
+        shared_prefix_min_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.backend = backend
@@ -33,6 +35,7 @@ class ModelRunner:
         self.rope_cos = rope_cos
         self.rope_sin = rope_sin
         self.device = device
+        self.shared_prefix_min_tokens = shared_prefix_min_tokens
         self.sampler = Sampler()
 
     @torch.inference_mode()
@@ -86,6 +89,8 @@ class ModelRunner:
             cos=self.rope_cos[pos].to(dtype),
             sin=self.rope_sin[pos].to(dtype),
         )
+        if self.shared_prefix_min_tokens is not None and len(batch.decodes) > 1:
+            ctx.prefix_groups = find_prefix_groups(batch.decodes, self.shared_prefix_min_tokens)
         self.backend.plan(ctx)
         set_context(ctx)
         try:
