@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from engine.context import ForwardContext, get_context
+from kernels import activation, norm, rope
 from kernels.attention import decode_attention, extend_attention, store_kv
 from kernels.cascade import shared_prefix_decode_attention
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The model's small ops, from the same family of kernels as its attention."""
+
+    rms_norm: Callable[..., torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+
+
+TORCH_OPS = Ops(norm.rms_norm, norm.add_rms_norm, activation.silu_and_mul)
 
 
 class AttentionBackend(ABC):
@@ -20,9 +34,31 @@ class AttentionBackend(ABC):
     tokens' K/V into their slots and returns the attention output.
     """
 
+    #: the norm and activation kernels the model uses with this backend
+    ops: Ops = TORCH_OPS
+
     @abstractmethod
     def plan(self, ctx: ForwardContext) -> None:
         """Build per-step metadata into ``ctx.attn``."""
+
+    def forward_rope(
+        self,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """:meth:`forward` for q and k not yet rotated by RoPE, stacked along the head
+        axis (``qk [T, Hq + Hk, D]``, q first; ``v [T, Hk, D]``; ``cos``/``sin [T, D]``).
+
+        The default rotates q and k with one call and calls :meth:`forward`; a backend
+        may fuse the rotation with storing K/V into the pool instead.
+        """
+        nq = qk.shape[1] - v.shape[1]
+        qk = rope.rotate(qk, cos, sin)
+        return self.forward(qk[:, :nq], qk[:, nq:], v, layer, scale)
 
     @abstractmethod
     def forward(
@@ -168,10 +204,15 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self) -> None:
         # imported here so the torch backend never needs triton
-        from kernels import triton_attention, triton_cascade
+        from kernels import triton_attention, triton_cascade, triton_ops
 
         self._attn = triton_attention
         self._cascade = triton_cascade
+        self._ops = triton_ops
+        self.ops = Ops(
+            triton_ops.rms_norm_triton, triton_ops.add_rms_norm_triton,
+            triton_ops.silu_and_mul_triton,
+        )  # fmt: skip
 
     def plan(self, ctx: ForwardContext) -> None:
         dev = ctx.req_to_token.device
@@ -201,9 +242,35 @@ class TritonAttentionBackend(AttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float
     ) -> torch.Tensor:
         ctx = get_context()
-        plan: _TritonPlan = ctx.attn
         k_cache, v_cache = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]
         store_kv(k_cache, v_cache, ctx.out_slots, k, v)
+        return self._attend(q, ctx, layer, scale)
+
+    def forward_rope(
+        self,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer: int,
+        scale: float,
+    ) -> torch.Tensor:
+        # one kernel rotates q and k and writes k/v into their slots: the rotated k
+        # never makes a round trip through memory
+        ctx = get_context()
+        k_cache, v_cache = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]
+        nq = qk.shape[1] - v.shape[1]
+        q = self._ops.rope_and_store_kv_triton(
+            qk[:, :nq], qk[:, nq:], v, cos, sin, k_cache, v_cache, ctx.out_slots
+        )
+        return self._attend(q, ctx, layer, scale)
+
+    def _attend(
+        self, q: torch.Tensor, ctx: ForwardContext, layer: int, scale: float
+    ) -> torch.Tensor:
+        """Attention of the step's queries; K/V of the new tokens are already stored."""
+        plan: _TritonPlan = ctx.attn
+        k_cache, v_cache = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]
         nd = ctx.num_decodes
         out = torch.empty_like(q)
         if plan.decode_which is not None:

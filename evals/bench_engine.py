@@ -68,7 +68,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sections", default="decode,fanout", help="decode and/or fanout")
+    ap.add_argument(
+        "--sections", default="decode,fanout", help="comma-separated: decode, fanout, cascade"
+    )
     args = ap.parse_args()
 
     from engine.config import resolve_dtype
@@ -79,6 +81,8 @@ def main() -> None:
     sections = args.sections.split(",")
     if "decode" in sections:
         bench_decode(args, files, dtype)
+    if "cascade" in sections:
+        bench_cascade(args, files, dtype)
     if "fanout" in sections:
         bench_fanout(args, files, dtype)
 
@@ -191,6 +195,62 @@ def bench_fanout(args: argparse.Namespace, files, dtype: torch.dtype) -> None:
         )
     speed = statistics.median(times["no cache"]) / statistics.median(times["prefix cache"])
     print(f"  speed-up from the prefix cache: {speed:.2f}x")
+
+
+CASCADE_PREFIX = 1024
+
+
+def bench_cascade(args: argparse.Namespace, files, dtype: torch.dtype) -> None:
+    """Decode step time of a fan-out of 8 requests sharing a 1,024-token prefix, with
+    the shared-prefix (cascade) attention path and without it, in the same run.
+
+    Both engines prefill the same prompts first (not timed); then ``--tokens`` decode
+    steps of all 8 requests are timed. Each repeat draws a new prefix; the two engines
+    alternate which goes first.
+    """
+    from engine import LLM, SamplingParams
+
+    engines = {
+        "shared-prefix path": LLM(str(files.path), dtype=dtype, device="cpu",
+                                  shared_prefix_min_tokens=256),
+        "plain attention": LLM(str(files.path), dtype=dtype, device="cpu",
+                               shared_prefix_min_tokens=None),
+    }  # fmt: skip
+    vocab = engines["plain attention"].engine.vocab_size
+    params = SamplingParams(max_tokens=args.tokens + 1, temperature=0.0, ignore_eos=True)
+    steps: dict[str, list[float]] = {name: [] for name in engines}
+    for rep in range(args.repeats + 1):  # the first round is a warm-up
+        g = torch.Generator().manual_seed(1000 + rep)
+        prefix = torch.randint(100, vocab, (CASCADE_PREFIX,), generator=g).tolist()
+        prompts = [
+            prefix + torch.randint(100, vocab, (FANOUT_SUFFIX,), generator=g).tolist()
+            for _ in range(FANOUT_REQUESTS)
+        ]
+        order = list(engines.items()) if rep % 2 == 0 else list(engines.items())[::-1]
+        for name, llm in order:
+            eng = llm.engine
+            reqs = [eng.make_request(p, params) for p in prompts]
+            for r in reqs:
+                eng.add(r)
+            while any(not r.output_ids for r in reqs):  # prefill, untimed
+                eng.step()
+            t0 = time.perf_counter()
+            for _ in range(args.tokens):
+                eng.step()
+            if rep:
+                steps[name].append((time.perf_counter() - t0) / args.tokens)
+            while eng.has_unfinished():
+                eng.step()
+    print(
+        f"cascade: {FANOUT_REQUESTS} requests sharing a {CASCADE_PREFIX}-token prefix "
+        f"(+{FANOUT_SUFFIX} own tokens), decode step time, median of {args.repeats}"
+    )
+    for name in engines:
+        print(f"  {name:18s}: {statistics.median(steps[name]) * 1000:7.1f} ms per step")
+    ratio = statistics.median(steps["plain attention"]) / statistics.median(
+        steps["shared-prefix path"]
+    )
+    print(f"  speed-up of the decode step from the shared-prefix path: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.attention import AttentionBackend
+from engine.attention import TORCH_OPS, AttentionBackend, Ops
 from engine.context import get_context
-from kernels.activation import silu_and_mul
 from kernels.linear import PackedLinear, prepack_linears
-from kernels.norm import add_rms_norm, rms_norm
-from kernels.rope import rotate
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -95,18 +92,19 @@ def rope_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
     def forward_add(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return add_rms_norm(x, residual, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -126,40 +124,41 @@ class Attention(nn.Module):
             args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias
         )
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
-        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
-        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        ops = backend.ops
+        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, ops) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, ops) if args.qk_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         qkv = self.qkv_proj(x)
         nq, nk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        # q and k are adjacent in the fused output: rotate them with one call
+        # q and k are adjacent in the fused output: the backend rotates them together
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, nq + nk, d)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, nk, d)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :nq]), self.k_norm(qk[:, nq:])], dim=1)
-        qk = rotate(qk, ctx.cos, ctx.sin)
-        out = self.backend.forward(qk[:, :nq], qk[:, nq:], v, self.layer, self.scale)
+        out = self.backend.forward_rope(qk, v, ctx.cos, ctx.sin, self.layer, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
+        self.ops = ops
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, backend: AttentionBackend) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer, backend)
-        self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args, backend.ops)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend.ops)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend.ops)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None
@@ -178,7 +177,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i, backend) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend.ops)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
