@@ -6,18 +6,9 @@ The Triton kernels run on CUDA when there is a GPU and under the Triton interpre
 
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
+from triton_env import DEVICE, require_triton
 
 from kernels.attention import decode_attention
 from kernels.cascade import (
@@ -27,8 +18,6 @@ from kernels.cascade import (
     shared_prefix_attention,
     shared_prefix_decode_attention,
 )
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -202,43 +191,12 @@ def test_shared_prefix_without_padding_and_without_prefix():
 
 
 # -- Triton (CUDA, or the interpreter on CPU) ----------------------------------------------------
-def _interpreter_usable() -> bool:
-    """Whether Triton kernels can run here: on CUDA, or interpreted with ``tl.*`` helpers.
-
-    ``triton.language``'s own helpers (``tl.zeros``, ``tl.sum``, ...) are interpreted
-    only if ``TRITON_INTERPRET=1`` was set before triton's first import, and the
-    conftest's ``transformers`` imports import triton before this module runs. Then
-    :func:`test_triton_in_a_fresh_interpreter_process` reruns these tests in a child.
-    """
-    import triton.language as tl
-
-    return DEVICE.type == "cuda" or type(tl.zeros).__name__ == "InterpretedFunction"
-
-
 @pytest.fixture(scope="module")
 def tc():
-    pytest.importorskip("triton")
-    if not _interpreter_usable():
-        pytest.skip("triton imported before TRITON_INTERPRET=1: runs in a child process")
+    require_triton()
     import kernels.triton_cascade as module
 
-    if DEVICE.type == "cpu" and type(module._merge_kernel).__name__ != "InterpretedFunction":
-        module = importlib.reload(module)  # imported before TRITON_INTERPRET=1 was set
     return module
-
-
-def test_triton_in_a_fresh_interpreter_process():
-    pytest.importorskip("triton")
-    if _interpreter_usable():
-        pytest.skip("the Triton tests run in this process")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    cmd += ["-k", "triton and not fresh_interpreter"]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "passed" in summary and "skipped" not in summary, summary
 
 
 @pytest.mark.parametrize(

@@ -1,49 +1,20 @@
 """The Triton attention kernels against the torch reference in kernels.attention.
 
 Without CUDA the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``,
-set before triton is imported); with CUDA they are compiled and run on the GPU.
+set by tests/conftest.py before triton is imported); with CUDA they are compiled.
 Shapes are tiny because the interpreter executes every program in Python.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from triton_env import DEVICE, INTERPRETED, require_triton
 
-if not torch.cuda.is_available():
-    # @triton.jit reads this when it decorates a function, so it must be set before
-    # triton and our kernel module are imported (see the reloads below for when not)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+require_triton()
 
-pytest.importorskip("triton")
-
-import triton.language as tl
-
-import kernels.triton_attention as ta
-from kernels.attention import decode_attention, extend_attention, store_kv
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-INTERPRETED = DEVICE.type == "cpu"
-if INTERPRETED and os.environ["TRITON_INTERPRET"] != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is disabled", allow_module_level=True)
-
-
-def _interpreted(fn) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-if INTERPRETED and not _interpreted(tl.standard.cdiv):
-    # triton was imported before the variable was set (tests/conftest.py imports
-    # transformers, which imports triton), so its standard library (tl.max, tl.sum,
-    # tl.zeros, ...) was decorated for the compiler and would raise inside an
-    # interpreted kernel. Decorate it again, then rebind the names tl exports.
-    importlib.reload(tl.standard)
-    importlib.reload(tl)
-if INTERPRETED and not _interpreted(ta._decode_split_kernel):
-    ta = importlib.reload(ta)
+import kernels.triton_attention as ta  # noqa: E402
+from kernels.attention import decode_attention, extend_attention, store_kv  # noqa: E402
 
 GQA = [(2, 2), (4, 2), (8, 2)]  # (Hq, Hk): group sizes 1, 2, 4
 # The interpreter (Triton 3.9) stores bfloat16 as uint16 and its tl.dot multiplies the

@@ -1,40 +1,29 @@
 """The fused Triton ops in ``kernels.triton_ops`` against their torch references.
 
-Without CUDA the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU
-tensors; with CUDA (and the variable unset) they run on the GPU.
+Without CUDA the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set by
+tests/conftest.py before triton is imported) on CPU tensors; with CUDA on the GPU.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    # must be set before triton is imported, so that @triton.jit builds interpreted kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+import torch
+from triton_env import DEVICE, INTERPRETED, require_triton
 
-from kernels import triton_ops
-from kernels.activation import silu_and_mul
-from kernels.attention import store_kv
-from kernels.norm import add_rms_norm, rms_norm
-from kernels.rope import apply_rope, rope_cos_sin_cache
-from kernels.triton_ops import (
+require_triton()
+
+from kernels import triton_ops  # noqa: E402
+from kernels.activation import silu_and_mul  # noqa: E402
+from kernels.attention import store_kv  # noqa: E402
+from kernels.norm import add_rms_norm, rms_norm  # noqa: E402
+from kernels.rope import apply_rope, rope_cos_sin_cache  # noqa: E402
+from kernels.triton_ops import (  # noqa: E402
     add_rms_norm_triton,
     rms_norm_triton,
     rope_and_store_kv_triton,
     silu_and_mul_triton,
-)
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="TRITON_INTERPRET is off and there is no CUDA device",
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -48,34 +37,6 @@ TOL = {
     torch.float16: (2e-3, 2e-3),
 }
 EPS = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreted_jit_functions():
-    """Make sure every ``@triton.jit`` function these kernels reach runs interpreted.
-
-    ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates. ``tests/conftest.py``
-    imports ``transformers``, which imports triton, before this module can set the
-    variable, so triton's own library (``tl.sum`` ...) was built for compilation and
-    refuses to run inside an interpreted kernel. Rewrap those (and our kernels, in case
-    they were imported early too) as interpreted functions for this module only.
-    """
-    if not INTERPRET:
-        yield
-        return
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    wrapped: dict[int, InterpretedFunction] = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for mod in (tl, tl.standard, tl.math, triton_ops):
-            for name, obj in list(vars(mod).items()):
-                if isinstance(obj, JITFunction):
-                    # one wrapper per function: the interpreter compares some by identity
-                    fn = wrapped.setdefault(id(obj), InterpretedFunction(obj.fn))
-                    mp.setattr(mod, name, fn)
-        yield
 
 
 @functools.cache
@@ -107,7 +68,7 @@ def _same_rounding(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
     Triton's interpreter truncates float32 -> bfloat16 instead of rounding to nearest
     even (the GPU rounds), so under it bfloat16 results may be one ulp off.
     """
-    if INTERPRET and dtype == torch.bfloat16:
+    if INTERPRETED and dtype == torch.bfloat16:
         _close(actual, expected, dtype)
     else:
         assert torch.equal(actual, expected)
