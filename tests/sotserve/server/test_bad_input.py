@@ -20,14 +20,6 @@ pytestmark = pytest.mark.slow
 Q = [{"role": "user", "content": "How can I develop my critical thinking skills?"}]
 
 
-@pytest.fixture
-async def http(sotserve_url):
-    async with aiohttp.ClientSession(
-        sotserve_url, timeout=aiohttp.ClientTimeout(total=120)
-    ) as session:
-        yield session
-
-
 async def post(http, body: Any) -> tuple[int, dict[str, Any]]:
     kw = {"data": body} if isinstance(body, bytes) else {"json": body}
     async with http.post("/v1/chat/completions", **kw) as resp:

@@ -21,14 +21,6 @@ QUESTION = "How can I improve my time management skills?"
 SMALL = {"max_tokens": 120, "sot": {"point_max_tokens": 24}}
 
 
-@pytest.fixture
-async def http(sotserve_url):
-    async with aiohttp.ClientSession(
-        sotserve_url, timeout=aiohttp.ClientTimeout(total=120)
-    ) as session:
-        yield session
-
-
 def chat_body(mode: str, question: str = QUESTION, **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "messages": [{"role": "user", "content": question}],
