@@ -167,6 +167,9 @@ class ChatHandler:
                     resp = await self._collect(request, answer, first, events)
                     outcome = "ok"
                     return resp
+        except APIError as exc:
+            outcome = "rejected" if exc.status == 429 else "error"
+            raise
         except ConnectionResetError:
             outcome = "disconnected"
             return web.Response(status=499)  # nginx's "client closed request", for the log

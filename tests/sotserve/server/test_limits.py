@@ -74,6 +74,8 @@ async def test_over_the_limit_is_429_and_the_slot_frees(engine):
         assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
         assert "1 concurrent" in err["message"]
         assert await gauge(http, "sotserve_rejected_total") == 1
+        rejected = 'sotserve_answers_total{mode="sequential",outcome="rejected"}'
+        assert await gauge(http, rejected) == 1
         await running.read()  # the first answer completes normally
         running.release()
         async with http.post("/v1/chat/completions", json=BODY) as resp:
