@@ -66,6 +66,21 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """``q [T, Hq, D]``, ``k``/``v [T, Hk, D]`` for the step's new tokens -> ``[T, Hq, D]``."""
 
+    #: whether :meth:`plan_graph_decode` is implemented (decode steps can be CUDA graphs)
+    supports_graphs: bool = False
+
+    def plan_graph_decode(
+        self, ctx: ForwardContext, rows: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int
+    ) -> None:
+        """Plan a step of ``len(rows)`` one-token decodes for CUDA graph capture.
+
+        ``rows`` and ``kv_lens`` are device buffers that later steps overwrite in
+        place, and ``ctx``'s host-side lists are empty, so the plan may depend on
+        shapes and on ``max_kv_len`` (the longest any request can be) but never on
+        values. A ``kv_lens`` entry of 0 marks a padding row: its output is ignored.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot run decode steps as CUDA graphs")
+
 
 @dataclass
 class _Padded:
@@ -90,6 +105,19 @@ class _TorchPlan:
     plain: _Padded | None  # decodes attended over all their keys
     groups: list[_Group]  # decodes whose shared prefix is attended once per group
     extends: list[tuple[int, int, torch.Tensor]]  # (q_start, q_len, kv slots)
+
+
+def _take(q: torch.Tensor, which: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Rows ``which`` of ``q``; ``None`` means the first ``n`` (no gather needed)."""
+    return q[:n] if which is None else q[which]
+
+
+def _put(out: torch.Tensor, which: torch.Tensor | None, res: torch.Tensor) -> None:
+    """Write ``res`` back to the rows :func:`_take` read."""
+    if which is None:
+        out[: res.shape[0]] = res
+    else:
+        out[which] = res
 
 
 def _padded(
@@ -158,22 +186,15 @@ class TorchAttentionBackend(AttentionBackend):
             return decode_attention(q, k_cache, v_cache, plain.index, plain.mask, scale)
         out = torch.empty_like(q)
         if plain is not None:
-            qp = q[: plain.index.shape[0]] if plain.which is None else q[plain.which]
+            qp = _take(q, plain.which, plain.index.shape[0])
             res = decode_attention(qp, k_cache, v_cache, plain.index, plain.mask, scale)
-            if plain.which is None:
-                out[: res.shape[0]] = res
-            else:
-                out[plain.which] = res
+            _put(out, plain.which, res)
         for g in plan.groups:
-            which, n = g.suffix.which, g.suffix.index.shape[0]
-            qg = q[:n] if which is None else q[which]  # None: the members are decodes 0..n-1
+            qg = _take(q, g.suffix.which, g.suffix.index.shape[0])
             res = shared_prefix_decode_attention(
                 qg, k_cache, v_cache, g.prefix_slots, g.suffix.index, g.suffix.lens, scale
             )
-            if which is None:
-                out[:n] = res
-            else:
-                out[which] = res
+            _put(out, g.suffix.which, res)
         for start, n, slots in plan.extends:
             out[start : start + n] = extend_attention(
                 q[start : start + n], k_cache, v_cache, slots, scale
@@ -183,10 +204,13 @@ class TorchAttentionBackend(AttentionBackend):
 
 @dataclass
 class _TritonPlan:
-    decode_which: torch.Tensor | None  # batch indices of the decodes outside any group
-    decode_rows: torch.Tensor | None  # their req_to_token rows
-    decode_lens: torch.Tensor | None  # their key counts
+    # decodes outside any group: their places in the batch (None: the first n),
+    # req_to_token rows and key counts; rows is None when there are none
+    decode_which: torch.Tensor | None
+    decode_rows: torch.Tensor | None
+    decode_lens: torch.Tensor | None
     max_decode_len: int
+    decode_splits: int | None  # split-K grid; None: from max_decode_len
     groups: list[_Group]
     extend_rows: torch.Tensor | None  # [E]
     extend_starts: torch.Tensor | None  # [E + 1] offsets of each request's new tokens
@@ -200,7 +224,10 @@ class TritonAttentionBackend(AttentionBackend):
     the shared-prefix kernel (:mod:`kernels.triton_cascade`) for fan-out groups.
 
     Runs compiled on CUDA, and in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``,
-    for tests: slow, but the same kernels)."""
+    for tests: slow, but the same kernels). Every kernel takes its metadata as device
+    tensors, so decode steps can be captured as CUDA graphs."""
+
+    supports_graphs = True
 
     def __init__(self) -> None:
         # imported here so the torch backend never needs triton
@@ -227,16 +254,35 @@ class TritonAttentionBackend(AttentionBackend):
             return torch.tensor(values, device=dev) if values else None
 
         ctx.attn = _TritonPlan(
-            decode_which=tensor(plain),
+            decode_which=None if plain == list(range(len(plain))) else tensor(plain),
             decode_rows=tensor([ctx.rows[i] for i in plain]),
             decode_lens=tensor([ctx.kv_lens[i] for i in plain]),
             max_decode_len=max((ctx.kv_lens[i] for i in plain), default=0),
+            decode_splits=None,
             groups=groups,
             extend_rows=tensor([ctx.rows[i] for i in ext]),
             extend_starts=tensor(starts) if ext else None,
             extend_lens=tensor([ctx.kv_lens[i] for i in ext]),
             max_q_len=max((ctx.q_lens[i] for i in ext), default=0),
         )
+
+    def plan_graph_decode(
+        self, ctx: ForwardContext, rows: torch.Tensor, kv_lens: torch.Tensor, max_kv_len: int
+    ) -> None:
+        dev = rows.device
+        # the split-K grid cannot follow the longest request of each step: fix it from
+        # the batch size and the longest possible request instead
+        sms = 1
+        if dev.type == "cuda":
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        splits = self._attn.fixed_grid_num_splits(
+            rows.shape[0], ctx.kv_pool.k.shape[2], max_kv_len, sms
+        )
+        ctx.attn = _TritonPlan(
+            decode_which=None, decode_rows=rows, decode_lens=kv_lens,
+            max_decode_len=max_kv_len, decode_splits=splits, groups=[],
+            extend_rows=None, extend_starts=None, extend_lens=None, max_q_len=0,
+        )  # fmt: skip
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float
@@ -272,25 +318,24 @@ class TritonAttentionBackend(AttentionBackend):
         plan: _TritonPlan = ctx.attn
         k_cache, v_cache = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]
         nd = ctx.num_decodes
-        out = torch.empty_like(q)
-        if plan.decode_which is not None:
-            idx = plan.decode_which
-            res = self._attn.decode_attention_triton(
-                q[idx], k_cache, v_cache, ctx.req_to_token, plan.decode_rows,
-                plan.decode_lens, scale, max_kv_len=plan.max_decode_len,
+        plain = None
+        if plan.decode_rows is not None:
+            plain = self._attn.decode_attention_triton(
+                _take(q, plan.decode_which, plan.decode_rows.shape[0]), k_cache, v_cache,
+                ctx.req_to_token, plan.decode_rows, plan.decode_lens, scale,
+                plan.decode_splits, max_kv_len=plan.max_decode_len,
             )  # fmt: skip
-            out[idx] = res
+            if plain.shape[0] == q.shape[0]:  # the whole batch is plain decodes
+                return plain
+        out = torch.empty_like(q)
+        if plain is not None:
+            _put(out, plan.decode_which, plain)
         for g in plan.groups:
-            which = g.suffix.which
-            n = g.suffix.index.shape[0]
-            qg = q[:n] if which is None else q[which]
             res = self._cascade.shared_prefix_decode_attention_triton(
-                qg, k_cache, v_cache, g.prefix_slots, g.suffix.index, g.suffix.lens, scale
-            )
-            if which is None:
-                out[:n] = res
-            else:
-                out[which] = res
+                _take(q, g.suffix.which, g.suffix.index.shape[0]), k_cache, v_cache,
+                g.prefix_slots, g.suffix.index, g.suffix.lens, scale,
+            )  # fmt: skip
+            _put(out, g.suffix.which, res)
         if plan.extend_rows is not None:
             out[nd:] = self._attn.extend_attention_triton(
                 q[nd:], k_cache, v_cache, ctx.req_to_token, plan.extend_rows,

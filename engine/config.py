@@ -20,7 +20,12 @@ class EngineConfig:
     ``prefix_cache``       share KV of common prefixes through the radix cache.
     ``shared_prefix_min_tokens``  decodes sharing a cached prefix at least this long
                            get its attention computed once per group (cascade
-                           attention); ``None`` turns it off.
+                           attention); ``None`` turns it off. Decode steps that
+                           replay a CUDA graph skip it (their plan is fixed).
+    ``enforce_eager``      never capture CUDA graphs (vLLM's name).
+    ``cuda_graph_max_batch``  on CUDA, decode-only steps of up to this many requests
+                           replay a graph captured per batch-size bucket
+                           (:mod:`engine.cuda_graph`); larger ones run eagerly.
     """
 
     dtype: torch.dtype = torch.float32
@@ -33,6 +38,8 @@ class EngineConfig:
     prepack_weights: bool = True
     prefix_cache: bool = True
     shared_prefix_min_tokens: int | None = 256
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 64
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

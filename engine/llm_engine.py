@@ -40,7 +40,8 @@ class LLMEngine:
 
     ``config`` keys are the fields of :class:`EngineConfig` (``max_model_len``,
     ``max_running``, ``max_batched_tokens``, ``kv_slots``, ``kv_cache_gib``,
-    ``prepack_weights``, ``prefix_cache``, ``shared_prefix_min_tokens``) plus
+    ``prepack_weights``, ``prefix_cache``, ``shared_prefix_min_tokens``,
+    ``enforce_eager``, ``cuda_graph_max_batch``) plus
     ``attention_backend`` (``"torch"`` or ``"triton"``; by default triton on CUDA,
     torch on the CPU).
     """
@@ -98,6 +99,13 @@ class LLMEngine:
             self.model, self.backend, self.kv_pool, self.table, cos.to(dev), sin.to(dev), dev,
             shared_prefix_min_tokens=cfg.shared_prefix_min_tokens if self.cache else None,
         )  # fmt: skip
+        if (
+            dev.type == "cuda"
+            and not cfg.enforce_eager
+            and cfg.cuda_graph_max_batch > 0
+            and self.backend.supports_graphs
+        ):
+            self.runner.capture_decode_graphs(min(cfg.cuda_graph_max_batch, cfg.max_running))
 
         self._requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
@@ -299,6 +307,7 @@ class LLMEngine:
         st["evicted_tokens"] = self.cm.evicted_tokens
         st["preemptions"] = self.scheduler.num_preemptions
         st["mean_batch_size"] = st["batched_requests"] / st["steps"] if st["steps"] else 0.0
+        st["graph_steps"] = self.runner.graph_steps
         return st
 
 

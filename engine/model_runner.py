@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.attention import AttentionBackend
 from engine.context import ForwardContext, set_context
+from engine.cuda_graph import DecodeGraphRunner, StepGraph
 from engine.kv_cache import KVPool, ReqToTokenTable
 from engine.models import LlamaForCausalLM
 from engine.prefix_groups import find_prefix_groups
@@ -37,6 +40,20 @@ class ModelRunner:
         self.device = device
         self.shared_prefix_min_tokens = shared_prefix_min_tokens
         self.sampler = Sampler()
+        self.graphs: DecodeGraphRunner | None = None
+        self.graph_steps = 0  # steps that replayed a captured graph
+
+    def capture_decode_graphs(
+        self, max_batch: int, make_graph: Callable[[], StepGraph] | None = None
+    ) -> None:
+        """Capture decode steps of up to ``max_batch`` requests (CUDA graphs, unless
+        ``make_graph`` makes another kind); later decode-only steps replay them."""
+        if not self.backend.supports_graphs:
+            raise ValueError(f"{type(self.backend).__name__} does not support CUDA graphs")
+        self.graphs = DecodeGraphRunner(
+            self.model, self.backend, self.kv_pool, self.table, self.rope_cos, self.rope_sin,
+            max_batch, make_graph,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Request], list[int]]:
@@ -45,6 +62,12 @@ class ModelRunner:
         A prefill chunk that does not finish its request's pending tokens produces no
         token: its logits would predict a token the request already has.
         """
+        if (
+            self.graphs is not None
+            and not batch.prefills
+            and len(batch.decodes) <= self.graphs.max_batch
+        ):
+            return self._run_graph(batch.decodes)
         ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
@@ -53,7 +76,7 @@ class ModelRunner:
         sample_at: list[int] = []
         sampled_reqs: list[Request] = []
         for req in batch.decodes:
-            ids.append(req.output_ids[-1] if req.output_ids else req.prompt_ids[-1])
+            ids.append(_last_token(req))
             positions.append(req.num_computed)
             rows.append(req.row)
             q_lens.append(1)
@@ -101,3 +124,21 @@ class ModelRunner:
         finally:
             set_context(None)
         return sampled_reqs, self.sampler(logits, sampled_reqs)
+
+    def _run_graph(self, decodes: list[Request]) -> tuple[list[Request], list[int]]:
+        """A decode-only step through the captured graph of its bucket. Fan-out groups
+        are not looked for: the graph's attention plan is fixed at capture."""
+        logits = self.graphs.run(
+            [_last_token(r) for r in decodes],
+            [r.num_computed for r in decodes],
+            [r.row for r in decodes],
+            [r.num_computed + 1 for r in decodes],
+        )
+        self.graph_steps += 1
+        return decodes, self.sampler(logits, decodes)
+
+
+def _last_token(req: Request) -> int:
+    """The token a decode step feeds: the last one sampled, or the prompt's last one
+    when a prefill chunk stopped one short of the prompt's end."""
+    return req.output_ids[-1] if req.output_ids else req.prompt_ids[-1]

@@ -84,6 +84,18 @@ def default_num_splits(max_kv_len: int) -> int:
     return max(1, min(MAX_SPLITS, math.ceil(max(int(max_kv_len), 1) / KEYS_PER_SPLIT)))
 
 
+def fixed_grid_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
+    """Splits for a grid fixed before the key counts are known (a CUDA graph).
+
+    Enough ``(request, KV head, split)`` programs to give every SM two, but never more
+    splits than :func:`default_num_splits` would use for the longest possible request:
+    each request cuts its *own* keys into the splits, so short requests simply get
+    short (or empty) chunks.
+    """
+    wanted = math.ceil(2 * num_sms / max(batch * num_kv_heads, 1))
+    return max(1, min(wanted, default_num_splits(max_kv_len)))
+
+
 # ---------------------------------------------------------------------------------------
 # decode: stage 1 (one program per request x KV head x split)
 # ---------------------------------------------------------------------------------------
