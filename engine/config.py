@@ -41,6 +41,17 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 64
 
+    def __post_init__(self) -> None:
+        least = {"max_running": 1, "max_batched_tokens": 1, "kv_slots": 1,
+                 "max_model_len": 2, "shared_prefix_min_tokens": 1,
+                 "cuda_graph_max_batch": 0}  # fmt: skip
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
+
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     """Map ``"float32" | "bfloat16" | "float16" | "auto"`` to a torch dtype."""

@@ -22,6 +22,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.async_engine import AsyncEngine
+from engine.cli_args import add_engine_args, engine_kwargs
 from engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
@@ -492,21 +493,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-running", type=int, default=None)
-    p.add_argument("--max-batched-tokens", type=int, default=None)
-    p.add_argument("--kv-slots", type=int, default=None)
+    add_engine_args(p)
     args = p.parse_args(argv)
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = {
-        k: v
-        for k in ("max_model_len", "max_running", "max_batched_tokens", "kv_slots")
-        if (v := getattr(args, k)) is not None
-    }
-    engine = AsyncEngine(args.model, dtype=args.dtype, device=args.device, **config)
+    try:
+        engine = AsyncEngine(
+            args.model, dtype=args.dtype, device=args.device, **engine_kwargs(args)
+        )
+    except ValueError as exc:  # a bad option value, or a model this engine cannot run
+        p.error(str(exc))
     app = build_app(engine, args.served_model_name)
 
     async def _close(_: web.Application) -> None:

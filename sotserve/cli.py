@@ -285,7 +285,7 @@ def _serve_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         serve(args)
-    except EngineError as exc:
+    except (EngineError, ValueError) as exc:  # ValueError: a bad engine option or model
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from engine import AsyncEngine
+from engine.cli_args import add_engine_args, engine_kwargs
 from engine.server import add_completion_routes, error_middleware
 from sotserve.backends.local import LocalBackend
 from sotserve.planner import Planner
@@ -103,11 +104,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id clients send")
-    g = p.add_argument_group("engine limits")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length")
-    g.add_argument("--max-batched-tokens", type=int, default=None, help="token budget per step")
-    g.add_argument("--max-running", type=int, default=None, help="requests decoded at once")
-    g.add_argument("--kv-slots", type=int, default=None, help="KV cache size in tokens")
+    add_engine_args(p)
     g = p.add_argument_group("request limits")
     d = ServerLimits()
     g.add_argument(
@@ -141,18 +138,13 @@ def serve(args: argparse.Namespace) -> None:
         max_request_bytes=args.max_request_bytes,
         max_messages=args.max_messages,
     )
-    engine_config = {
-        k: v
-        for k in ("max_model_len", "max_running", "max_batched_tokens", "kv_slots")
-        if (v := getattr(args, k)) is not None
-    }
     plan = {
         k: v
         for k in ("mode", "max_points", "point_max_tokens", "router")
         if (v := getattr(args, k)) is not None
     }
     logger.info("loading %s", args.model or "the embedded SmolLM2-135M-Instruct")
-    engine = AsyncEngine(args.model, dtype=args.dtype, device=args.device, **engine_config)
+    engine = AsyncEngine(args.model, dtype=args.dtype, device=args.device, **engine_kwargs(args))
     app = build_app(engine, args.served_model_name, limits, **plan)
 
     async def _close(_: web.Application) -> None:

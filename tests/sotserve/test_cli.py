@@ -106,6 +106,17 @@ def test_ask_rejects_bad_input_before_loading_the_model(args, message, tmp_path)
     assert message in proc.stderr and "not found" not in proc.stderr
 
 
+def test_serve_reports_a_bad_engine_option_cleanly():
+    # the engine checks its config before it loads anything, so this is quick
+    proc = subprocess.run(
+        [sys.executable, "-m", "sotserve", "serve", "--max-running", "0", "--port", "9"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=_env(),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "error: max_running must be at least 1, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_ask_model_options_need_no_url():
     proc = _ask("hi", "--url", "http://127.0.0.1:9", "--model", "x", timeout=120)
     assert proc.returncode == 2

@@ -1,0 +1,53 @@
+"""Command-line options that configure the engine, shared by ``python -m engine.server``
+and ``sotserve serve`` so both spell every option the same way."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine limits and execution options, as one argument group."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length")
+    g.add_argument("--max-batched-tokens", type=int, default=None, help="token budget per step")
+    g.add_argument("--max-running", type=int, default=None, help="requests decoded at once")
+    g.add_argument("--kv-slots", type=int, default=None, help="KV cache size in tokens")
+    g.add_argument(
+        "--attention-backend", default=None, choices=["torch", "triton"],
+        help="default: triton on CUDA, torch on the CPU",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-prefix-cache", dest="prefix_cache", action="store_false",
+        help="do not share the KV of common prefixes",
+    )  # fmt: skip
+    g.add_argument(
+        "--shared-prefix-min-tokens", type=int, default=None,
+        help="decodes sharing a cached prefix this long attend to it once per group "
+        "(default 256; 0 turns it off)",
+    )  # fmt: skip
+    g.add_argument(
+        "--enforce-eager", action="store_true", help="never capture CUDA graphs for decode steps"
+    )
+    g.add_argument(
+        "--cuda-graph-max-batch", type=int, default=None,
+        help="largest decode batch replayed as a CUDA graph (default 64)",
+    )  # fmt: skip
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line, as keyword arguments of ``LLMEngine``."""
+    kwargs: dict[str, Any] = {
+        k: v
+        for k in ("max_model_len", "max_batched_tokens", "max_running", "kv_slots",
+                  "attention_backend", "cuda_graph_max_batch")
+        if (v := getattr(args, k)) is not None
+    }  # fmt: skip
+    if not args.prefix_cache:
+        kwargs["prefix_cache"] = False
+    if args.shared_prefix_min_tokens is not None:
+        kwargs["shared_prefix_min_tokens"] = args.shared_prefix_min_tokens or None
+    if args.enforce_eager:
+        kwargs["enforce_eager"] = True
+    return kwargs

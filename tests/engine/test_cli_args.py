@@ -1,0 +1,54 @@
+"""The engine's command-line options and the config they become."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from engine.cli_args import add_engine_args, engine_kwargs
+from engine.config import EngineConfig
+
+
+def _parse(*argv: str) -> dict:
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    return engine_kwargs(p.parse_args(list(argv)))
+
+
+def test_defaults_pass_nothing():
+    # every default is the engine's own, so the servers and LLM() agree
+    assert _parse() == {}
+
+
+def test_options_map_to_engine_kwargs():
+    kw = _parse(
+        "--max-model-len", "512", "--max-running", "8", "--kv-slots", "4096",
+        "--max-batched-tokens", "256", "--attention-backend", "triton", "--no-prefix-cache",
+        "--shared-prefix-min-tokens", "128", "--enforce-eager", "--cuda-graph-max-batch", "16",
+    )  # fmt: skip
+    assert kw == {
+        "max_model_len": 512, "max_running": 8, "kv_slots": 4096, "max_batched_tokens": 256,
+        "attention_backend": "triton", "prefix_cache": False, "shared_prefix_min_tokens": 128,
+        "enforce_eager": True, "cuda_graph_max_batch": 16,
+    }  # fmt: skip
+    EngineConfig(**{k: v for k, v in kw.items() if k != "attention_backend"})
+
+
+def test_zero_turns_the_shared_prefix_path_off():
+    assert _parse("--shared-prefix-min-tokens", "0") == {"shared_prefix_min_tokens": None}
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(SystemExit):
+        _parse("--attention-backend", "flash")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_running", 0), ("max_batched_tokens", 0), ("kv_slots", 0), ("max_model_len", 1),
+     ("shared_prefix_min_tokens", 0), ("cuda_graph_max_batch", -1), ("kv_cache_gib", 0)],
+)  # fmt: skip
+def test_config_rejects_values_below_their_floor(field, value):
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**{field: value})
