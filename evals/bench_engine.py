@@ -1,13 +1,20 @@
-"""Engine benchmark: decode throughput against ``transformers.generate`` in the same run.
+"""Engine benchmarks, each against a baseline measured in the same run.
 
-    python -m evals.bench_engine [--dtype float32] [--batches 1,16] [--tokens 64]
+    python -m evals.bench_engine [--sections decode,fanout] [--dtype float32] [--tokens 64]
 
-For each batch size both sides generate ``--tokens`` new tokens for the same
-chat prompt (EOS ignored), and a 1-token run measures the prefill; the decode step
-time is ``(t(N+1 tokens) - t(1 token)) / N``. Runs alternate between the two sides
-and the median of ``--repeats`` is reported. The batch-1 step is also compared to
-its floor: the bytes of weights one decode step reads divided by the copy
-bandwidth measured here (STREAM convention: read + written bytes per second).
+``decode`` (CPU): for each of ``--batches`` both the engine and ``transformers.generate``
+generate ``--tokens`` new tokens for the same chat prompt (EOS ignored), and a 1-token
+run measures the prefill; the decode step time is ``(t(N+1 tokens) - t(1 token)) / N``.
+Runs alternate between the two sides and the median of ``--repeats`` is reported. The
+batch-1 step is also compared to its floor: the bytes of weights one decode step reads
+divided by the copy bandwidth measured here (STREAM convention: read + written bytes
+per second).
+
+``floor`` (any device, ``--device``): the engine's decode step for ``--floor-batches``
+(1 and 32) against the weight-read floor, with CUDA graphs and eagerly (on CUDA).
+
+``fanout`` and ``cascade``: the prefix cache and the shared-prefix attention path, each
+against the engine without it.
 """
 
 from __future__ import annotations
@@ -24,17 +31,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT = "Write a short story about a dragon who learns to paint."
 
 
-def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 10) -> float:
+def copy_bandwidth(
+    nbytes: int = 512 * 2**20, repeats: int = 10, device: torch.device | str = "cpu"
+) -> float:
     """Bytes per second moved by a large tensor copy (read + write, like STREAM Copy)."""
-    a = torch.ones(nbytes // 4)
+    device = torch.device(device)
+    a = torch.ones(nbytes // 4, device=device)
     b = torch.empty_like(a)
     b.copy_(a)
     times = []
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         b.copy_(a)
+        _sync(device)
         times.append(time.perf_counter() - t)
     return 2 * nbytes / min(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def weight_bytes_per_step(model: torch.nn.Module, batch: int) -> int:
@@ -59,7 +76,8 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """Run the chosen sections; returns what each returns (``floor``: a row per batch)."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -69,22 +87,31 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
-        "--sections", default="decode,fanout", help="comma-separated: decode, fanout, cascade"
-    )
-    args = ap.parse_args()
+        "--sections", default="decode,fanout",
+        help="comma-separated: decode, floor, fanout, cascade",
+    )  # fmt: skip
+    ap.add_argument("--device", default="auto", help="floor section: cpu | cuda | auto")
+    ap.add_argument("--floor-batches", default="1,32", help="floor section: batch sizes")
+    ap.add_argument("--context", type=int, default=256, help="floor section: prompt tokens")
+    ap.add_argument(
+        "--peak-gbps", type=float, default=None,
+        help="floor section: the device's memory bandwidth (e.g. 3350 for an H100 SXM); "
+        "the measured copy bandwidth is always reported",
+    )  # fmt: skip
+    args = ap.parse_args(argv)
 
     from engine.config import resolve_dtype
     from engine.loader import resolve_model
 
     dtype = resolve_dtype(args.dtype)
     files = resolve_model(args.model)
-    sections = args.sections.split(",")
-    if "decode" in sections:
-        bench_decode(args, files, dtype)
-    if "cascade" in sections:
-        bench_cascade(args, files, dtype)
-    if "fanout" in sections:
-        bench_fanout(args, files, dtype)
+    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    runners = {"decode": bench_decode, "floor": bench_floor, "cascade": bench_cascade,
+               "fanout": bench_fanout}  # fmt: skip
+    unknown = set(sections) - set(runners)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; available: {', '.join(runners)}")
+    return {name: runners[name](args, files, dtype) for name in sections}
 
 
 def bench_decode(args: argparse.Namespace, files, dtype: torch.dtype) -> None:
@@ -148,6 +175,93 @@ def bench_decode(args: argparse.Namespace, files, dtype: torch.dtype) -> None:
             f"= {floor * 1e3:.1f} ms; sotserve step {step * 1e3:.1f} ms "
             f"= {step / floor:.2f}x the floor"
         )
+
+
+def floor_bytes(weight_bytes: int, kv_bytes_per_token: int, batch: int, context: int) -> int:
+    """Bytes one decode step must read at least: the weights once, plus the K/V of every
+    request's ``context`` tokens."""
+    return weight_bytes + batch * context * kv_bytes_per_token
+
+
+def time_decode_steps(engine, prompts: list[list[int]], steps: int) -> float:
+    """Median seconds of one engine step while all ``prompts`` decode (prefill untimed)."""
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+    reqs = [engine.make_request(p, params) for p in prompts]
+    for r in reqs:
+        engine.add(r)
+    while any(not r.output_ids for r in reqs):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()  # sampling reads the tokens back: the step has finished on the device
+        times.append(time.perf_counter() - t)
+    while engine.has_unfinished():
+        engine.step()
+    return statistics.median(times)
+
+
+def bench_floor(args: argparse.Namespace, files, dtype: torch.dtype) -> list[dict]:
+    """The engine's decode step for each of ``--floor-batches`` against its floor: the
+    bytes it must read (weights once, K/V of ``--context`` tokens per request) divided by
+    the copy bandwidth measured on the device, and by ``--peak-gbps`` when given.
+
+    On CUDA it runs twice in the same process, replaying CUDA graphs and eagerly
+    (``enforce_eager``); elsewhere eagerly only. Each request's prompt is its own random
+    ``--context`` tokens, so no prefix is shared.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from engine import LLM
+    from engine.config import resolve_device
+    from engine.kv_cache import KVPool
+    from engine.models import ModelArgs
+
+    device = resolve_device(args.device)
+    batches = [int(b) for b in args.floor_batches.split(",")]
+    config = files.config()
+    with torch.device("meta"):  # shapes only: no weights are read or allocated
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    margs = ModelArgs.from_hf(config)
+    kv_per_token = KVPool.bytes_per_slot(
+        margs.num_layers, margs.num_kv_heads, margs.head_dim, dtype
+    )
+    bw = copy_bandwidth(device=device)
+    peak = args.peak_gbps * 1e9 if args.peak_gbps else None
+    modes = {"graphs": False, "eager": True} if device.type == "cuda" else {"eager": True}
+    engines = {
+        mode: LLM(str(files.path), dtype=dtype, device=device, prefix_cache=False,
+                  max_running=max(batches), enforce_eager=eager)
+        for mode, eager in modes.items()
+    }  # fmt: skip
+    vocab = margs.vocab_size
+    head = f"floor: model {files.name}  {dtype}  device {device}  context {args.context} tokens"
+    head += f"; copy bandwidth {bw / 1e9:.0f} GB/s"
+    print(head + (f", peak {args.peak_gbps:.0f} GB/s" if peak else ""))
+    results = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        prompts = [torch.randint(100, vocab, (args.context,), generator=g).tolist()
+                   for _ in range(batch)]  # fmt: skip
+        need = floor_bytes(weight_bytes_per_step(meta, batch), kv_per_token, batch, args.context)
+        floor_s = need / bw
+        line = f"  batch {batch:3d}: reads {need / 1e6:7.1f} MB, floor {floor_s * 1e3:6.3f} ms"
+        if peak:
+            line += f" ({need / peak * 1e3:6.3f} ms at peak)"
+        res = {"batch": batch, "bytes": need, "floor_ms": floor_s * 1e3}
+        for mode, llm in engines.items():
+            time_decode_steps(llm.engine, prompts[:1], 2)  # warm-up
+            step = time_decode_steps(llm.engine, prompts, args.tokens)
+            res[f"{mode}_ms"] = step * 1e3
+            res[f"{mode}_x_floor"] = step / floor_s
+            line += f"; {mode} {step * 1e3:7.3f} ms = {step / floor_s:5.2f}x floor"
+            if peak:
+                line += f" ({need / step / peak:.0%} of peak)"
+        print(line)
+        results.append(res)
+    return results
 
 
 FANOUT_PREFIX, FANOUT_SUFFIX, FANOUT_REQUESTS = 256, 16, 8

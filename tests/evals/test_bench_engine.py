@@ -1,10 +1,12 @@
-"""The arithmetic behind the benchmark's floor."""
+"""The arithmetic behind the engine benchmark's floors, and its floor section on a tiny model."""
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, LlamaForCausalLM
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from evals.bench_engine import copy_bandwidth, weight_bytes_per_step
+from evals.bench_engine import copy_bandwidth, floor_bytes, main, weight_bytes_per_step
 
 
 def _model(tied: bool) -> LlamaForCausalLM:
@@ -39,3 +41,34 @@ def test_weight_bytes_untied_embedding_reads_batch_rows():
 def test_copy_bandwidth_is_plausible():
     bw = copy_bandwidth(nbytes=8 * 2**20, repeats=3)
     assert 1e8 < bw < 1e13  # bytes/s: between 0.1 GB/s and 10 TB/s
+
+
+def test_floor_bytes_adds_every_requests_kv():
+    assert floor_bytes(1000, kv_bytes_per_token=10, batch=1, context=5) == 1050
+    assert floor_bytes(1000, kv_bytes_per_token=10, batch=32, context=5) == 2600
+
+
+def test_floor_section_on_a_tiny_model(tiny_llama_dir, capsys):
+    out = main(
+        ["--model", str(tiny_llama_dir), "--sections", "floor", "--device", "cpu",
+         "--tokens", "3", "--floor-batches", "1,2", "--context", "8"]
+    )  # fmt: skip
+    rows = out["floor"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    cfg = hf.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
+    for r in rows:
+        expected = weight_bytes_per_step(hf, r["batch"]) + r["batch"] * 8 * kv
+        assert r["bytes"] == expected
+        assert "graphs_ms" not in r  # no CUDA graphs on the CPU
+        assert r["eager_ms"] > 0
+        assert r["eager_x_floor"] == pytest.approx(r["eager_ms"] / r["floor_ms"])
+    printed = capsys.readouterr().out
+    assert "batch   1: reads" in printed and "x floor" in printed
+
+
+def test_unknown_section_is_an_error(tiny_llama_dir):
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_llama_dir), "--sections", "decode,bogus"])
