@@ -115,6 +115,7 @@ class DecodeGraphRunner:
         )
         make_graph = make_graph or cuda_graph_factory()
         self.graphs: dict[int, StepGraph] = {}
+        self.replays = dict.fromkeys(self.buckets, 0)  # per bucket, for stats and tests
         with torch.inference_mode():
             for bs in reversed(self.buckets):  # largest first: the rest reuse its memory
                 graph = make_graph()
@@ -173,4 +174,5 @@ class DecodeGraphRunner:
         host[:, :n] = torch.tensor([ids, positions, rows, kv_lens], dtype=torch.int64)
         self.inputs[:, :bs].copy_(host, non_blocking=True)
         self.graphs[bs].replay()
+        self.replays[bs] += 1
         return self.logits[:n]

@@ -1,12 +1,13 @@
 """Decode steps through captured graphs (engine.cuda_graph).
 
-This machine has no GPU, so ``torch.cuda.CUDAGraph`` cannot be built here. The tests
-swap in :class:`RerunGraph`, which "replays" by calling the captured function again on
-the same static buffers. What they check is everything around the capture: bucket
-choice, padding rows, the static input buffers being refilled every step (stale
-values included), the plan depending on shapes only, and that the engine gives the
-same greedy tokens through the graph path as without it. The capture itself (no host
-syncs inside the forward) is only exercised on a GPU.
+On a GPU these tests capture real CUDA graphs. Without one, ``torch.cuda.CUDAGraph``
+cannot be built, so they swap in :class:`RerunGraph`, which "replays" by calling the
+captured function again on the same static buffers, with the Triton kernels
+interpreted. That still checks everything around the capture: bucket choice, padding
+rows, the static input buffers being refilled every step (stale values included), the
+plan depending on shapes only, and that the engine gives the same greedy tokens
+through the graph path as without it. The capture itself (no host syncs inside the
+forward) is only exercised on a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from triton_env import DEVICE, require_triton
 
 from engine import LLM, SamplingParams
 from engine.context import ForwardContext
@@ -22,13 +24,14 @@ from engine.cuda_graph import batch_buckets
 from engine.kv_cache import PAD_SLOT
 from kernels.triton_attention import fixed_grid_num_splits
 
+require_triton()
+
 
 class RerunGraph:
     """Stand-in for a CUDA graph on the CPU: replay reruns the captured function."""
 
     def __init__(self) -> None:
         self.fn: Callable[[], None] | None = None
-        self.replays = 0
 
     def capture(self, fn: Callable[[], None]) -> None:
         fn()
@@ -36,8 +39,11 @@ class RerunGraph:
 
     def replay(self) -> None:
         assert self.fn is not None
-        self.replays += 1
         self.fn()
+
+
+# real CUDA graphs where there is CUDA, the stand-in elsewhere
+MAKE_GRAPH = None if DEVICE.type == "cuda" else RerunGraph
 
 
 @pytest.mark.parametrize(
@@ -69,15 +75,15 @@ def test_fixed_grid_splits_fill_the_gpu_but_not_past_the_context():
 
 def _llm(tiny_llama_dir, backend: str) -> LLM:
     return LLM(
-        str(tiny_llama_dir), dtype="float32", device="cpu", kv_slots=512, max_running=8,
-        attention_backend=backend,
+        str(tiny_llama_dir), dtype="float32", device=DEVICE, kv_slots=512, max_running=8,
+        attention_backend=backend, enforce_eager=True,
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def graph_llm(tiny_llama_dir):
     llm = _llm(tiny_llama_dir, "triton")
-    llm.engine.runner.capture_decode_graphs(4, make_graph=RerunGraph)
+    llm.engine.runner.capture_decode_graphs(4, make_graph=MAKE_GRAPH)
     return llm
 
 
@@ -96,7 +102,7 @@ def test_graph_steps_give_the_eager_tokens(tiny_llama_dir, graph_llm):
     assert [o.token_ids for o in got] == [o.token_ids for o in eager]
     graphs = runner.graphs
     assert runner.graph_steps - before >= 5
-    assert sorted(bs for bs, g in graphs.graphs.items() if g.replays) == [1, 2, 4]
+    assert sorted(bs for bs, n in graphs.replays.items() if n) == [1, 2, 4]
     assert graph_llm.stats()["graph_steps"] == runner.graph_steps
 
 
@@ -109,7 +115,7 @@ def test_padding_rows_write_no_live_slot(graph_llm):
     eng.reset_prefix_cache()  # the slots used here belong to no one
     graphs, table, pool = eng.runner.graphs, eng.table.table, eng.kv_pool
     saved = table[:5, 0].clone()
-    table[:5, 0] = torch.tensor([4, 5, 6, 7, 8])
+    table[:5, 0] = torch.tensor([4, 5, 6, 7, 8], device=table.device)
     try:
         with torch.inference_mode():
             graphs.run([5, 6, 7, 8], [0, 0, 0, 0], [1, 2, 3, 4], [1, 1, 1, 1])
@@ -129,14 +135,14 @@ def test_padding_rows_write_no_live_slot(graph_llm):
 def test_graph_plan_depends_on_shapes_only(graph_llm):
     eng = graph_llm.engine
     backend = eng.backend
-    rows = torch.zeros(4, dtype=torch.int64)
+    rows = torch.zeros(4, dtype=torch.int64, device=DEVICE)
 
     def plan(kv_lens: list[int]):
         ctx = ForwardContext(
             positions=rows, out_slots=rows, rows=[], q_lens=[], kv_lens=[], num_decodes=4,
             req_to_token=eng.table.table, kv_pool=eng.kv_pool,
         )  # fmt: skip
-        lens = torch.tensor(kv_lens)
+        lens = torch.tensor(kv_lens, device=DEVICE)
         backend.plan_graph_decode(ctx, rows, lens, max_kv_len=eng.table.table.shape[1])
         return ctx.attn, lens
 
@@ -154,9 +160,12 @@ def test_torch_backend_has_no_graphs(tiny_llama_dir):
         llm.engine.runner.capture_decode_graphs(4, make_graph=RerunGraph)
 
 
-def test_engine_captures_graphs_on_cuda_only(tiny_llama_dir):
-    # on the CPU the engine never captures; enforce_eager is accepted either way
-    llm = LLM(str(tiny_llama_dir), device="cpu", kv_slots=64, attention_backend="triton",
-              enforce_eager=True, cuda_graph_max_batch=8)  # fmt: skip
-    assert llm.engine.runner.graphs is None
-    assert llm.engine.config.enforce_eager is True
+@pytest.mark.parametrize("eager", [False, True])
+def test_engine_captures_graphs_on_cuda_unless_eager(tiny_llama_dir, eager):
+    llm = LLM(str(tiny_llama_dir), device=DEVICE, kv_slots=64, attention_backend="triton",
+              enforce_eager=eager, cuda_graph_max_batch=8)  # fmt: skip
+    graphs = llm.engine.runner.graphs
+    if DEVICE.type == "cuda" and not eager:
+        assert graphs is not None and graphs.buckets == [1, 2, 4, 8]
+    else:
+        assert graphs is None

@@ -1,14 +1,18 @@
 """The whole engine on the Triton attention backend gives the torch backend's tokens.
 
-Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1 before triton is imported), on a tiny model so it stays quick.
+On a GPU both engines run on CUDA (the Triton kernels compiled). Without one the
+kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
+triton is imported), on a tiny model so it stays quick.
 """
 
 from __future__ import annotations
 
 import pytest
+from triton_env import DEVICE, require_triton
 
 from engine import LLM, SamplingParams
+
+require_triton()
 
 PROMPTS = [
     list(range(100, 131)),  # 31 tokens
@@ -21,14 +25,14 @@ PROMPTS = [
 def engines(tiny_llama_dir):
     def make(backend, **kw):
         return LLM(
-            str(tiny_llama_dir), dtype="float32", device="cpu", kv_slots=1024,
-            attention_backend=backend, **kw,
+            str(tiny_llama_dir), dtype="float32", device=DEVICE, kv_slots=1024,
+            attention_backend=backend, enforce_eager=True, **kw,
         )  # fmt: skip
 
     return make("torch"), make("triton")
 
 
-def test_default_backend_is_torch_on_cpu(tiny_llama_dir, engines):
+def test_backends_are_the_ones_asked_for(tiny_llama_dir, engines):
     torch_llm, triton_llm = engines
     assert type(torch_llm.engine.backend).__name__ == "TorchAttentionBackend"
     assert type(triton_llm.engine.backend).__name__ == "TritonAttentionBackend"
