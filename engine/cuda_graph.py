@@ -104,8 +104,8 @@ class DecodeGraphRunner:
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
         dev = table.table.device
-        # rows of one int64 buffer: token ids, positions, req_to_token rows, key counts.
-        # One host->device copy per step fills all four.
+        # rows of one int64 buffer: token ids, positions, req_to_token rows, key counts,
+        # so one host->device copy per step fills all four
         self.inputs = torch.zeros((4, self.max_batch), dtype=torch.int64, device=dev)
         self._host = torch.zeros(
             (4, self.max_batch), dtype=torch.int64, pin_memory=dev.type == "cuda"
@@ -165,14 +165,14 @@ class DecodeGraphRunner:
         bs = self.bucket(n)
         if bs is None:
             raise ValueError(f"batch of {n} decodes is past the largest graph ({self.max_batch})")
-        host = self._host[:, :bs]
-        # (the previous step's copy out of this pinned buffer has finished: sampling
-        # read its logits back to the host)
-        # every padding column is rewritten too: stale values from a larger earlier
-        # step would otherwise make a padding row write K/V into a live request's slot
-        host.zero_()
-        host[:, :n] = torch.tensor([ids, positions, rows, kv_lens], dtype=torch.int64)
-        self.inputs[:, :bs].copy_(host, non_blocking=True)
+        # The whole buffer goes over every step (4 x max_batch int64s: a pinned,
+        # contiguous, asynchronous copy). Padding columns must be rewritten anyway:
+        # stale values from a larger earlier step would make a padding row write K/V
+        # into a live request's slot. (Reusing the pinned buffer is safe: the previous
+        # step's copy finished before sampling read that step's logits.)
+        self._host.zero_()
+        self._host[:, :n] = torch.tensor([ids, positions, rows, kv_lens], dtype=torch.int64)
+        self.inputs.copy_(self._host, non_blocking=True)
         self.graphs[bs].replay()
         self.replays[bs] += 1
         return self.logits[:n]
