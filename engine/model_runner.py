@@ -50,10 +50,16 @@ class ModelRunner:
         ``make_graph`` makes another kind); later decode-only steps replay them."""
         if not self.backend.supports_graphs:
             raise ValueError(f"{type(self.backend).__name__} does not support CUDA graphs")
-        self.graphs = DecodeGraphRunner(
-            self.model, self.backend, self.kv_pool, self.table, self.rope_cos, self.rope_sin,
-            max_batch, make_graph,
-        )  # fmt: skip
+        try:
+            self.graphs = DecodeGraphRunner(
+                self.model, self.backend, self.kv_pool, self.table, self.rope_cos,
+                self.rope_sin, max_batch, make_graph,
+            )  # fmt: skip
+        except RuntimeError as exc:  # say how to get going anyway (SGLang does the same)
+            raise RuntimeError(
+                f"capturing the decode step as CUDA graphs failed: {exc}. "
+                "Run without them with enforce_eager=True (--enforce-eager)."
+            ) from exc
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Request], list[int]]:

@@ -154,6 +154,17 @@ def test_graph_plan_depends_on_shapes_only(graph_llm):
     assert a.decode_which is None and not a.groups and a.extend_rows is None
 
 
+def test_a_failed_capture_says_how_to_run_without_graphs(tiny_llama_dir):
+    class FailingGraph(RerunGraph):
+        def capture(self, fn: Callable[[], None]) -> None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    llm = _llm(tiny_llama_dir, "triton")
+    with pytest.raises(RuntimeError, match=r"not permitted.*enforce_eager=True"):
+        llm.engine.runner.capture_decode_graphs(2, make_graph=FailingGraph)
+    assert llm.engine.runner.graphs is None
+
+
 def test_torch_backend_has_no_graphs(tiny_llama_dir):
     llm = _llm(tiny_llama_dir, "torch")
     with pytest.raises(ValueError, match="does not support CUDA graphs"):
