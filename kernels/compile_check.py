@@ -13,6 +13,10 @@ TTIR -> TTGIR -> LLVM IR -> PTX -> cubin with the ptxas that ships with Triton, 
 compile for those GPUs with the shapes the engine uses, not that their results are
 right (the interpreted tests check results; a GPU run checks both).
 
+Integer arguments compile unspecialized. At run time Triton also specializes integers
+equal to 1 and marks multiples of 16 for vectorized access; those variants only
+simplify the same code.
+
 Shapes: SmolLM2-135M's heads (Hq=9, Hk=3, D=64) and a Llama-8B-like layout (Hq=32,
 Hk=8, D=128), with and without the optional variants (log-sum-exp output, split
 prefixes, a ragged batch).
