@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.quantization import QUANTIZATION_MODES
+
 
 @dataclass
 class EngineConfig:
@@ -23,6 +25,15 @@ class EngineConfig:
                            attention); ``None`` turns it off. Decode steps that
                            replay a CUDA graph skip it (their plan is fixed).
     ``enforce_eager``      never capture CUDA graphs (vLLM's name).
+    ``quantization``       weight-only quantized matmuls (CPU): ``"gguf"`` keeps a GGUF
+                           model's own Q4_0/Q4_1 (int4) and Q8_0 (int8) blocks,
+                           ``"int4"``/``"int8"`` quantize every projection at load,
+                           ``None`` keeps them in ``dtype``. ``"auto"``: ``"gguf"``
+                           for a GGUF model on the CPU unless ``dtype`` is float32
+                           or float16 (the parity path), else ``None``.
+    ``quantized_dense_max_rows``  quantized matmuls over more rows than this (prefill
+                           chunks, large decode batches) use a bfloat16 copy of the
+                           weights, faster there; ``None`` keeps no copy.
     ``cuda_graph_max_batch``  on CUDA, decode-only steps of up to this many requests
                            replay a graph captured per batch-size bucket
                            (:mod:`engine.cuda_graph`); larger ones run eagerly.
@@ -40,6 +51,8 @@ class EngineConfig:
     shared_prefix_min_tokens: int | None = 256
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 64
+    quantization: str | None = "auto"
+    quantized_dense_max_rows: int | None = 8
 
     def __post_init__(self) -> None:
         least = {"max_running": 1, "max_batched_tokens": 1, "kv_slots": 1,
@@ -49,6 +62,15 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
+        if self.quantization == "none":
+            self.quantization = None
+        if self.quantization not in (None, "auto", *QUANTIZATION_MODES):
+            raise ValueError(
+                f"unknown quantization {self.quantization!r}; use auto, none, "
+                + ", ".join(QUANTIZATION_MODES)
+            )
+        if self.quantized_dense_max_rows is not None and self.quantized_dense_max_rows < 0:
+            raise ValueError("quantized_dense_max_rows must be at least 0")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
 
@@ -83,3 +105,36 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     return dev
+
+
+def resolve_quantization(
+    quantization: str | None, dtype: str | torch.dtype | None, device: torch.device, gguf: bool
+) -> tuple[str | None, torch.dtype]:
+    """The quantization mode and compute dtype an engine runs with.
+
+    ``dtype`` ``"auto"``/``None`` is bfloat16 on CUDA and with quantized weights (the
+    CPU int kernels take bfloat16 activations), float32 otherwise. Quantized weights
+    are a CPU path for now: on CUDA ``"auto"`` means none and asking for one is an
+    error, as is asking for one with float32/float16 activations.
+    """
+    auto_dtype = dtype in (None, "auto")
+    if quantization == "auto":
+        quantization = (
+            "gguf"
+            if gguf and device.type == "cpu" and (auto_dtype or resolve_dtype(dtype) == torch.bfloat16)
+            else None
+        )
+    if quantization is None:
+        if auto_dtype:
+            return None, torch.bfloat16 if device.type == "cuda" else torch.float32
+        return None, resolve_dtype(dtype)
+    if device.type != "cpu":
+        raise ValueError(f"quantization {quantization!r} runs on the CPU only; use none on {device}")
+    if quantization == "gguf" and not gguf:
+        raise ValueError("quantization 'gguf' needs a GGUF model; use int4 or int8")
+    if not auto_dtype and resolve_dtype(dtype) != torch.bfloat16:
+        raise ValueError(
+            f"quantization {quantization!r} computes in bfloat16 on the CPU; "
+            f"dtype {dtype!r} needs quantization none"
+        )
+    return quantization, torch.bfloat16

@@ -15,7 +15,7 @@ import torch
 
 from engine.attention import create_backend
 from engine.cache_manager import CacheManager
-from engine.config import EngineConfig, resolve_device, resolve_dtype
+from engine.config import EngineConfig, resolve_device, resolve_quantization
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ContextLengthExceededError, InvalidRequestError
 from engine.kv_cache import KVPool, ReqToTokenTable, SlotAllocator
@@ -58,11 +58,11 @@ class LLMEngine:
         if unknown:
             raise TypeError(f"unknown engine options: {sorted(unknown)}")
         dev = resolve_device(device)
-        if dtype in (None, "auto"):
-            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        self.config = cfg = EngineConfig(dtype=resolve_dtype(dtype), device=dev, **config)
-
         files = resolve_model(model)
+        self.config = cfg = EngineConfig(device=dev, **config)
+        cfg.quantization, cfg.dtype = resolve_quantization(
+            cfg.quantization, dtype, dev, files.gguf is not None
+        )
         self.model_name = model or files.name
         hf_config = files.config()
         self.tokenizer = files.tokenizer()
@@ -91,8 +91,9 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg, self.cm)
         self.backend = create_backend(attention_backend, dev)
         self.model = build_model(
-            files, hf_config, self.backend, cfg.dtype, dev, prepack=cfg.prepack_weights
-        )
+            files, hf_config, self.backend, cfg.dtype, dev, prepack=cfg.prepack_weights,
+            quantization=cfg.quantization, dense_max_rows=cfg.quantized_dense_max_rows,
+        )  # fmt: skip
         inv_freq, scaling = rope_inv_freq(hf_config, args.head_dim)
         cos, sin = rope_cos_sin_cache(inv_freq, cfg.max_model_len, scaling)
         self.runner = ModelRunner(

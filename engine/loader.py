@@ -37,6 +37,9 @@ class ModelFiles:
 
     path: Path
     name: str
+    #: the GGUF file this directory was converted from, whose quantized blocks a
+    #: quantized engine reads instead of the de-quantized safetensors
+    gguf: Path | None = None
 
     def config(self) -> PretrainedConfig:
         return AutoConfig.from_pretrained(self.path)
@@ -132,7 +135,7 @@ def convert_gguf_cached(gguf: Path) -> ModelFiles:
     key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / f"{gguf.stem}-{key}"
     if (target / _DONE_MARKER).exists():
-        return ModelFiles(path=target, name=gguf.stem)
+        return ModelFiles(path=target, name=gguf.stem, gguf=gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.warning("converting %s to safetensors (once; cached in %s)", gguf.name, target)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -144,7 +147,7 @@ def convert_gguf_cached(gguf: Path) -> ModelFiles:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ModelFiles(path=target, name=gguf.stem)
+    return ModelFiles(path=target, name=gguf.stem, gguf=gguf)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import PretrainedConfig
 
 from engine.attention import AttentionBackend
+from engine.gguf_weights import cached_gguf_weights
 from engine.loader import ModelFiles
 from engine.models.llama import LlamaForCausalLM, ModelArgs
+from engine.quantization import quantize, quantized_linear
 from kernels.linear import can_prepack
 
 __all__ = ["LlamaForCausalLM", "ModelArgs", "build_model"]
@@ -20,15 +23,58 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     prepack: bool = True,
+    quantization: str | None = None,
+    dense_max_rows: int | None = None,
 ) -> LlamaForCausalLM:
-    """Instantiate the model on ``device`` without random init, load its weights, and
-    on CPU prepack the projections for oneDNN unless ``prepack`` is False."""
+    """Instantiate the model on ``device`` without random init and load its weights.
+
+    ``quantization``: ``None`` (every matrix in ``dtype``), ``"gguf"`` (a GGUF model's
+    Q4_0/Q4_1 matrices as int4 and Q8_0 ones as int8, straight from its blocks), or
+    ``"int4"``/``"int8"`` (every projection and the head quantized at load from its
+    float values). Quantized matmuls fall back to a ``dtype`` copy of their weights
+    for more than ``dense_max_rows`` rows (:class:`kernels.linear.Int4Linear`). On the
+    CPU the remaining float projections are prepacked for oneDNN unless ``prepack``
+    is False.
+    """
     args = ModelArgs.from_hf(config)
     with torch.device("meta"):
         model = LlamaForCausalLM(args, backend)
     model = model.to_empty(device=device).to(dtype)
-    model.load_weights(files.weights())
+    if quantization == "gguf":
+        if files.gguf is None:
+            raise ValueError("quantization='gguf' needs a GGUF model; use 'int4' or 'int8'")
+        weights = cached_gguf_weights(files.gguf, files.path, args.num_heads, args.num_kv_heads)
+        quantized = model.load_weights(weights.items())
+    else:
+        quantized = model.load_weights(files.weights())
+    if quantization in ("int4", "int8"):
+        for path, linear in _dense_linears(model):
+            quantized[path] = quantize(linear.weight, quantization)
+    for path, w in quantized.items():
+        _set_module(model, path, quantized_linear(w, _bias(model, path), dtype, dense_max_rows))
     model.eval().requires_grad_(False)
     if prepack and can_prepack(device, dtype):
         model.prepack_cpu_weights()
     return model
+
+
+def _dense_linears(model: LlamaForCausalLM) -> list[tuple[str, nn.Linear]]:
+    """Every float projection, with the head (its own, or the tied embedding's table)."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if model.lm_head is None:
+        head = nn.Linear(model.args.hidden_size, model.args.vocab_size, bias=False)
+        head.weight = model.model.embed_tokens.weight
+        found.append(("lm_head", head))
+    return found
+
+
+def _bias(model: nn.Module, path: str) -> torch.Tensor | None:
+    if path == "lm_head" and model.lm_head is None:
+        return None  # tied to the embedding: no bias
+    return getattr(model.get_submodule(path), "bias", None)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+

@@ -20,6 +20,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention import TORCH_OPS, AttentionBackend, Ops
 from engine.context import get_context
+from engine.quantization import QuantizedWeight, concat_rows
 from kernels.linear import PackedLinear, prepack_linears
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -235,10 +236,20 @@ class LlamaForCausalLM(nn.Module):
         return [a.intermediate_size, a.intermediate_size]
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into this module, fusing q/k/v and gate/up on the way."""
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]
+    ) -> dict[str, QuantizedWeight]:
+        """Copy HF-named tensors into this module, fusing q/k/v and gate/up on the way.
+
+        Quantized matrices are not copied: they are returned by module path (q/k/v and
+        gate/up fused into one weight each), for the caller to swap those modules for
+        quantized kernels. A quantized embedding is de-quantized for the lookup, and
+        when the head is tied to it the head is returned as quantized too.
+        """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        shards: dict[str, dict[int, QuantizedWeight]] = {}
+        quantized: dict[str, QuantizedWeight] = {}
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
@@ -248,15 +259,37 @@ class LlamaForCausalLM(nn.Module):
             if m:
                 fused, shard = self._FUSED[m.group(1)]
                 target = name.replace(m.group(1), fused)
-                sizes = self._shard_sizes(fused)
-                param = params[target]
-                param.narrow(0, sum(sizes[:shard]), sizes[shard]).copy_(tensor)
+                if isinstance(tensor, torch.Tensor):
+                    sizes = self._shard_sizes(fused)
+                    param = params[target]
+                    param.narrow(0, sum(sizes[:shard]), sizes[shard]).copy_(tensor)
+                else:
+                    shards.setdefault(target, {})[shard] = tensor
                 loaded.add(f"{target}#{shard}")
                 continue
             if name not in params:
                 raise ValueError(f"unexpected weight {name!r} in checkpoint")
-            params[name].copy_(tensor)
+            if isinstance(tensor, torch.Tensor):
+                params[name].copy_(tensor)
+            else:
+                if name == "model.embed_tokens.weight":
+                    params[name].copy_(tensor.dequantize())
+                    if self.lm_head is None:
+                        quantized["lm_head.weight"] = tensor
+                else:
+                    quantized[name] = tensor
             loaded.add(name)
+        for target, parts in shards.items():
+            n = len(self._shard_sizes(target.split(".")[-2]))
+            if len(parts) < n:
+                continue  # reported as missing below
+            fused_w = concat_rows([parts[i] for i in range(n)])
+            if fused_w is None:  # shards of different layouts cannot share one kernel
+                sizes = self._shard_sizes(target.split(".")[-2])
+                for i in range(n):
+                    params[target].narrow(0, sum(sizes[:i]), sizes[i]).copy_(parts[i].dequantize())
+            else:
+                quantized[target] = fused_w
         expected = set()
         for pname in params:
             fused = pname.split(".")[-2]
@@ -267,3 +300,4 @@ class LlamaForCausalLM(nn.Module):
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+        return {name.removesuffix(".weight"): w for name, w in quantized.items()}
