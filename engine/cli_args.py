@@ -15,6 +15,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-running", type=int, default=None, help="requests decoded at once")
     g.add_argument("--kv-slots", type=int, default=None, help="KV cache size in tokens")
     g.add_argument(
+        "--quantization", default=None, choices=["auto", "none", "gguf", "int4", "int8"],
+        help="weight-only quantized matmuls on the CPU: gguf keeps a GGUF model's own "
+        "4-bit blocks, int4/int8 quantize at load; auto (default) is gguf for a GGUF "
+        "model on the CPU unless --dtype float32/float16, else none",
+    )  # fmt: skip
+    g.add_argument(
         "--attention-backend", default=None, choices=["torch", "triton"],
         help="default: triton on CUDA, torch on the CPU",
     )  # fmt: skip
@@ -41,7 +47,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         k: v
         for k in ("max_model_len", "max_batched_tokens", "max_running", "kv_slots",
-                  "attention_backend", "cuda_graph_max_batch")
+                  "attention_backend", "cuda_graph_max_batch", "quantization")
         if (v := getattr(args, k)) is not None
     }  # fmt: skip
     if not args.prefix_cache:

@@ -31,9 +31,10 @@ class EngineConfig:
                            ``None`` keeps them in ``dtype``. ``"auto"``: ``"gguf"``
                            for a GGUF model on the CPU unless ``dtype`` is float32
                            or float16 (the parity path), else ``None``.
-    ``quantized_dense_max_rows``  quantized matmuls over more rows than this (prefill
-                           chunks, large decode batches) use a bfloat16 copy of the
-                           weights, faster there; ``None`` keeps no copy.
+    ``quantized_prefill_dense``  quantized matmuls keep a bfloat16 copy of their weights
+                           for prefill rows, many times faster there than the int
+                           kernels (decode rows always take the kernels); False saves
+                           the memory and makes prefill slow.
     ``cuda_graph_max_batch``  on CUDA, decode-only steps of up to this many requests
                            replay a graph captured per batch-size bucket
                            (:mod:`engine.cuda_graph`); larger ones run eagerly.
@@ -52,7 +53,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 64
     quantization: str | None = "auto"
-    quantized_dense_max_rows: int | None = 8
+    quantized_prefill_dense: bool = True
 
     def __post_init__(self) -> None:
         least = {"max_running": 1, "max_batched_tokens": 1, "kv_slots": 1,
@@ -69,8 +70,6 @@ class EngineConfig:
                 f"unknown quantization {self.quantization!r}; use auto, none, "
                 + ", ".join(QUANTIZATION_MODES)
             )
-        if self.quantized_dense_max_rows is not None and self.quantized_dense_max_rows < 0:
-            raise ValueError("quantized_dense_max_rows must be at least 0")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
 
@@ -132,9 +131,4 @@ def resolve_quantization(
         raise ValueError(f"quantization {quantization!r} runs on the CPU only; use none on {device}")
     if quantization == "gguf" and not gguf:
         raise ValueError("quantization 'gguf' needs a GGUF model; use int4 or int8")
-    if not auto_dtype and resolve_dtype(dtype) != torch.bfloat16:
-        raise ValueError(
-            f"quantization {quantization!r} computes in bfloat16 on the CPU; "
-            f"dtype {dtype!r} needs quantization none"
-        )
-    return quantization, torch.bfloat16
+    return quantization, torch.bfloat16 if auto_dtype else resolve_dtype(dtype)

@@ -7,13 +7,13 @@ Two layouts cover what the CPU kernels take:
   ``group_size`` inputs, ``w = (q - 8) * scale + zero``. GGUF's Q4_0 (``d * (q - 8)``)
   and Q4_1 (``d * q + m``) blocks of 32 are exactly this with ``zero = 0`` and
   ``zero = m + 8 d``: no re-quantization, no loss.
-- :class:`Int8Weight`: int8 codes with one scale per output row, ``w = q * scale``.
-  GGUF's Q8_0 has a scale per block of 32, which no CPU int8 kernel takes, so its
-  rows are re-quantized to one scale each; the loss is measured by the quality check
-  (``evals.quant_quality``), not assumed.
+  Q4_K's sub-blocks of 32 map the same way.
+- :class:`Int8Weight`: int8 codes with one scale per output row, ``w = q * scale``,
+  for load-time ``"int8"`` quantization of float weights.
 
-Every other GGUF type is de-quantized (by the ``gguf`` package) to float and, if the
-engine asks for it, quantized again here like a safetensors weight.
+Every other GGUF type is de-quantized to float (see :mod:`engine.gguf_weights` for
+why Q8_0 is not kept as int8) and, if the engine asks for it, quantized again here
+like a safetensors weight.
 """
 
 from __future__ import annotations
@@ -203,17 +203,15 @@ def from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Q
 
 # -- kernels ------------------------------------------------------------------------
 def quantized_linear(
-    w: QuantizedWeight,
-    bias: torch.Tensor | None,
-    dtype: torch.dtype,
-    dense_max_rows: int | None,
+    w: QuantizedWeight, bias: torch.Tensor | None, dense_copy: bool
 ) -> torch.nn.Module:
-    """The CPU matmul module for a quantized weight (:mod:`kernels.linear`)."""
+    """The CPU matmul module for a quantized weight (:mod:`kernels.linear`), with a
+    bfloat16 copy of the weight for prefill rows if ``dense_copy``."""
     from kernels.linear import Int4Linear, Int8Linear
 
     if isinstance(w, Int4Weight):
-        return Int4Linear(w.q, w.scale, w.zero, w.group_size, bias, dtype, dense_max_rows)
-    return Int8Linear(w.q, w.scale, bias, dtype, dense_max_rows)
+        return Int4Linear(w.q, w.scale, w.zero, w.group_size, bias, dense_copy)
+    return Int8Linear(w.q, w.scale, bias, dense_copy)
 
 
 def int4_from_q4_k(raw: torch.Tensor, shape: tuple[int, int]) -> Int4Weight:

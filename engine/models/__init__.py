@@ -24,17 +24,17 @@ def build_model(
     device: torch.device,
     prepack: bool = True,
     quantization: str | None = None,
-    dense_max_rows: int | None = None,
+    prefill_dense: bool = True,
 ) -> LlamaForCausalLM:
     """Instantiate the model on ``device`` without random init and load its weights.
 
     ``quantization``: ``None`` (every matrix in ``dtype``), ``"gguf"`` (a GGUF model's
     Q4_0/Q4_1 matrices as int4 and Q8_0 ones as int8, straight from its blocks), or
     ``"int4"``/``"int8"`` (every projection and the head quantized at load from its
-    float values). Quantized matmuls fall back to a ``dtype`` copy of their weights
-    for more than ``dense_max_rows`` rows (:class:`kernels.linear.Int4Linear`). On the
-    CPU the remaining float projections are prepacked for oneDNN unless ``prepack``
-    is False.
+    float values). Quantized matmuls run decode rows through their int kernels and,
+    with ``prefill_dense``, prefill rows through a bfloat16 copy of their weights
+    (:class:`kernels.linear.QuantizedLinear`). On the CPU the remaining float
+    projections are prepacked for oneDNN unless ``prepack`` is False.
     """
     args = ModelArgs.from_hf(config)
     with torch.device("meta"):
@@ -51,9 +51,13 @@ def build_model(
         for path, linear in _dense_linears(model):
             quantized[path] = quantize(linear.weight, quantization)
     for path, w in quantized.items():
-        _set_module(model, path, quantized_linear(w, _bias(model, path), dtype, dense_max_rows))
+        _set_module(model, path, quantized_linear(w, _bias(model, path), prefill_dense))
     model.eval().requires_grad_(False)
-    if prepack and can_prepack(device, dtype):
+    if quantization is not None:
+        # the float matrices left (a GGUF's Q8_0 head, say) go with the int kernels'
+        # bfloat16, whatever the activations' dtype: float32 ones read twice the bytes
+        model.prepack_cpu_weights(torch.bfloat16)
+    elif prepack and can_prepack(device, dtype):
         model.prepack_cpu_weights()
     return model
 

@@ -21,7 +21,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from engine.attention import TORCH_OPS, AttentionBackend, Ops
 from engine.context import get_context
 from engine.quantization import QuantizedWeight, concat_rows
-from kernels.linear import PackedLinear, prepack_linears
+from kernels.linear import PackedLinear, kernel_rows, prepack_linears
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -211,19 +211,22 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)
+        # decode rows take the quantized kernels, prefill rows their bfloat16 copies
+        with kernel_rows(get_context().num_decodes):
+            return self.model(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
-    def prepack_cpu_weights(self) -> None:
-        """Hold every projection, and the head, in oneDNN's blocked layout (CPU only)."""
+    def prepack_cpu_weights(self, dtype: torch.dtype | None = None) -> None:
+        """Hold every float projection, and the head, in oneDNN's blocked layout (CPU
+        only), in ``dtype`` if given (else the model's)."""
         if self.lm_head is None:  # tied: the head gets its own packed copy of the table
             w = self.model.embed_tokens.weight
-            self.lm_head = PackedLinear(w, None)
-        prepack_linears(self)
+            self.lm_head = PackedLinear(w if dtype is None else w.to(dtype), None)
+        prepack_linears(self, dtype)
 
     def _shard_sizes(self, fused: str) -> list[int]:
         a = self.args

@@ -26,17 +26,25 @@ def test_options_map_to_engine_kwargs():
         "--max-model-len", "512", "--max-running", "8", "--kv-slots", "4096",
         "--max-batched-tokens", "256", "--attention-backend", "triton", "--no-prefix-cache",
         "--shared-prefix-min-tokens", "128", "--enforce-eager", "--cuda-graph-max-batch", "16",
+        "--quantization", "int4",
     )  # fmt: skip
     assert kw == {
         "max_model_len": 512, "max_running": 8, "kv_slots": 4096, "max_batched_tokens": 256,
         "attention_backend": "triton", "prefix_cache": False, "shared_prefix_min_tokens": 128,
-        "enforce_eager": True, "cuda_graph_max_batch": 16,
+        "enforce_eager": True, "cuda_graph_max_batch": 16, "quantization": "int4",
     }  # fmt: skip
     EngineConfig(**{k: v for k, v in kw.items() if k != "attention_backend"})
 
 
 def test_zero_turns_the_shared_prefix_path_off():
     assert _parse("--shared-prefix-min-tokens", "0") == {"shared_prefix_min_tokens": None}
+
+
+def test_unknown_quantization_is_refused():
+    with pytest.raises(SystemExit):
+        _parse("--quantization", "fp4")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        EngineConfig(quantization="fp4")
 
 
 def test_unknown_backend_is_refused():
