@@ -15,6 +15,7 @@ from engine.errors import (
 from engine.llm import LLM
 from engine.outputs import RequestDelta, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.stats import EngineStats
 
 __all__ = [
     "LLM",
@@ -22,6 +23,7 @@ __all__ = [
     "ContextLengthExceededError",
     "EngineDeadError",
     "EngineError",
+    "EngineStats",
     "InvalidRequestError",
     "ModelNotFoundError",
     "RequestDelta",

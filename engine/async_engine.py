@@ -12,9 +12,10 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.llm import render_chat
@@ -22,8 +23,11 @@ from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestDelta
 from engine.request import Request
 from engine.sampling_params import SamplingParams
+from engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,7 +59,7 @@ class AsyncEngine:
             tuple[Callable[[LLMEngine], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
         ] = []
         self._streams: dict[str, _Stream] = {}
-        self._stats: dict[str, Any] = self.engine.stats()
+        self._stats: EngineStats = self.engine.stats()
         self._dead: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="sotserve-engine", daemon=True)
@@ -63,7 +67,7 @@ class AsyncEngine:
 
     # -- public API ----------------------------------------------------------------
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 
     @property
@@ -130,7 +134,7 @@ class AsyncEngine:
         """How many leading tokens of ``prompt`` the prefix cache holds now."""
         return await self._call(lambda engine: engine.cached_prefix_len(prompt))
 
-    async def _call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run ``fn(engine)`` on the step thread between two steps (the engine is not
         thread-safe) and return its result."""
         if self._dead is not None:
@@ -138,16 +142,16 @@ class AsyncEngine:
         if self._closed:
             raise EngineDeadError("engine closed")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+        fut: asyncio.Future[T] = loop.create_future()
         with self._cv:
             self._pending_calls.append((fn, fut, loop))
             self._cv.notify()
         return await fut
 
-    def stats(self) -> dict[str, Any]:
-        """A snapshot taken after the latest step."""
+    def stats(self) -> EngineStats:
+        """A snapshot taken after the latest step (frozen, so it is shared, not copied)."""
         with self._cv:
-            return dict(self._stats)
+            return self._stats
 
     def close(self) -> None:
         with self._cv:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -177,7 +178,7 @@ class TorchAttentionBackend(AttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float
     ) -> torch.Tensor:
         ctx = get_context()
-        plan: _TorchPlan = ctx.attn
+        plan = cast(_TorchPlan, ctx.attn)  # what this backend's ``plan`` put there
         k_cache, v_cache = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]
         store_kv(k_cache, v_cache, ctx.out_slots, k, v)
         nd = ctx.num_decodes
@@ -315,7 +316,7 @@ class TritonAttentionBackend(AttentionBackend):
         self, q: torch.Tensor, ctx: ForwardContext, layer: int, scale: float
     ) -> torch.Tensor:
         """Attention of the step's queries; K/V of the new tokens are already stored."""
-        plan: _TritonPlan = ctx.attn
+        plan = cast(_TritonPlan, ctx.attn)  # what this backend's ``plan`` put there
         k_cache, v_cache = ctx.kv_pool.k[layer], ctx.kv_pool.v[layer]
         nd = ctx.num_decodes
         plain = None

@@ -8,11 +8,14 @@ therefore never threads batch metadata through its layers (nano-vllm's pattern).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.kv_cache import KVPool
+
+if TYPE_CHECKING:  # annotation only: prefix_groups pulls in the request module
+    from engine.prefix_groups import PrefixGroup
 
 
 @dataclass
@@ -35,10 +38,12 @@ class ForwardContext:
     kv_pool: KVPool
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
-    # decodes that share a cached prefix (engine.prefix_groups.PrefixGroup), for
-    # backends that compute the shared part of attention once per group
-    prefix_groups: list[Any] = field(default_factory=list)
-    attn: Any = None  # backend-specific metadata, built once per step
+    # decodes that share a cached prefix, for backends that compute the shared part
+    # of attention once per group
+    prefix_groups: list[PrefixGroup] = field(default_factory=list)
+    # Backend-specific metadata that ``AttentionBackend.plan`` builds once per step and
+    # the backend's own layers read back (each backend knows its concrete type).
+    attn: object | None = None
 
 
 _CONTEXT: ForwardContext | None = None

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.stats import EngineStats
 
 
 class LLM:
@@ -30,7 +32,7 @@ class LLM:
         self.engine = LLMEngine(model, dtype=dtype, device=device, **config)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
@@ -70,11 +72,12 @@ class LLM:
             raise
         return [engine.output_of(r) for r in reqs]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
+        """The engine's counters and gauges now."""
         return self.engine.stats()
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of ``messages`` through the tokenizer's chat template."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", "messages")

@@ -12,6 +12,8 @@ import uuid
 from typing import Any
 
 import torch
+from transformers import GenerationConfig, PretrainedConfig
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from engine.attention import create_backend
 from engine.cache_manager import CacheManager
@@ -24,10 +26,12 @@ from engine.model_runner import ModelRunner
 from engine.models import ModelArgs, build_model
 from engine.models.llama import rope_inv_freq
 from engine.outputs import RequestDelta, RequestOutput
+from engine.prefix_cache import NoPrefixCache, PrefixCache
 from engine.radix_cache import RadixCache
-from engine.request import Request, RequestStatus
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.stats import EngineStats
 from kernels.rope import rope_cos_sin_cache
 
 logger = logging.getLogger(__name__)
@@ -65,7 +69,7 @@ class LLMEngine:
         )
         self.model_name = model or files.name
         hf_config = files.config()
-        self.tokenizer = files.tokenizer()
+        self.tokenizer: PreTrainedTokenizerBase = files.tokenizer()
         args = ModelArgs.from_hf(hf_config)
         self.vocab_size = args.vocab_size
         self.eos_token_ids = _eos_ids(self.tokenizer, files.generation_config(), hf_config)
@@ -86,19 +90,22 @@ class LLMEngine:
         )
         self.slots = SlotAllocator(cfg.kv_slots, dev)
         self.table = ReqToTokenTable(cfg.max_running, cfg.max_model_len, dev)
-        self.cache = RadixCache(self.slots) if cfg.prefix_cache else None
+        # Without prefix caching the cache is one that keeps nothing, so no code path
+        # below has to ask whether there is a cache.
+        self.cache: PrefixCache = RadixCache(self.slots) if cfg.prefix_cache else NoPrefixCache(dev)
         self.cm = CacheManager(self.slots, self.table, self.cache)
         self.scheduler = Scheduler(cfg, self.cm)
         self.backend = create_backend(attention_backend, dev)
         self.model = build_model(
             files, hf_config, self.backend, cfg.dtype, dev, prepack=cfg.prepack_weights,
-            quantization=cfg.quantization, dense_max_rows=cfg.quantized_dense_max_rows,
+            quantization=cfg.quantization, prefill_dense=cfg.quantized_prefill_dense,
         )  # fmt: skip
         inv_freq, scaling = rope_inv_freq(hf_config, args.head_dim)
         cos, sin = rope_cos_sin_cache(inv_freq, cfg.max_model_len, scaling)
         self.runner = ModelRunner(
             self.model, self.backend, self.kv_pool, self.table, cos.to(dev), sin.to(dev), dev,
-            shared_prefix_min_tokens=cfg.shared_prefix_min_tokens if self.cache else None,
+            # NoPrefixCache's requests all end at its root, so they never form a group
+            shared_prefix_min_tokens=cfg.shared_prefix_min_tokens,
         )  # fmt: skip
         if (
             dev.type == "cuda"
@@ -108,12 +115,7 @@ class LLMEngine:
         ):
             self.runner.capture_decode_graphs(min(cfg.cuda_graph_max_batch, cfg.max_running))
 
-        self._requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
-        self._stats = dict.fromkeys(
-            ("prompt_tokens", "computed_prefill_tokens", "decode_tokens",
-             "generated_tokens", "steps", "batched_requests", "max_batch_size",
-             "finished_requests", "aborted_requests"), 0)  # fmt: skip
 
     # -- requests ----------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -171,12 +173,10 @@ class LLMEngine:
         )
 
     def add(self, req: Request) -> None:
-        if req.request_id in self._requests:
+        if req.request_id in self.scheduler.requests:
             raise InvalidRequestError(
                 f"request id {req.request_id!r} is already running", "request_id"
             )
-        self._requests[req.request_id] = req
-        self._stats["prompt_tokens"] += len(req.prompt_ids)
         self.scheduler.add(req)
 
     def add_request(
@@ -188,20 +188,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestDelta | None:
         """Drop a request and free its slots now; returns its final delta, if it was live."""
-        req = self._requests.pop(request_id, None)
-        if req is None:
-            return None
-        self.scheduler.release(req)
-        req.status = RequestStatus.FINISHED
-        req.finish_reason = "abort"
-        self._stats["aborted_requests"] += 1
-        return RequestDelta(
-            request_id,
-            req.pop_new_tokens(),
-            req.detok.pop_delta(True),
-            "abort",
-            req.cached_prompt_tokens or 0,
-        )
+        return self.scheduler.abort(request_id)
 
     def reset_prefix_cache(self) -> int:
         """Evict every cached prefix that no running request holds (vLLM's
@@ -209,23 +196,19 @@ class LLMEngine:
 
         Benchmarks call it so one run cannot warm the cache for the next.
         """
-        if self.cache is None:
-            return 0
         freed = self.cache.evict(self.cache.evictable_size)
         self.cm.evicted_tokens += freed
         return freed
 
     def cached_prefix_len(self, prompt: Prompt) -> int:
         """How many leading tokens of ``prompt`` the prefix cache holds now."""
-        if self.cache is None:
-            return 0
         return int(self.cache.match_prefix(self.tokenize(prompt))[0].numel())
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests)
+        return bool(self.scheduler.requests)
 
     def get_request(self, request_id: str) -> Request | None:
-        return self._requests.get(request_id)
+        return self.scheduler.requests.get(request_id)
 
     # -- the step ------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
@@ -234,59 +217,7 @@ class LLMEngine:
         if not batch:
             return []
         reqs, tokens = self.runner.run(batch)
-        st = self._stats
-        st["steps"] += 1
-        n_reqs = len(batch.decodes) + len(batch.prefills)
-        st["batched_requests"] += n_reqs
-        st["max_batch_size"] = max(st["max_batch_size"], n_reqs)
-        for req in batch.decodes:
-            # a chunk may leave exactly the last prompt token pending: that is prefill
-            st[
-                "computed_prefill_tokens"
-                if req.num_computed < len(req.prompt_ids)
-                else "decode_tokens"
-            ] += 1
-            req.num_computed += 1
-        for req, n in batch.prefills:
-            req.num_computed += n
-            st["computed_prefill_tokens"] += n
-            # cache each chunk at once, so siblings waiting on this prefix can use it
-            self.cm.commit(req)
-        deltas = []
-        for req, token in zip(reqs, tokens, strict=True):
-            st["generated_tokens"] += 1
-            req.output_ids.append(token)
-            req.detok.add(token)
-            reason = self._finish_reason(req, token)
-            if reason is not None:
-                self._finish(req, reason)
-            deltas.append(
-                RequestDelta(
-                    req.request_id,
-                    req.pop_new_tokens(),
-                    req.detok.pop_delta(reason is not None),
-                    reason,
-                    (req.cached_prompt_tokens or 0) if reason is not None else None,
-                )
-            )
-        return deltas
-
-    def _finish_reason(self, req: Request, token: int) -> str | None:
-        if token in req.stop_ids or req.detok.stopped:
-            return "stop"
-        if (
-            len(req.output_ids) >= req.params.max_tokens
-            or req.num_tokens >= self.config.max_model_len
-        ):
-            return "length"
-        return None
-
-    def _finish(self, req: Request, reason: str) -> None:
-        req.finish_reason = reason
-        req.status = RequestStatus.FINISHED
-        self.scheduler.release(req)
-        self._requests.pop(req.request_id, None)
-        self._stats["finished_requests"] += 1
+        return self.scheduler.postprocess(batch, reqs, tokens)
 
     def output_of(self, req: Request) -> RequestOutput:
         return RequestOutput(
@@ -294,25 +225,40 @@ class LLMEngine:
         )
 
     # -- introspection -----------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
-        st = dict(self._stats)
-        st["running"] = len(self.scheduler.running)
-        st["waiting"] = len(self.scheduler.waiting)
-        cache = self.cache
-        evictable = cache.evictable_size if cache else 0
-        # in use = held by running requests, including the cached prefixes they lock
-        st["kv_slots_used"] = self.slots.num_used - evictable
-        st["kv_slots_total"] = self.slots.num_slots
-        st["cache_size"] = cache.total_size if cache else 0
-        st["cached_tokens"] = self.scheduler.cached_tokens
-        st["evicted_tokens"] = self.cm.evicted_tokens
-        st["preemptions"] = self.scheduler.num_preemptions
-        st["mean_batch_size"] = st["batched_requests"] / st["steps"] if st["steps"] else 0.0
-        st["graph_steps"] = self.runner.graph_steps
-        return st
+    def stats(self) -> EngineStats:
+        """Counters since start and the current gauges, as one snapshot."""
+        c = self.scheduler.counters
+        return EngineStats(
+            prompt_tokens=c.prompt_tokens,
+            computed_prefill_tokens=c.computed_prefill_tokens,
+            decode_tokens=c.decode_tokens,
+            generated_tokens=c.generated_tokens,
+            steps=c.steps,
+            batched_requests=c.batched_requests,
+            max_batch_size=c.max_batch_size,
+            finished_requests=c.finished_requests,
+            aborted_requests=c.aborted_requests,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            # in use = held by running requests, including the cached prefixes they lock
+            kv_slots_used=self.slots.num_used - self.cache.evictable_size,
+            kv_slots_total=self.slots.num_slots,
+            cache_size=self.cache.total_size,
+            cached_tokens=c.cached_tokens,
+            evicted_tokens=self.cm.evicted_tokens,
+            preemptions=c.preemptions,
+            mean_batch_size=c.batched_requests / c.steps if c.steps else 0.0,
+            graph_steps=self.runner.graph_steps,
+        )
 
 
-def _eos_ids(tokenizer: Any, gen_config: Any, hf_config: Any) -> frozenset[int]:
+def _eos_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    gen_config: GenerationConfig | None,
+    hf_config: PretrainedConfig,
+) -> frozenset[int]:
+    """Token ids that end a generation: the generation config's and the model config's
+    ``eos_token_id`` (an int or a list) and the tokenizer's."""
     ids: set[int] = set()
     for source in (gen_config, hf_config):
         eos = getattr(source, "eos_token_id", None) if source is not None else None

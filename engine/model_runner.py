@@ -1,8 +1,14 @@
-"""Turns a scheduled batch into one forward pass and one sampled token per finished row."""
+"""Turns a scheduled batch into one forward pass and one sampled token per finished row.
+
+``prepare`` flattens the batch and builds its :class:`ForwardContext`; ``run`` does
+the forward, the logits of the rows to sample, and the sampling. Decode-only steps
+that fit a captured CUDA graph skip ``prepare`` and replay the graph instead.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -15,6 +21,15 @@ from engine.prefix_groups import find_prefix_groups
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
+
+
+class PreparedBatch(NamedTuple):
+    """One eager step's model input, from :meth:`ModelRunner.prepare`."""
+
+    input_ids: torch.Tensor  # [T] the new tokens of every request, decodes first
+    ctx: ForwardContext  # per-step metadata, attention already planned
+    sample_at: torch.Tensor  # [S] rows of the hidden states whose logits are sampled
+    sampled_reqs: list[Request]  # the S requests those rows belong to, in order
 
 
 class ModelRunner:
@@ -74,6 +89,23 @@ class ModelRunner:
             and len(batch.decodes) <= self.graphs.max_batch
         ):
             return self._run_graph(batch.decodes)
+        input_ids, ctx, sample_at, sampled_reqs = self.prepare(batch)
+        set_context(ctx)
+        try:
+            hidden = self.model(input_ids)
+            if not sampled_reqs:
+                return [], []
+            logits = self.model.compute_logits(hidden[sample_at])
+        finally:
+            set_context(None)
+        return sampled_reqs, self.sampler(logits, sampled_reqs)
+
+    def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
+        """The flat token batch of an eager step and its planned :class:`ForwardContext`.
+
+        Decodes come first, one token each, then prefill chunks; a request is sampled
+        (its row of ``sample_at``) only if this step computes its last pending token.
+        """
         ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
@@ -121,15 +153,12 @@ class ModelRunner:
         if self.shared_prefix_min_tokens is not None and len(batch.decodes) > 1:
             ctx.prefix_groups = find_prefix_groups(batch.decodes, self.shared_prefix_min_tokens)
         self.backend.plan(ctx)
-        set_context(ctx)
-        try:
-            hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=dev))
-            if not sampled_reqs:
-                return [], []
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_at, device=dev)])
-        finally:
-            set_context(None)
-        return sampled_reqs, self.sampler(logits, sampled_reqs)
+        return PreparedBatch(
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            ctx,
+            torch.tensor(sample_at, dtype=torch.int64, device=dev),
+            sampled_reqs,
+        )
 
     def _run_graph(self, decodes: list[Request]) -> tuple[list[Request], list[int]]:
         """A decode-only step through the captured graph of its bucket. Fan-out groups

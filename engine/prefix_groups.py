@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from engine.prefix_cache import TreeNode
 from engine.request import Request
 
 
@@ -25,7 +25,7 @@ class PrefixGroup:
     prefix_len: int
 
 
-def _path(node: Any) -> list[Any]:
+def _path(node: TreeNode | None) -> list[TreeNode]:
     """The radix-tree nodes from just below the root down to ``node``."""
     path = []
     while node is not None and node.parent is not None:
@@ -39,7 +39,7 @@ def find_prefix_groups(decodes: Sequence[Request], min_tokens: int) -> list[Pref
     """Groups of at least two decoding requests sharing at least ``min_tokens`` cached
     tokens: requests are grouped by the first node of their path, and a group's prefix
     is the longest path all its members share."""
-    by_first: dict[int, list[tuple[int, list[Any]]]] = {}
+    by_first: dict[int, list[tuple[int, list[TreeNode]]]] = {}
     for i, req in enumerate(decodes):
         path = _path(req.cache_node)
         if path:

@@ -15,100 +15,19 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 
 from engine.kv_cache import SlotAllocator
+from engine.prefix_cache import PrefixCache, TreeNode
 
 
-class TreeNode:
-    """One edge of the radix tree: ``key`` tokens from ``parent`` to here, and their slots."""
+class RadixCache(PrefixCache):
+    """Radix tree over token ids with lock counts and LRU eviction of unlocked leaves.
 
-    __slots__ = ("children", "key", "last_access", "lock_ref", "parent", "value")
-
-    def __init__(
-        self,
-        key: list[int],
-        value: torch.Tensor,
-        parent: TreeNode | None = None,
-        last_access: int = 0,
-    ) -> None:
-        self.key: list[int] = key
-        self.value: torch.Tensor = value
-        # Keyed by the first token of the child's key: siblings never share a first
-        # token (they would have been merged into one edge), so this is a unique key.
-        self.children: dict[int, TreeNode] = {}
-        self.parent: TreeNode | None = parent
-        self.lock_ref: int = 0
-        self.last_access: int = last_access
-
-    @property
-    def is_root(self) -> bool:
-        return self.parent is None
-
-    @property
-    def is_leaf(self) -> bool:
-        return not self.children
-
-    def __repr__(self) -> str:
-        return (
-            f"TreeNode(key={self.key}, value={self.value.tolist()}, "
-            f"lock_ref={self.lock_ref}, last_access={self.last_access}, "
-            f"children={len(self.children)})"
-        )
-
-
-class BasePrefixCache(ABC):
-    """What the engine needs from a prefix cache; ``RadixCache`` is the implementation."""
-
-    @abstractmethod
-    def match_prefix(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, TreeNode]:
-        """Longest cached prefix of ``token_ids``: its slots and the node it ends at."""
-
-    @abstractmethod
-    def insert(self, token_ids: Sequence[int], slots: torch.Tensor) -> int:
-        """Cache ``token_ids -> slots``; returns how many leading tokens were cached."""
-
-    @abstractmethod
-    def inc_lock(self, node: TreeNode) -> None:
-        """Protect the path root..node from eviction."""
-
-    @abstractmethod
-    def dec_lock(self, node: TreeNode) -> None:
-        """Undo one ``inc_lock(node)``."""
-
-    @abstractmethod
-    def evict(self, num_tokens: int) -> int:
-        """Free at least ``num_tokens`` unlocked slots if possible; returns how many."""
-
-    @property
-    @abstractmethod
-    def total_size(self) -> int:
-        """Tokens (== slots) the cache holds."""
-
-    @property
-    @abstractmethod
-    def evictable_size(self) -> int:
-        """Tokens that ``evict`` could free now."""
-
-    @property
-    @abstractmethod
-    def protected_size(self) -> int:
-        """Tokens on locked paths."""
-
-    @abstractmethod
-    def slots(self) -> torch.Tensor:
-        """Every slot the cache holds."""
-
-    @abstractmethod
-    def reset(self) -> None:
-        """Drop everything, returning all slots to the allocator."""
-
-
-class RadixCache(BasePrefixCache):
-    """Radix tree over token ids with lock counts and LRU eviction of unlocked leaves."""
+    The engine's prefix cache when ``EngineConfig.prefix_cache`` is on (the default).
+    """
 
     def __init__(self, allocator: SlotAllocator) -> None:
         self.allocator = allocator

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.prefix_cache import TreeNode
 from engine.sampling_params import SamplingParams
 
 
@@ -43,7 +43,7 @@ class Request:
     cached_len: int = 0  # leading tokens whose slots belong to the prefix cache
     # prompt tokens the prefix cache served at first admission (OpenAI's cached_tokens)
     cached_prompt_tokens: int | None = None
-    cache_node: Any = None  # the radix-tree node this request keeps locked
+    cache_node: TreeNode | None = None  # where its cached prefix ends; locked while running
     finish_reason: str | None = None
     _emitted_tokens: int = 0
 

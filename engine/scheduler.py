@@ -1,4 +1,7 @@
-"""Step scheduler: which requests run this step, and with how many tokens each.
+"""Step scheduler: which requests run this step, with how many tokens each, and what
+their sampled tokens do to them.
+
+A step is ``schedule()``, the model runner's forward, then ``postprocess()``.
 
 Every step has a token budget. Running decodes go in first, one token each, then
 prefill chunks of partly prefilled and waiting requests fill the rest, so a long
@@ -8,6 +11,10 @@ prefilling right now waits, and then finds it in the cache. When the KV pool
 cannot give every decode its slot, the newest request is preempted: its KV goes to
 the prefix cache (or is freed) and it is recomputed later from its prompt and the
 tokens it already produced.
+
+After the forward, ``postprocess`` advances each request, caches prefill chunks,
+appends and detokenizes the sampled tokens, and finishes the requests that hit a
+stop rule or a length limit. Aborts end a request the same way, between steps.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import torch
 
 from engine.cache_manager import CacheManager
 from engine.config import EngineConfig
+from engine.outputs import RequestDelta
 from engine.request import Request, RequestStatus
+from engine.stats import Counters
 
 # Waiting requests looked at per step; bounds the cost of prefix matching.
 _ADMISSION_WINDOW = 64
@@ -45,19 +54,31 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    """Owns the waiting queue and the running set; KV ownership goes through ``cm``."""
+    """Owns the live requests (waiting queue and running set) and the engine's counters;
+    KV ownership goes through ``cm``."""
 
     def __init__(self, config: EngineConfig, cm: CacheManager) -> None:
         self.config = config
         self.cm = cm
+        self.requests: dict[str, Request] = {}  # every live request, waiting or running
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.num_preemptions = 0
-        self.cached_tokens = 0
+        self.counters = Counters()
 
     # -- queue management --------------------------------------------------------
     def add(self, req: Request) -> None:
+        """Queue a new request; the caller has checked that its id is not live."""
+        self.requests[req.request_id] = req
+        self.counters.prompt_tokens += len(req.prompt_ids)
         self.waiting.append(req)
+
+    def abort(self, request_id: str) -> RequestDelta | None:
+        """Drop a live request and free its slots now; returns its final delta."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self._finish(req, "abort")
+        return self._delta(req)
 
     def release(self, req: Request) -> None:
         """Take a request out of the queues and hand back its KV (finish, abort, preempt)."""
@@ -72,7 +93,7 @@ class Scheduler:
         self.release(victim)
         victim.status = RequestStatus.WAITING
         self.waiting.appendleft(victim)
-        self.num_preemptions += 1
+        self.counters.preemptions += 1
         return victim
 
     # -- the step ----------------------------------------------------------------
@@ -130,7 +151,7 @@ class Scheduler:
                 self.cm.release(req)
                 break
             self.waiting.remove(req)
-            self.cached_tokens += cached
+            self.counters.cached_tokens += cached
             if req.cached_prompt_tokens is None:  # a preempted request keeps its first count
                 req.cached_prompt_tokens = min(cached, len(req.prompt_ids))
             req.status = RequestStatus.RUNNING
@@ -149,3 +170,79 @@ class Scheduler:
         self.cm.table.write(req.row, req.num_computed, slots)
         batch.prefills.append((req, n))
         return n
+
+    # -- after the forward -------------------------------------------------------
+    def postprocess(
+        self, batch: ScheduledBatch, reqs: list[Request], tokens: list[int]
+    ) -> list[RequestDelta]:
+        """Apply one step's forward: ``reqs[i]`` sampled ``tokens[i]``.
+
+        Every scheduled request advances by the tokens it computed; prefill chunks
+        go to the prefix cache at once. Each sampled token is appended and
+        detokenized, and a request that hit a stop rule or a length limit is
+        finished and its KV released. Returns a delta for every request that got a
+        token (a prefill chunk that stops short of the prompt's end gets none).
+        """
+        c = self.counters
+        c.steps += 1
+        n_reqs = len(batch.decodes) + len(batch.prefills)
+        c.batched_requests += n_reqs
+        c.max_batch_size = max(c.max_batch_size, n_reqs)
+        for req in batch.decodes:
+            # a chunk may leave exactly the last prompt token pending: that is prefill
+            if req.num_computed < len(req.prompt_ids):
+                c.computed_prefill_tokens += 1
+            else:
+                c.decode_tokens += 1
+            req.num_computed += 1
+        for req, n in batch.prefills:
+            req.num_computed += n
+            c.computed_prefill_tokens += n
+            # cache each chunk at once, so siblings waiting on this prefix can use it
+            self.cm.commit(req)
+        deltas = []
+        for req, token in zip(reqs, tokens, strict=True):
+            c.generated_tokens += 1
+            req.output_ids.append(token)
+            req.detok.add(token)
+            reason = self._finish_reason(req, token)
+            if reason is not None:
+                self._finish(req, reason)
+            deltas.append(self._delta(req))
+        return deltas
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        """``"stop"`` (a stop id, or a stop string in the text), ``"length"``
+        (``max_tokens`` or the context length reached), or None to go on."""
+        if token in req.stop_ids or req.detok.stopped:
+            return "stop"
+        if (
+            len(req.output_ids) >= req.params.max_tokens
+            or req.num_tokens >= self.config.max_model_len
+        ):
+            return "length"
+        return None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        """End a live request for ``reason`` (a finish reason or ``"abort"``)."""
+        req.finish_reason = reason
+        req.status = RequestStatus.FINISHED
+        self.release(req)
+        del self.requests[req.request_id]
+        if reason == "abort":
+            self.counters.aborted_requests += 1
+        else:
+            self.counters.finished_requests += 1
+
+    @staticmethod
+    def _delta(req: Request) -> RequestDelta:
+        """What ``req`` produced since its last delta; the last one (the request has
+        finished) flushes held-back text and reports the prompt's cached tokens."""
+        done = req.finish_reason is not None
+        return RequestDelta(
+            req.request_id,
+            req.pop_new_tokens(),
+            req.detok.pop_delta(done),
+            req.finish_reason,
+            (req.cached_prompt_tokens or 0) if done else None,
+        )

@@ -291,11 +291,11 @@ def bench_fanout(args: argparse.Namespace, files, dtype: torch.dtype) -> None:
             for _ in range(FANOUT_REQUESTS)
         ]
         for name, llm in engines.items():
-            before = llm.stats()["computed_prefill_tokens"]
+            before = llm.stats().computed_prefill_tokens
             t = _time(lambda llm=llm, prompts=prompts: llm.generate(prompts, params))
             if rep:
                 times[name].append(t)
-                computed[name].append(llm.stats()["computed_prefill_tokens"] - before)
+                computed[name].append(llm.stats().computed_prefill_tokens - before)
     budget = FANOUT_PREFIX + FANOUT_REQUESTS * FANOUT_SUFFIX
     print(
         f"fan-out: {FANOUT_REQUESTS} requests x ({FANOUT_PREFIX} shared + {FANOUT_SUFFIX} own) "

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.stats import EngineStats
+
 
 class BackendError(Exception):
     """A completion request failed (engine error, HTTP error, dropped connection)."""
@@ -80,8 +82,9 @@ class Backend(ABC):
     ) -> AsyncIterator[CompletionChunk]:
         """Yield chunks until one has ``finish_reason``; raise :class:`BackendError`."""
 
-    async def stats(self) -> dict[str, Any] | None:
-        """Engine counters (prefix-cache hits, running requests...) where available."""
+    async def stats(self) -> EngineStats | None:
+        """Engine counters (prefix-cache hits, running requests...) where available: the
+        in-process engine's snapshot; None where the backend cannot say (HTTP)."""
         return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most backends need none

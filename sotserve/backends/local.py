@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
 from engine import AsyncEngine, EngineError, InvalidRequestError, SamplingParams
+from engine.stats import EngineStats
 from sotserve.backends.base import (
     Backend,
     BackendError,
@@ -23,7 +26,7 @@ class LocalBackend(Backend):
         self._owns_engine = engine is None
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 
     @property
@@ -61,7 +64,7 @@ class LocalBackend(Backend):
         except EngineError as exc:
             raise BackendError(str(exc)) from exc
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> EngineStats:
         return self.engine.stats()
 
     async def close(self) -> None:

@@ -10,11 +10,12 @@ several servers can live in one process (as in the tests).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from engine.stats import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -26,48 +27,49 @@ _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 3
 class EngineCollector(Collector):
     """Engine gauges and counters read from ``stats()`` at each scrape."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self._stats = stats
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         st = self._stats()
-        gauges = {
-            "running": ("sotserve_engine_running_requests", "requests being decoded"),
-            "waiting": ("sotserve_engine_waiting_requests", "requests waiting for admission"),
-            "kv_slots_used": (
+        gauges = [
+            (st.running, "sotserve_engine_running_requests", "requests being decoded"),
+            (st.waiting, "sotserve_engine_waiting_requests", "requests waiting for admission"),
+            (
+                st.kv_slots_used,
                 "sotserve_kv_slots_used",
                 "KV slots held by running requests, including the cached prefixes they lock",
             ),
-            "kv_slots_total": ("sotserve_kv_slots_total", "KV slots in the pool"),
-            "cache_size": ("sotserve_prefix_cache_tokens", "tokens held by the radix cache"),
-        }
-        for key, (name, doc) in gauges.items():
-            yield GaugeMetricFamily(name, doc, value=float(st.get(key, 0)))
-        counters = {
-            "prompt_tokens": ("sotserve_engine_prompt_tokens", "prompt tokens admitted"),
-            "cached_tokens": (
+            (st.kv_slots_total, "sotserve_kv_slots_total", "KV slots in the pool"),
+            (st.cache_size, "sotserve_prefix_cache_tokens", "tokens held by the radix cache"),
+        ]
+        for value, name, doc in gauges:
+            yield GaugeMetricFamily(name, doc, value=float(value))
+        counters = [
+            (st.prompt_tokens, "sotserve_engine_prompt_tokens", "prompt tokens admitted"),
+            (
+                st.cached_tokens,
                 "sotserve_engine_cached_prompt_tokens",
                 "prompt tokens served by the prefix cache",
             ),
-            "generated_tokens": ("sotserve_engine_generated_tokens", "tokens generated"),
-            "steps": ("sotserve_engine_steps", "engine forward steps"),
-            "preemptions": ("sotserve_engine_preemptions", "requests preempted for KV space"),
-            "aborted_requests": ("sotserve_engine_aborted_requests", "requests aborted"),
-        }
-        for key, (name, doc) in counters.items():
-            yield CounterMetricFamily(name, doc, value=float(st.get(key, 0)))
-        prompt = st.get("prompt_tokens", 0)
+            (st.generated_tokens, "sotserve_engine_generated_tokens", "tokens generated"),
+            (st.steps, "sotserve_engine_steps", "engine forward steps"),
+            (st.preemptions, "sotserve_engine_preemptions", "requests preempted for KV space"),
+            (st.aborted_requests, "sotserve_engine_aborted_requests", "requests aborted"),
+        ]
+        for value, name, doc in counters:
+            yield CounterMetricFamily(name, doc, value=float(value))
         yield GaugeMetricFamily(
             "sotserve_prefix_cache_hit_ratio",
             "share of admitted prompt tokens served by the prefix cache, since start",
-            value=st.get("cached_tokens", 0) / prompt if prompt else 0.0,
+            value=st.cached_tokens / st.prompt_tokens if st.prompt_tokens else 0.0,
         )
 
 
 class Metrics:
     """The server's metrics, in a registry of their own."""
 
-    def __init__(self, engine_stats: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(

@@ -11,6 +11,7 @@ import pytest
 import engine
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampler import Sampler
+from engine.stats import EngineStats
 
 MULTIBYTE = "héllo wörld — 日本語のテキスト 🎉🚀 naïve café"
 PROMPTS = [
@@ -61,7 +62,7 @@ async def _collect(eng, prompt, params, request_id=None) -> list[engine.RequestD
     return [d async for d in eng.generate(prompt, params, request_id)]
 
 
-async def _wait_for(eng, pred, timeout: float = 3.0) -> dict:
+async def _wait_for(eng, pred, timeout: float = 3.0) -> EngineStats:
     """Poll ``eng.stats()`` until ``pred(stats)``; return the last snapshot."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -72,8 +73,8 @@ async def _wait_for(eng, pred, timeout: float = 3.0) -> dict:
     return st
 
 
-def _idle(st: dict) -> bool:
-    return st["running"] == 0 and st["waiting"] == 0 and st["kv_slots_used"] == 0
+def _idle(st: EngineStats) -> bool:
+    return st.running == 0 and st.waiting == 0 and st.kv_slots_used == 0
 
 
 # -- concurrent streams -------------------------------------------------------------------------
@@ -84,7 +85,7 @@ async def test_concurrent_streams_match_sync_greedy(aengine, sync_llm):
     before = await _wait_for(aengine, _idle)
     streams = await asyncio.gather(*(_collect(aengine, p, params) for p in PROMPTS))
     after = await _wait_for(
-        aengine, lambda s: _idle(s) and s["finished_requests"] >= before["finished_requests"] + 6
+        aengine, lambda s: _idle(s) and s.finished_requests >= before.finished_requests + 6
     )
 
     for deltas, want in zip(streams, expected, strict=True):
@@ -95,9 +96,9 @@ async def test_concurrent_streams_match_sync_greedy(aengine, sync_llm):
         ids = [t for d in deltas for t in d.token_ids]
         assert ids == want.token_ids
         assert "".join(d.text for d in deltas) == want.text
-    assert after["max_batch_size"] > 1
-    steps = after["steps"] - before["steps"]
-    batched = after["batched_requests"] - before["batched_requests"]
+    assert after.max_batch_size > 1
+    steps = after.steps - before.steps
+    batched = after.batched_requests - before.batched_requests
     assert batched == 6 * 24
     assert steps < batched, "the six streams never shared a step"
     assert _idle(after)
@@ -137,9 +138,9 @@ async def test_abort_mid_stream(aengine):
     assert await aengine.abort("to-abort") is False
     assert await aengine.abort("never-existed") is False
     st = await _wait_for(aengine, _idle)
-    assert st["kv_slots_used"] == 0
-    assert st["running"] == 0
-    assert st["waiting"] == 0
+    assert st.kv_slots_used == 0
+    assert st.running == 0
+    assert st.waiting == 0
 
 
 @pytest.mark.parametrize("how", ["abort", "finish"])
@@ -168,13 +169,13 @@ async def test_stats_are_current_when_the_stream_ends(aengine, monkeypatch, how)
         if how == "abort":
             assert await aengine.abort(rid) is True
             st = aengine.stats()
-            if st["kv_slots_used"] or st["running"]:
-                stale.append(("after abort()", i, st["kv_slots_used"], st["running"]))
+            if st.kv_slots_used or st.running:
+                stale.append(("after abort()", i, st.kv_slots_used, st.running))
         deltas = [d async for d in gen]
         assert deltas[-1].finish_reason == ("abort" if how == "abort" else "length")
         st = aengine.stats()
-        if st["kv_slots_used"] or st["running"]:
-            stale.append(("after last delta", i, st["kv_slots_used"], st["running"]))
+        if st.kv_slots_used or st.running:
+            stale.append(("after last delta", i, st.kv_slots_used, st.running))
         await _wait_for(aengine, _idle)
     assert not stale, f"stats() still counted the finished request: {stale}"
 
@@ -196,26 +197,26 @@ async def test_abort_from_another_task(aengine):
     await asyncio.wait_for(task, 10)
     assert deltas[-1].finish_reason == "abort"
     st = await _wait_for(aengine, _idle)
-    assert st["kv_slots_used"] == 0 and st["running"] == 0
+    assert st.kv_slots_used == 0 and st.running == 0
 
 
 async def test_leaving_the_loop_aborts(aengine):
     await _wait_for(aengine, _idle)
-    aborted = aengine.stats()["aborted_requests"]
+    aborted = aengine.stats().aborted_requests
     n = 0
     async for _ in aengine.generate("Leave early", LONG):
         n += 1
         if n == 2:
             break
-    st = await _wait_for(aengine, lambda s: _idle(s) and s["aborted_requests"] > aborted)
-    assert st["aborted_requests"] == aborted + 1
-    assert st["kv_slots_used"] == 0
-    assert st["running"] == 0
+    st = await _wait_for(aengine, lambda s: _idle(s) and s.aborted_requests > aborted)
+    assert st.aborted_requests == aborted + 1
+    assert st.kv_slots_used == 0
+    assert st.running == 0
 
 
 async def test_cancelled_consumer_aborts(aengine):
     await _wait_for(aengine, _idle)
-    aborted = aengine.stats()["aborted_requests"]
+    aborted = aengine.stats().aborted_requests
     started = asyncio.Event()
 
     async def consume():
@@ -227,8 +228,8 @@ async def test_cancelled_consumer_aborts(aengine):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    st = await _wait_for(aengine, lambda s: _idle(s) and s["aborted_requests"] > aborted)
-    assert st["aborted_requests"] == aborted + 1
+    st = await _wait_for(aengine, lambda s: _idle(s) and s.aborted_requests > aborted)
+    assert st.aborted_requests == aborted + 1
     assert _idle(st)
 
 
@@ -388,11 +389,11 @@ async def test_reset_prefix_cache_empties_what_no_request_holds(aengine):
         pass
     n = len(aengine.engine.tokenize(prompt))
     assert await aengine.cached_prefix_len(prompt) == n
-    assert aengine.stats()["cache_size"] >= n + 3
+    assert aengine.stats().cache_size >= n + 3
     freed = await aengine.reset_prefix_cache()
     assert freed >= n + 3
     assert await aengine.cached_prefix_len(prompt) == 0
-    assert aengine.stats()["cache_size"] == 0
+    assert aengine.stats().cache_size == 0
 
 
 async def test_reset_keeps_the_prefix_a_running_request_locks(aengine):

@@ -125,21 +125,21 @@ def test_max_running_caps_concurrency(tiny_dir, reference):
         engine.add_request(p, greedy(n, ignore_eos=True))
         for p, n in zip(prompts, max_tokens, strict=True)
     ]
-    assert engine.stats()["waiting"] == 5 and engine.stats()["running"] == 0
+    assert engine.stats().waiting == 5 and engine.stats().running == 0
 
     rec = StepRecorder(engine)
     while engine.has_unfinished():
         batch = rec.step()
         st = engine.stats()
-        assert st["running"] <= 2
+        assert st.running <= 2
         assert len(batch) <= 2
         finished = sum(r is not None for r in rec.reason.values())
-        assert st["running"] + st["waiting"] + finished == 5
+        assert st.running + st.waiting + finished == 5
         assert rec.steps < 100
 
     st = engine.stats()
-    assert st["max_batch_size"] == 2
-    assert st["finished_requests"] == 5 and st["running"] == st["waiting"] == 0
+    assert st.max_batch_size == 2
+    assert st.finished_requests == 5 and st.running == st.waiting == 0
     # FIFO admission: the third request takes the row the second frees (after step 3).
     assert rec.first_step[rids[2]] == rec.finish_step[rids[1]] + 1 == 4
     for rid, p, n in zip(rids, prompts, max_tokens, strict=True):
@@ -151,7 +151,7 @@ def test_max_running_caps_concurrency(tiny_dir, reference):
     assert [o.token_ids for o in outs] == [
         reference(p, n) for p, n in zip(prompts, max_tokens, strict=True)
     ]
-    assert llm.stats()["max_batch_size"] == 2
+    assert llm.stats().max_batch_size == 2
 
 
 def test_requests_join_and_leave_every_step(tiny_dir, reference):
@@ -166,12 +166,12 @@ def test_requests_join_and_leave_every_step(tiny_dir, reference):
 
     for _ in range(3):
         rec.step()
-        running_after.append(engine.stats()["running"])
+        running_after.append(engine.stats().running)
     d = engine.add_request(p_d, greedy(3, ignore_eos=True))
-    assert engine.stats()["waiting"] == 1
+    assert engine.stats().waiting == 1
     while engine.has_unfinished():
         rec.step()
-        running_after.append(engine.stats()["running"])
+        running_after.append(engine.stats().running)
         assert rec.steps < 50
 
     assert rec.first_step == {a: 1, b: 1, c: 1, d: 4}  # d joins at the step after add_request
@@ -186,7 +186,7 @@ def test_requests_join_and_leave_every_step(tiny_dir, reference):
     for rid, p, n in ((a, p_a, 1), (b, p_b, 5), (c, p_c, 9), (d, p_d, 3)):
         assert rec.reason[rid] == "length"
         assert rec.tokens[rid] == reference(p, n)
-    assert engine.stats()["kv_slots_used"] == 0
+    assert engine.stats().kv_slots_used == 0
 
 
 # -- when a request stops ----------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_max_tokens_is_exact(tiny_dir, reference):
     assert [o.token_ids for o in outs] == [
         reference(p, n) for p, n in zip(prompts, max_tokens, strict=True)
     ]
-    assert llm.stats()["generated_tokens"] == sum(max_tokens)
+    assert llm.stats().generated_tokens == sum(max_tokens)
 
 
 def test_stop_token_ids(tiny_dir, reference):
@@ -234,7 +234,7 @@ def test_stop_token_ids(tiny_dir, reference):
     # Stop ids are per request: the same prompt without them, batched alongside, runs on.
     assert outs[3].token_ids == ref and outs[3].finish_reason == "length"
     assert outs[4].token_ids == reference(other, 12) and outs[4].finish_reason == "length"
-    assert llm.stats()["kv_slots_used"] == 0
+    assert llm.stats().kv_slots_used == 0
 
 
 def test_eos_stops_unless_ignore_eos(tiny_dir, reference, tmp_path):
@@ -350,9 +350,9 @@ def test_stats_are_consistent(tiny_dir, reference):
     llm = LLM(str(tiny_dir), dtype="float32", device="cpu")
     engine = llm.engine
     st = llm.stats()
-    assert set(STAT_KEYS) <= set(st)
-    assert all(st[k] == 0 for k in STAT_KEYS if k != "kv_slots_total")
-    assert st["kv_slots_total"] == engine.config.kv_slots > 0
+    assert set(STAT_KEYS) <= set(st.as_dict())
+    assert all(getattr(st, k) == 0 for k in STAT_KEYS if k != "kv_slots_total")
+    assert st.kv_slots_total == engine.config.kv_slots > 0
 
     prompts = random_prompts((5, 20, 33), seed=15)
     max_tokens = (4, 7, 2)
@@ -360,34 +360,34 @@ def test_stats_are_consistent(tiny_dir, reference):
         engine.add_request(p, greedy(n, ignore_eos=True))
         for p, n in zip(prompts, max_tokens, strict=True)
     ]
-    assert llm.stats()["waiting"] == 3 and llm.stats()["prompt_tokens"] == 58
+    assert llm.stats().waiting == 3 and llm.stats().prompt_tokens == 58
     rec = StepRecorder(engine)
     while engine.has_unfinished():
         rec.step()
         st = llm.stats()
         live = [i for i, rid in enumerate(rids) if rec.reason[rid] is None]
-        assert st["running"] == len(live) and st["waiting"] == 0
+        assert st.running == len(live) and st.waiting == 0
         # Each live request holds KV for its prompt and all generated tokens but the last.
-        assert st["kv_slots_used"] == sum(
+        assert st.kv_slots_used == sum(
             len(prompts[i]) + len(rec.tokens[rids[i]]) - 1 for i in live
         )
-        assert st["steps"] == rec.steps
+        assert st.steps == rec.steps
 
     st = llm.stats()
-    assert st["prompt_tokens"] == sum(map(len, prompts))
-    assert st["cached_tokens"] == 0
-    assert st["computed_prefill_tokens"] == sum(map(len, prompts))  # no preemption here
-    assert st["preemptions"] == 0
-    assert st["decode_tokens"] == sum(
+    assert st.prompt_tokens == sum(map(len, prompts))
+    assert st.cached_tokens == 0
+    assert st.computed_prefill_tokens == sum(map(len, prompts))  # no preemption here
+    assert st.preemptions == 0
+    assert st.decode_tokens == sum(
         n - 1 for n in max_tokens
     )  # the first token comes from prefill
-    assert st["generated_tokens"] == sum(max_tokens)
-    assert st["steps"] == max(max_tokens)
-    assert st["batched_requests"] == sum(max_tokens)
-    assert st["max_batch_size"] == 3
-    assert st["mean_batch_size"] == pytest.approx(st["batched_requests"] / st["steps"])
-    assert st["finished_requests"] == 3 and st["aborted_requests"] == 0
-    assert st["running"] == st["waiting"] == st["kv_slots_used"] == 0
+    assert st.generated_tokens == sum(max_tokens)
+    assert st.steps == max(max_tokens)
+    assert st.batched_requests == sum(max_tokens)
+    assert st.max_batch_size == 3
+    assert st.mean_batch_size == pytest.approx(st.batched_requests / st.steps)
+    assert st.finished_requests == 3 and st.aborted_requests == 0
+    assert st.running == st.waiting == st.kv_slots_used == 0
     for rid, p, n in zip(rids, prompts, max_tokens, strict=True):
         assert rec.tokens[rid] == reference(p, n)
 
@@ -402,7 +402,7 @@ def test_stats_with_chunked_prefill_count_prompt_tokens_as_prefill(tiny_dir):
     assert [len(o.token_ids) for o in outs] == list(max_tokens)
 
     st = llm.stats()
-    assert st["preemptions"] == 0
-    assert st["computed_prefill_tokens"] == st["prompt_tokens"] == 57
-    assert st["decode_tokens"] == sum(n - 1 for n in max_tokens)
-    assert st["generated_tokens"] == sum(max_tokens)
+    assert st.preemptions == 0
+    assert st.computed_prefill_tokens == st.prompt_tokens == 57
+    assert st.decode_tokens == sum(n - 1 for n in max_tokens)
+    assert st.generated_tokens == sum(max_tokens)

@@ -103,7 +103,7 @@ def test_graph_steps_give_the_eager_tokens(tiny_llama_dir, graph_llm):
     graphs = runner.graphs
     assert runner.graph_steps - before >= 5
     assert sorted(bs for bs, n in graphs.replays.items() if n) == [1, 2, 4]
-    assert graph_llm.stats()["graph_steps"] == runner.graph_steps
+    assert graph_llm.stats().graph_steps == runner.graph_steps
 
 
 def test_padding_rows_write_no_live_slot(graph_llm):

@@ -24,12 +24,12 @@ def nothing_leaked(request):
     llm = request.getfixturevalue("llm")
     assert not llm.engine.has_unfinished()
     st = llm.stats()
-    assert st["kv_slots_used"] == 0
-    assert st["running"] == 0 and st["waiting"] == 0
+    assert st.kv_slots_used == 0
+    assert st.running == 0 and st.waiting == 0
     out = llm.generate("still works", GOOD)[0]
     assert out.finish_reason == "length"
     assert len(out.token_ids) == 4
-    assert llm.stats()["kv_slots_used"] == 0
+    assert llm.stats().kv_slots_used == 0
 
 
 def test_error_hierarchy():
@@ -152,7 +152,7 @@ def test_bad_prompt_in_a_batch_queues_nothing(llm):
         with pytest.raises(engine.InvalidRequestError):
             llm.generate([*good, bad, "a third good one"], GOOD)
         assert not llm.engine.has_unfinished()
-        assert llm.stats()["waiting"] == 0
+        assert llm.stats().waiting == 0
     bad_params = [GOOD, GOOD, engine.SamplingParams(max_tokens=600)]
     with pytest.raises(engine.ContextLengthExceededError):
         llm.generate([*good, "bad params"], bad_params)

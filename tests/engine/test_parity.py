@@ -87,10 +87,10 @@ def record_batches(engine, monkeypatch) -> list[tuple[int, list[tuple[str, int, 
 def assert_slots_all_free(llm: LLM) -> None:
     """Nothing is in use: every slot is free or an unlocked entry of the prefix cache."""
     eng = llm.engine
-    assert eng.stats()["kv_slots_used"] == 0
-    cached = set(eng.cache.slots().tolist()) if eng.cache is not None else set()
+    assert eng.stats().kv_slots_used == 0
+    cached = set(eng.cache.slots().tolist())
     assert eng.slots.free_set() | cached == set(range(1, eng.config.kv_slots + 1))
-    assert eng.cache is None or eng.cache.protected_size == 0
+    assert eng.cache.protected_size == 0
 
 
 # -- tiny random-weight families -------------------------------------------------------
@@ -104,8 +104,8 @@ def test_batched_greedy_matches_hf_generate(kind, tiny_model_dirs):
 
     outs = llm.generate(prompts, greedy(N_TINY, ignore_eos=True))
 
-    assert llm.stats()["max_batch_size"] > 1  # they really shared steps
-    assert llm.stats()["max_batch_size"] == len(prompts)  # all fit the first step
+    assert llm.stats().max_batch_size > 1  # they really shared steps
+    assert llm.stats().max_batch_size == len(prompts)  # all fit the first step
     assert len(outs) == len(prompts)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.prompt_token_ids == prompt
@@ -156,7 +156,7 @@ def test_requests_arriving_while_others_decode(tiny_model_dirs, monkeypatch):
     assert {rid for rid, _, _ in prefills} == late
     assert any(d > 0 and p for d, p in log)
     # Batching saved steps: fewer than running the requests one after another.
-    assert engine.stats()["steps"] == steps == len(log)
+    assert engine.stats().steps == steps == len(log)
     assert steps < sum(max_tokens)
     assert steps == max(3 + max_tokens[i] if i >= 3 else max_tokens[i] for i in range(6))
 
@@ -192,9 +192,9 @@ def test_chunked_prefill_matches_hf(kind, tiny_model_dirs, monkeypatch):
     assert max(chunks.values()) >= 120 // budget
     assert any(start > 0 for _, p in log for _, _, start in p)  # a chunk resumed a prompt
     st = llm.stats()
-    assert st["max_batch_size"] > 1
+    assert st.max_batch_size > 1
     # Each prompt token and each generated token but the last was computed exactly once.
-    assert st["computed_prefill_tokens"] + st["decode_tokens"] == sum(lens) + len(lens) * (n - 1)
+    assert st.computed_prefill_tokens + st.decode_tokens == sum(lens) + len(lens) * (n - 1)
     assert_slots_all_free(llm)
 
 
@@ -209,14 +209,14 @@ def test_small_kv_pool_preempts_and_still_matches_hf(tiny_model_dirs):
     outs = llm.generate(prompts, greedy(N_TINY, ignore_eos=True))
 
     st = llm.stats()
-    assert st["preemptions"] > 0
-    assert st["max_batch_size"] > 1
+    assert st.preemptions > 0
+    assert st.max_batch_size > 1
     # Preempted requests recompute their prompt and the tokens they had produced.
-    assert st["computed_prefill_tokens"] > sum(lens)
+    assert st.computed_prefill_tokens > sum(lens)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == hf_greedy(hf, prompt, N_TINY), f"prompt of {len(prompt)}"
         assert out.finish_reason == "length"
-    assert st["finished_requests"] == len(prompts)
+    assert st.finished_requests == len(prompts)
     assert_slots_all_free(llm)
 
 
@@ -229,7 +229,7 @@ def test_bfloat16_smoke(tiny_model_dirs):
 
     outs = llm.generate(prompts, greedy(n, ignore_eos=True))
 
-    assert llm.stats()["max_batch_size"] == len(prompts)
+    assert llm.stats().max_batch_size == len(prompts)
     for prompt, out in zip(prompts, outs, strict=True):
         assert len(out.token_ids) == n
         assert out.finish_reason == "length"
@@ -261,7 +261,7 @@ def test_smollm2_chat_matches_hf_generate(smol):
     # run to N_SMOL.
     outs = llm.generate(prompts, greedy(N_SMOL))
 
-    assert llm.stats()["max_batch_size"] == len(prompts)
+    assert llm.stats().max_batch_size == len(prompts)
     eos = tok.eos_token_id
     for q, prompt, out in zip(QUESTIONS, prompts, outs, strict=True):
         ref = hf_greedy(hf, prompt, N_SMOL, min_new=False)

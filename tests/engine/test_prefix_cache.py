@@ -1,4 +1,5 @@
-"""The radix prefix cache and the prefix-aware, stall-free scheduler, end to end."""
+"""The radix prefix cache and the prefix-aware, stall-free scheduler, end to end; and
+the engine without a prefix cache (``NoPrefixCache``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import torch
 from conftest import build_tiny_model
 
 from engine import LLM, SamplingParams
+from engine.cache_manager import CacheManager
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import ReqToTokenTable, SlotAllocator
 from engine.llm_engine import LLMEngine
+from engine.prefix_cache import NoPrefixCache, PrefixCache
+from engine.radix_cache import RadixCache
+from engine.request import Request
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -51,9 +58,9 @@ def test_cached_prefixes_keep_greedy_parity(tiny):
     st = llm.stats()
     # hits: 89 (full, last token recomputed) + 37 + 90 + 37, plus any generated tokens
     # of earlier answers that happened to be reused
-    assert st["cached_tokens"] >= 89 + 37 + 90 + 37
-    assert st["computed_prefill_tokens"] == sum(map(len, prompts)) - st["cached_tokens"]
-    assert st["kv_slots_used"] == 0 and st["cache_size"] > 0
+    assert st.cached_tokens >= 89 + 37 + 90 + 37
+    assert st.computed_prefill_tokens == sum(map(len, prompts)) - st.cached_tokens
+    assert st.kv_slots_used == 0 and st.cache_size > 0
 
 
 def test_generated_tokens_are_cached_for_follow_ups(tiny):
@@ -66,7 +73,7 @@ def test_generated_tokens_are_cached_for_follow_ups(tiny):
     got = llm.generate([follow], GREEDY)[0].token_ids
     assert got == _hf_greedy(hf, follow, GREEDY.max_tokens)
     # all of the first turn except the answer's last token (never fed back) was cached
-    assert llm.stats()["cached_tokens"] == len(first) + len(answer) - 1
+    assert llm.stats().cached_tokens == len(first) + len(answer) - 1
 
 
 def test_prefix_cache_can_be_switched_off(tiny):
@@ -78,10 +85,10 @@ def test_prefix_cache_can_be_switched_off(tiny):
     got_on = [on.generate([p], GREEDY)[0].token_ids for p in prompts]
     got_off = [off.generate([p], GREEDY)[0].token_ids for p in prompts]
     assert got_on == got_off
-    assert on.stats()["cached_tokens"] > 0
+    assert on.stats().cached_tokens > 0
     st = off.stats()
-    assert st["cached_tokens"] == 0 and st["cache_size"] == 0
-    assert st["computed_prefill_tokens"] == sum(map(len, prompts))
+    assert st.cached_tokens == 0 and st.cache_size == 0
+    assert st.computed_prefill_tokens == sum(map(len, prompts))
     assert off.engine.slots.num_free == off.engine.config.kv_slots
 
 
@@ -93,13 +100,13 @@ def test_fan_out_prefills_the_shared_prefix_once(tiny):
     prompts = [shared + _tokens(100 + i, 16) for i in range(8)]
     outs = llm.generate(prompts, GREEDY)
     st = llm.stats()
-    assert st["computed_prefill_tokens"] <= 1.2 * (256 + 8 * 16)
-    assert st["cached_tokens"] >= 7 * 256
+    assert st.computed_prefill_tokens <= 1.2 * (256 + 8 * 16)
+    assert st.cached_tokens >= 7 * 256
     for p, o in zip(prompts[:3], outs[:3], strict=True):
         assert o.token_ids == _hf_greedy(hf, p, GREEDY.max_tokens)
     no_cache = LLM(str(path), dtype="float32", device="cpu", prefix_cache=False)
     assert [o.token_ids for o in no_cache.generate(prompts, GREEDY)] == [o.token_ids for o in outs]
-    assert no_cache.stats()["computed_prefill_tokens"] == 8 * (256 + 16)
+    assert no_cache.stats().computed_prefill_tokens == 8 * (256 + 16)
 
 
 def test_eviction_under_a_small_pool(tiny):
@@ -110,12 +117,12 @@ def test_eviction_under_a_small_pool(tiny):
     for p in prompts:
         assert llm.generate([p], GREEDY)[0].token_ids == _hf_greedy(hf, p, GREEDY.max_tokens)
     st = llm.stats()
-    assert st["evicted_tokens"] > 0
-    assert st["cache_size"] <= 120
+    assert st.evicted_tokens > 0
+    assert st.cache_size <= 120
     # the most recent prompt survived eviction and is a full hit
-    before = st["cached_tokens"]
+    before = st.cached_tokens
     llm.generate([prompts[-1]], GREEDY)
-    assert llm.stats()["cached_tokens"] - before == len(prompts[-1]) - 1
+    assert llm.stats().cached_tokens - before == len(prompts[-1]) - 1
 
 
 @pytest.fixture(scope="module")
@@ -164,4 +171,92 @@ def test_smollm2_parity_with_a_cached_chat_prefix(smollm2_dir):
     for q in questions:
         ids = llm.apply_chat_template([{"role": "user", "content": q}])
         assert llm.generate([ids], params)[0].token_ids == _hf_greedy(hf, ids, 10)
-    assert llm.stats()["cached_tokens"] >= 20  # the shared system prompt
+    assert llm.stats().cached_tokens >= 20  # the shared system prompt
+
+
+# -- without a prefix cache ----------------------------------------------------------------
+
+
+def test_no_prefix_cache_matches_nothing_and_holds_nothing():
+    cache = NoPrefixCache()
+    assert isinstance(cache, PrefixCache)
+    slots, node = cache.match_prefix([1, 2, 3])
+    assert slots.numel() == 0 and slots.dtype == torch.int64
+    assert node is cache.root and node.is_root
+    assert cache.insert([1, 2, 3], torch.tensor([7, 8, 9])) == 0
+    assert cache.match_prefix([1, 2, 3])[0].numel() == 0  # inserting kept nothing
+    cache.inc_lock(node)
+    cache.dec_lock(node)
+    assert cache.evict(10) == 0
+    assert (cache.evictable_size, cache.protected_size, cache.total_size) == (0, 0, 0)
+    assert cache.slots().numel() == 0
+    cache.reset()
+
+
+def _request(prompt: list[int], tokenizer) -> Request:
+    return Request(
+        request_id=str(prompt[0]), prompt_ids=prompt, params=SamplingParams(), arrival=0,
+        detok=IncrementalDetokenizer(tokenizer, prompt, []), stop_ids=frozenset(),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["radix", "none"])
+def test_cache_manager_books_balance_with_either_cache(kind, tokenizer):
+    """Admit, compute in chunks (committing each), release: every slot comes back to the
+    free list or the cache, and without a cache the request's own slots are freed."""
+    alloc = SlotAllocator(64, torch.device("cpu"))
+    cache = RadixCache(alloc) if kind == "radix" else NoPrefixCache()
+    cm = CacheManager(alloc, ReqToTokenTable(4, 64, torch.device("cpu")), cache)
+    for prompt in ([5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12]):
+        req = _request(prompt, tokenizer)
+        cached = cm.admit(req)
+        assert cached == (3 if kind == "radix" and prompt[3] == 11 else 0)
+        while req.num_pending:
+            n = min(2, req.num_pending)
+            cm.table.write(req.row, req.num_computed, cm.allocate(n))
+            req.num_computed += n
+            cm.commit(req)
+            # a cache keeps what was committed; NoPrefixCache keeps it private
+            assert req.cached_len == (req.num_computed if kind == "radix" else 0)
+        cm.release(req)
+        assert req.row is None and req.cache_node is None
+        held = set(cache.slots().tolist())
+        assert alloc.free_set().isdisjoint(held)
+        assert alloc.free_set() | held == set(range(1, 65))
+    assert cache.total_size == (8 if kind == "radix" else 0)  # 6 + the 2 new tokens
+
+
+def test_engine_without_prefix_cache_frees_every_slot(tiny):
+    """prefix_cache=False: requests sharing a prefix, chunked prefill and an abort all
+    leave every slot free, nothing cached, and no request ever holds cache slots."""
+    path, hf = tiny
+    eng = LLMEngine(
+        str(path), dtype="float32", device="cpu", prefix_cache=False, max_batched_tokens=16
+    )
+    assert isinstance(eng.cache, NoPrefixCache)
+    shared = _tokens(30, 24)
+    prompts = [shared + _tokens(31 + i, 5) for i in range(3)]
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    doomed = eng.add_request(_tokens(40, 30), GREEDY)
+    out: dict[str, list[int]] = {rid: [] for rid in ids}
+    steps = 0
+    while eng.has_unfinished():
+        for d in eng.step():
+            out.setdefault(d.request_id, []).extend(d.token_ids)
+        steps += 1
+        if steps == 2:
+            assert eng.abort(doomed) is not None
+        # every used slot is private to a running request, none is held by a cache
+        running = eng.scheduler.running
+        assert all(r.cached_len == 0 for r in running)
+        assert eng.slots.num_used == sum(r.num_computed for r in running)
+        assert eng.stats().kv_slots_used == eng.slots.num_used
+    for rid, p in zip(ids, prompts, strict=True):
+        assert out[rid] == _hf_greedy(hf, p, GREEDY.max_tokens)
+    st = eng.stats()
+    assert st.cached_tokens == 0 and st.cache_size == 0 and st.evicted_tokens == 0
+    assert st.kv_slots_used == 0 and st.aborted_requests == 1
+    assert eng.slots.num_free == eng.config.kv_slots
+    assert eng.table.num_free_rows == eng.config.max_running
+    assert eng.cached_prefix_len(prompts[0]) == 0
+    assert eng.reset_prefix_cache() == 0

@@ -65,8 +65,8 @@ def test_seeded_request_is_independent_of_its_batch(llm, position):
     for out, sp in zip(outs, params, strict=True):
         assert out.finish_reason == "length"
         assert len(out.token_ids) == sp.max_tokens
-    assert llm.stats()["max_batch_size"] >= 6
-    assert llm.stats()["kv_slots_used"] == 0
+    assert llm.stats().max_batch_size >= 6
+    assert llm.stats().kv_slots_used == 0
 
 
 def test_greedy_neighbour_is_unaffected_by_sampled_rows(llm):

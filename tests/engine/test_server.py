@@ -28,6 +28,7 @@ from aiohttp import web
 
 from engine import AsyncEngine, SamplingParams
 from engine.server import build_app
+from engine.stats import EngineStats
 
 MODEL = "tiny-llama"
 REPO = Path(__file__).resolve().parents[2]
@@ -88,7 +89,7 @@ async def _direct(eng: AsyncEngine, prompt: Any, **params: Any) -> tuple[str, li
     return text, [t for d in deltas for t in d.token_ids], deltas[-1].finish_reason
 
 
-async def _wait_for(eng: AsyncEngine, pred, timeout: float = 2.0) -> dict:
+async def _wait_for(eng: AsyncEngine, pred, timeout: float = 2.0) -> EngineStats:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     st = eng.stats()
@@ -98,8 +99,8 @@ async def _wait_for(eng: AsyncEngine, pred, timeout: float = 2.0) -> dict:
     return st
 
 
-def _idle(st: dict) -> bool:
-    return st["running"] == 0 and st["waiting"] == 0 and st["kv_slots_used"] == 0
+def _idle(st: EngineStats) -> bool:
+    return st.running == 0 and st.waiting == 0 and st.kv_slots_used == 0
 
 
 def _assert_error(status: int, body: Any, want_status: int, param: str | None, code=None) -> None:
@@ -132,11 +133,11 @@ async def test_models_and_health(client, aengine):
 async def test_reset_prefix_cache_endpoint(client, aengine):
     body = {"prompt": "Warm the cache with this prompt", **GREEDY, "max_tokens": 4}
     status, _ = await _post(client, body)
-    assert status == 200 and aengine.stats()["cache_size"] > 0
+    assert status == 200 and aengine.stats().cache_size > 0
     async with client.post("/reset_prefix_cache") as resp:
         assert resp.status == 200
         out = await resp.json()
-    assert out["freed_tokens"] > 0 and aengine.stats()["cache_size"] == 0
+    assert out["freed_tokens"] > 0 and aengine.stats().cache_size == 0
     async with client.get("/reset_prefix_cache") as resp:
         assert resp.status == 405
 
@@ -426,15 +427,15 @@ async def test_disconnect_mid_stream_aborts_the_request(aengine, slow_steps, han
         while events < 3:
             line = await resp.content.readline()
             events += line.startswith(b"data: ")
-        assert aengine.stats()["running"] == 1
+        assert aengine.stats().running == 1
         resp.close()  # hang up mid-stream
         st = await _wait_for(
-            aengine, lambda s: _idle(s) and s["aborted_requests"] > before["aborted_requests"]
+            aengine, lambda s: _idle(s) and s.aborted_requests > before.aborted_requests
         )
-    assert st["running"] == 0
-    assert st["kv_slots_used"] == 0
-    assert st["aborted_requests"] == before["aborted_requests"] + 1
-    assert st["generated_tokens"] - before["generated_tokens"] < 400
+    assert st.running == 0
+    assert st.kv_slots_used == 0
+    assert st.aborted_requests == before.aborted_requests + 1
+    assert st.generated_tokens - before.generated_tokens < 400
 
 
 @pytest.mark.parametrize("handler_cancellation", [True, False])
@@ -444,15 +445,15 @@ async def test_disconnect_while_waiting_for_a_full_answer_aborts(
     before = await _wait_for(aengine, _idle)
     async with _serve(build_app(aengine, MODEL), handler_cancellation) as client:
         task = asyncio.create_task(client.post("/v1/completions", json=LONG))
-        await _wait_for(aengine, lambda s: s["running"] == 1)
+        await _wait_for(aengine, lambda s: s.running == 1)
         task.cancel()  # the client gives up and drops the connection
         with contextlib.suppress(asyncio.CancelledError):
             await task
         st = await _wait_for(
-            aengine, lambda s: _idle(s) and s["aborted_requests"] > before["aborted_requests"]
+            aengine, lambda s: _idle(s) and s.aborted_requests > before.aborted_requests
         )
     assert _idle(st)
-    assert st["aborted_requests"] == before["aborted_requests"] + 1
+    assert st.aborted_requests == before.aborted_requests + 1
 
 
 # -- a dead engine ----------------------------------------------------------------------------

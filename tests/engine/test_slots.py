@@ -128,7 +128,7 @@ def check_books(eng: LLMEngine) -> None:
     assert len(free) == eng.slots.num_free, "a slot is on the free list twice"
     assert PAD_SLOT not in free
     cache = eng.cache
-    cached = cache.slots().tolist() if cache is not None else []
+    cached = cache.slots().tolist()  # empty without prefix caching (NoPrefixCache)
     cached_set = set(cached)
     assert len(cached) == len(cached_set), "a slot is in the cache twice"
     running = eng.scheduler.running
@@ -150,23 +150,19 @@ def check_books(eng: LLMEngine) -> None:
     assert eng.table.num_free_rows + len(running) == eng.config.max_running
     for req in eng.scheduler.waiting:
         assert req.row is None and req.num_computed == 0
-    evictable = 0
-    if cache is not None:
-        assert cache.evictable_size + cache.protected_size == cache.total_size == len(cached)
-        evictable = cache.evictable_size
-    assert eng.stats()["kv_slots_used"] == kv_slots - len(free) - evictable
+    assert cache.evictable_size + cache.protected_size == cache.total_size == len(cached)
+    assert eng.stats().kv_slots_used == kv_slots - len(free) - cache.evictable_size
 
 
 def check_idle(eng: LLMEngine) -> None:
     kv_slots = eng.config.kv_slots
     assert not eng.has_unfinished()
-    cached = set(eng.cache.slots().tolist()) if eng.cache is not None else set()
+    cached = set(eng.cache.slots().tolist())
     assert eng.slots.free_set() | cached == set(range(1, kv_slots + 1))
-    if eng.cache is not None:
-        assert eng.cache.protected_size == 0, "a finished request still locks the cache"
+    assert eng.cache.protected_size == 0, "a finished request still locks the cache"
     st = eng.stats()
-    assert st["kv_slots_used"] == 0
-    assert st["running"] == 0 and st["waiting"] == 0
+    assert st.kv_slots_used == 0
+    assert st.running == 0 and st.waiting == 0
     assert eng.table.num_free_rows == eng.config.max_running
 
 
@@ -256,29 +252,29 @@ request_st = st.tuples(
 def test_slot_books_balance_under_random_traffic(engines, config, requests, aborts):
     eng = engines[config]
     check_idle(eng)  # the previous example left nothing behind
-    before = eng.stats()["preemptions"]
+    before = eng.stats().preemptions
     drive(eng, requests, aborts)
-    event("preempted" if eng.stats()["preemptions"] > before else "no preemption")
+    event("preempted" if eng.stats().preemptions > before else "no preemption")
 
 
 def test_preemption_keeps_books_and_outputs(engines):
     eng = engines["small"]
-    before = eng.stats()["preemptions"]
+    before = eng.stats().preemptions
     requests = [(0, 25, 10, 0.0, i) for i in range(5)] + [(3, 10, 10, 1.0, 99)]
     live = drive(eng, requests, aborts=[])
-    assert eng.stats()["preemptions"] > before, "the pool was never short: no preemption"
+    assert eng.stats().preemptions > before, "the pool was never short: no preemption"
 
     # Preempted and recomputed requests produce the tokens they would have without
     # preemption (greedy ones, and the seeded one too): replay them in a roomy pool.
     ref_eng = engines["roomy"]
-    ref_before = ref_eng.stats()["preemptions"]
+    ref_before = ref_eng.stats().preemptions
     reqs = [r for r, _ in live.values()]
     ref = {ref_eng.add_request(r.prompt_ids, r.params): r for r in reqs}
     outputs = {rid: [] for rid in ref}
     while ref_eng.has_unfinished():
         for d in ref_eng.step():
             outputs[d.request_id].extend(d.token_ids)
-    assert ref_eng.stats()["preemptions"] == ref_before
+    assert ref_eng.stats().preemptions == ref_before
     for rid, r in ref.items():
         assert outputs[rid] == r.output_ids, f"request {r.request_id} changed by preemption"
     check_idle(ref_eng)

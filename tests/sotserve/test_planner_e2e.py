@@ -65,9 +65,9 @@ async def test_sot_on_vicuna_questions(engine, qid, pipeline):
     assert cached >= 0.7 * prompt, (cached, prompt)
     after = engine.stats()
     # the per-request counts are the engine's own: its totals moved at least as much
-    assert after["cached_tokens"] - before["cached_tokens"] >= cached
-    assert after["prompt_tokens"] - before["prompt_tokens"] == done.usage.prompt_tokens
-    assert after["running"] == 0 and after["kv_slots_used"] == 0
+    assert after.cached_tokens - before.cached_tokens >= cached
+    assert after.prompt_tokens - before.prompt_tokens == done.usage.prompt_tokens
+    assert after.running == 0 and after.kv_slots_used == 0
 
 
 async def test_graph_mode_with_dependent_points(engine):
@@ -98,10 +98,10 @@ async def test_cancelling_mid_answer_frees_the_engine(engine):
     await stream.aclose()
     for _ in range(100):
         st = engine.stats()
-        if st["running"] == 0 and st["waiting"] == 0 and st["kv_slots_used"] == 0:
+        if st.running == 0 and st.waiting == 0 and st.kv_slots_used == 0:
             break
         await asyncio.sleep(0.01)
-    assert (st["running"], st["waiting"], st["kv_slots_used"]) == (0, 0, 0)
+    assert (st.running, st.waiting, st.kv_slots_used) == (0, 0, 0)
 
 
 async def test_sot_over_http_against_our_engine_server(engine):

@@ -1,0 +1,35 @@
+"""``ModelRunner.prepare``: the flat batch and forward context of a mixed step."""
+
+from __future__ import annotations
+
+from engine import SamplingParams
+from engine.llm_engine import LLMEngine
+
+
+def test_prepare_flattens_decodes_then_prefill_chunks(tiny_llama_dir):
+    eng = LLMEngine(str(tiny_llama_dir), dtype="float32", device="cpu", max_batched_tokens=8)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    first = eng.get_request(eng.add_request([101, 102, 103], params))
+    eng.step()  # prefills ``first``: it decodes from now on
+    second = eng.get_request(eng.add_request(list(range(200, 212)), params))
+
+    batch = eng.scheduler.schedule()
+    assert batch.decodes == [first]
+    assert batch.prefills == [(second, 7)]  # the budget left after the decode
+    input_ids, ctx, sample_at, sampled = eng.runner.prepare(batch)
+
+    assert input_ids.tolist() == [first.output_ids[-1], *range(200, 207)]
+    assert ctx.positions.tolist() == [3, *range(7)]
+    assert (ctx.rows, ctx.q_lens, ctx.kv_lens) == ([first.row, second.row], [1, 7], [4, 7])
+    assert ctx.num_decodes == 1
+    table = eng.table.table
+    assert ctx.out_slots.tolist() == [table[first.row, 3].item(), *table[second.row, :7].tolist()]
+    assert ctx.attn is not None  # the backend planned the step
+    # the chunk stops short of the prompt's end, so only the decode is sampled
+    assert sample_at.tolist() == [0] and sampled == [first]
+
+    reqs, tokens = eng.runner.run(batch)  # the same batch through the whole path
+    assert reqs == [first] and len(tokens) == 1
+    assert isinstance(tokens[0], int)
+    eng.scheduler.postprocess(batch, reqs, tokens)
+    assert first.num_computed == 4 and second.num_computed == 7
