@@ -6,8 +6,9 @@
 Sides (``--sides``, comma-separated; by default every side that is installed):
 
 ``sotserve-default``  ``LLM(prefix_cache=False)``: the engine's defaults. For the embedded
-                      GGUF on the CPU that keeps its own Q4_1 blocks as int4 and computes
-                      in bfloat16.
+                      GGUF on the CPU that keeps its own Q4_1 blocks as int4; the
+                      activation dtype is the engine's default for that (the report's
+                      notes print the dtype and quantization each engine resolved).
 ``sotserve-bf16``     ``LLM(dtype="bfloat16", quantization=None, prefix_cache=False)``.
 ``sotserve-fp32``     ``LLM(dtype="float32", quantization=None, prefix_cache=False)``.
 ``transformers``      ``AutoModelForCausalLM`` in float32 on the converted directory,
