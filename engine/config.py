@@ -109,26 +109,30 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def resolve_quantization(
     quantization: str | None, dtype: str | torch.dtype | None, device: torch.device, gguf: bool
 ) -> tuple[str | None, torch.dtype]:
-    """The quantization mode and compute dtype an engine runs with.
+    """The quantization mode and activation dtype an engine runs with.
 
-    ``dtype`` ``"auto"``/``None`` is bfloat16 on CUDA and with quantized weights (the
-    CPU int kernels take bfloat16 activations), float32 otherwise. Quantized weights
-    are a CPU path for now: on CUDA ``"auto"`` means none and asking for one is an
-    error, as is asking for one with float32/float16 activations.
+    ``"auto"`` keeps a GGUF model's own quantization on the CPU unless ``dtype`` asks
+    for float32 or float16 (the dense parity path). Quantized matrices always multiply
+    in bfloat16; the activations between them (residual stream, norms, attention, KV
+    cache) stay float32 unless ``dtype`` says bfloat16: measured on SmolLM2 Q4_1,
+    float32 activations are both faster on the CPU (one fused op per norm, no casts
+    inside attention) and closer to the float32 model (top-1 agreement 98.6% against
+    96.9%, ``evals.quant_quality``). ``dtype`` ``"auto"`` is bfloat16 on CUDA, where
+    quantized weights are not supported yet (asking for them there is an error).
     """
     auto_dtype = dtype in (None, "auto")
     if quantization == "auto":
-        quantization = (
-            "gguf"
-            if gguf and device.type == "cpu" and (auto_dtype or resolve_dtype(dtype) == torch.bfloat16)
-            else None
-        )
+        quantization = None
+        if gguf and device.type == "cpu" and (auto_dtype or resolve_dtype(dtype) == torch.bfloat16):
+            quantization = "gguf"
     if quantization is None:
         if auto_dtype:
             return None, torch.bfloat16 if device.type == "cuda" else torch.float32
         return None, resolve_dtype(dtype)
     if device.type != "cpu":
-        raise ValueError(f"quantization {quantization!r} runs on the CPU only; use none on {device}")
+        raise ValueError(
+            f"quantization {quantization!r} runs on the CPU only; use none on {device}"
+        )
     if quantization == "gguf" and not gguf:
         raise ValueError("quantization 'gguf' needs a GGUF model; use int4 or int8")
-    return quantization, torch.bfloat16 if auto_dtype else resolve_dtype(dtype)
+    return quantization, torch.float32 if auto_dtype else resolve_dtype(dtype)

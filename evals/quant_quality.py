@@ -28,10 +28,10 @@ TEXT = Path(__file__).parent / "data" / "teacher_forced.txt"
 MODES: dict[str, tuple[str, str | None]] = {
     "float32": ("float32", None),
     "bfloat16": ("bfloat16", None),
-    "gguf": ("bfloat16", "gguf"),
-    "gguf-f32": ("float32", "gguf"),
-    "int8": ("bfloat16", "int8"),
-    "int4": ("bfloat16", "int4"),
+    "gguf": ("float32", "gguf"),
+    "gguf-bf16": ("bfloat16", "gguf"),
+    "int8": ("float32", "int8"),
+    "int4": ("float32", "int4"),
 }
 
 
@@ -112,14 +112,18 @@ def measure(model: str | None, modes: list[str], text: str) -> list[ModeQuality]
             reference = logits
         if mode in modes:
             out.append(
-                ModeQuality(mode, perplexity(logits, ids), top1_agreement(logits, reference), len(ids))
+                ModeQuality(
+                    mode, perplexity(logits, ids), top1_agreement(logits, reference), len(ids)
+                )
             )
         del llm
     return out
 
 
 def main(argv: list[str] | None = None) -> list[ModeQuality]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--text", type=Path, default=TEXT)

@@ -56,7 +56,9 @@ def build_model(
     if quantization is not None:
         # the float matrices left (a GGUF's Q8_0 head, say) go with the int kernels'
         # bfloat16, whatever the activations' dtype: float32 ones read twice the bytes
+        tied = model.lm_head is None or args.tie_word_embeddings
         model.prepack_cpu_weights(torch.bfloat16)
+        model.refine_head = tied and dtype == torch.float32
     elif prepack and can_prepack(device, dtype):
         model.prepack_cpu_weights()
     return model
@@ -81,4 +83,3 @@ def _bias(model: nn.Module, path: str) -> torch.Tensor | None:
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
-

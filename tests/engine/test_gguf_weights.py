@@ -100,7 +100,9 @@ def test_q4_1_codes_and_scales_are_llama_cpps(tmp_path):
 
 def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf does to q/k rows of the llama architecture."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -135,7 +137,9 @@ def test_unknown_type_is_a_clear_error(tmp_path):
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):
-    path = _write(tmp_path / "m.gguf", {"blk.0.ffn_up.weight": (gq.quantize(_float(), T.Q4_1), T.Q4_1)})
+    path = _write(
+        tmp_path / "m.gguf", {"blk.0.ffn_up.weight": (gq.quantize(_float(), T.Q4_1), T.Q4_1)}
+    )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
     with pytest.raises(GGUFError):
