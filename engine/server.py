@@ -26,6 +26,7 @@ from engine.cli_args import add_engine_args, engine_kwargs
 from engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
 from engine.outputs import RequestDelta
 from engine.sampling_params import SamplingParams
+from engine.serve_loop import serve_app
 
 logger = logging.getLogger(__name__)
 
@@ -501,19 +502,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         engine = AsyncEngine(
-            args.model, dtype=args.dtype, device=args.device, **engine_kwargs(args)
-        )
+            args.model, dtype=args.dtype, device=args.device, step_thread=False,
+            **engine_kwargs(args),
+        )  # fmt: skip
     except ValueError as exc:  # a bad option value, or a model this engine cannot run
         p.error(str(exc))
     app = build_app(engine, args.served_model_name)
-
-    async def _close(_: web.Application) -> None:
-        engine.close()
-
-    app.on_cleanup.append(_close)
-    # handler_cancellation: a client that hangs up cancels its handler at once, which
-    # closes the generator and aborts the request, even while waiting for a first token.
-    web.run_app(app, host=args.host, port=args.port, handler_cancellation=True)
+    serve_app(engine, app, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from engine import AsyncEngine
 from engine.cli_args import add_engine_args, engine_kwargs
+from engine.serve_loop import serve_app
 from engine.server import add_completion_routes, error_middleware
 from sotserve.backends.local import LocalBackend
 from sotserve.planner import Planner
@@ -144,18 +145,11 @@ def serve(args: argparse.Namespace) -> None:
         if (v := getattr(args, k)) is not None
     }
     logger.info("loading %s", args.model or "the embedded SmolLM2-135M-Instruct")
-    engine = AsyncEngine(args.model, dtype=args.dtype, device=args.device, **engine_kwargs(args))
-    app = build_app(engine, args.served_model_name, limits, **plan)
-
-    async def _close(_: web.Application) -> None:
-        engine.close()
-
-    app.on_cleanup.append(_close)
-    ready = f"sotserve: serving {engine.model_name} at http://{args.host}:{args.port}/"
-    # handler_cancellation: a client that hangs up cancels its handler at once, which
-    # closes the planner stream and aborts every request of its answer. The line is
-    # printed once the socket listens, so scripts can wait for it.
-    web.run_app(
-        app, host=args.host, port=args.port, handler_cancellation=True,
-        print=lambda _: print(ready, flush=True),
+    engine = AsyncEngine(
+        args.model, dtype=args.dtype, device=args.device, step_thread=False,
+        **engine_kwargs(args),
     )  # fmt: skip
+    app = build_app(engine, args.served_model_name, limits, **plan)
+    ready = f"sotserve: serving {engine.model_name} at http://{args.host}:{args.port}/"
+    # The line is printed once the socket listens, so scripts can wait for it.
+    serve_app(engine, app, args.host, args.port, on_ready=lambda: print(ready, flush=True))
