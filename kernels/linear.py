@@ -1,4 +1,5 @@
-"""CPU linear layers with weights prepacked for oneDNN.
+"""CPU linear layers: float weights prepacked for oneDNN (:class:`PackedLinear`), and
+weight-only int4/int8 ones on PyTorch's CPU kernels (:class:`QuantizedLinear`).
 
 ``F.linear`` on CPU hands the weight to MKL/oneDNN in its plain layout on every call.
 Reordering it once into oneDNN's blocked layout (what inductor's ``freezing`` does)

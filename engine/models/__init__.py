@@ -29,7 +29,7 @@ def build_model(
     """Instantiate the model on ``device`` without random init and load its weights.
 
     ``quantization``: ``None`` (every matrix in ``dtype``), ``"gguf"`` (a GGUF model's
-    Q4_0/Q4_1 matrices as int4 and Q8_0 ones as int8, straight from its blocks), or
+    Q4_0/Q4_1/Q4_K matrices as int4 straight from its blocks, the rest de-quantized), or
     ``"int4"``/``"int8"`` (every projection and the head quantized at load from its
     float values). Quantized matmuls run decode rows through their int kernels and,
     with ``prefill_dense``, prefill rows through a bfloat16 copy of their weights
@@ -56,9 +56,8 @@ def build_model(
     if quantization is not None:
         # the float matrices left (a GGUF's Q8_0 head, say) go with the int kernels'
         # bfloat16, whatever the activations' dtype: float32 ones read twice the bytes
-        tied = model.lm_head is None or args.tie_word_embeddings
         model.prepack_cpu_weights(torch.bfloat16)
-        model.refine_head = tied and dtype == torch.float32
+        model.refine_head = args.tie_word_embeddings and dtype == torch.float32
     elif prepack and can_prepack(device, dtype):
         model.prepack_cpu_weights()
     return model
@@ -68,7 +67,8 @@ def _dense_linears(model: LlamaForCausalLM) -> list[tuple[str, nn.Linear]]:
     """Every float projection, with the head (its own, or the tied embedding's table)."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if model.lm_head is None:
-        head = nn.Linear(model.args.hidden_size, model.args.vocab_size, bias=False)
+        with torch.device("meta"):  # only a holder for the table: no weight of its own
+            head = nn.Linear(model.args.hidden_size, model.args.vocab_size, bias=False)
         head.weight = model.model.embed_tokens.weight
         found.append(("lm_head", head))
     return found
