@@ -10,7 +10,7 @@ URL      := http://$(HOST):$(PORT)
 # exits 0 once the server answers /health
 HEALTHY  := $(BIN)/python -c "import sys, urllib.request as u; u.urlopen('$(URL)/health', timeout=2)"
 
-.PHONY: setup browser run stop test eval lint bench clean
+.PHONY: setup browser run stop test eval lint bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m evals.bench_engine
+
+# sotserve against transformers and llama.cpp (llama-cpp-python builds from source,
+# several minutes the first time), every side measured in one run.
+bench-peers: setup
+	$(BIN)/pip install --quiet -e ".[peers]"
+	$(BIN)/python -m evals.bench_peers --out out/bench_peers.md --json out/bench_peers.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
