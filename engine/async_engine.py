@@ -161,6 +161,11 @@ class AsyncEngine:
         with self._cv:
             return self._stats
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What killed the step loop, if it died."""
+        return self._dead
+
     def run_step_loop(self) -> None:
         """Run the step loop in the calling thread until :meth:`close` (only for an
         engine made with ``step_thread=False``)."""

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from engine.async_engine import AsyncEngine
+from engine.errors import EngineDeadError
 
 
 def serve_app(
@@ -25,7 +26,9 @@ def serve_app(
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` with its event loop in a thread and ``engine``'s step loop in this,
-    the main, thread (see :class:`AsyncEngine`); returns after SIGINT or SIGTERM.
+    the main, thread (see :class:`AsyncEngine`); returns after SIGINT or SIGTERM, and
+    raises :class:`EngineDeadError` if the step loop dies (so the process exits non-zero
+    for its supervisor to restart it, instead of answering 500s).
 
     ``handler_cancellation``: a client that hangs up cancels its handler at once, which
     closes its stream and aborts its requests, even while waiting for a first token.
@@ -71,6 +74,8 @@ def serve_app(
         for fn in stop:
             fn()
         thread.join()
+    if engine.failure is not None:
+        raise EngineDeadError("the engine's step loop died") from engine.failure
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

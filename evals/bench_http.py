@@ -4,9 +4,9 @@
 
 In process: the engine's own step loop (``LLMEngine.step`` on this thread), the
 median step time over ``--tokens`` steps of one request. Over HTTP: a
-``python -m engine.server`` subprocess with the same model and options, one streamed
-``/v1/completions`` request of ``--tokens`` tokens (EOS ignored), the median gap
-between its SSE chunks. Both sides alternate ``--repeats`` times and the ratio of
+``python -m engine.server`` subprocess with the same model and options, streamed
+``/v1/completions`` requests of ``--tokens`` tokens and of one token (EOS ignored),
+``(t(N) - t(1)) / (N - 1)`` per token. Both sides alternate ``--repeats`` times and the ratio of
 the medians is printed; 1.0 means HTTP serving costs nothing per token.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import statistics
 import subprocess
@@ -46,23 +45,29 @@ def in_process_step(engine, tokens: int) -> float:
     return time_decode_steps(engine, [engine.tokenize(PROMPT)], tokens)
 
 
-async def http_gap(url: str, tokens: int) -> float:
-    """Median seconds between the SSE chunks of one streamed completion."""
+async def _stream_seconds(session: aiohttp.ClientSession, url: str, tokens: int) -> float:
+    """Wall time of one streamed completion of exactly ``tokens`` tokens."""
     body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}  # fmt: skip
-    stamps: list[float] = []
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"{url}/v1/completions", json=body) as resp,
-    ):
+    start = time.perf_counter()
+    async with session.post(f"{url}/v1/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-        async for line in resp.content:
-            if line.startswith(b"data: ") and b"[DONE]" not in line:
-                stamps.append(time.perf_counter())
-    # the first chunk carries the prefill: gaps from the second chunk on
-    gaps = [b - a for a, b in itertools.pairwise(stamps[1:])]
-    return statistics.median(gaps)
+        async for _ in resp.content:
+            pass
+    return time.perf_counter() - start
+
+
+async def http_gap(url: str, tokens: int) -> float:
+    """Seconds per decoded token of a streamed completion: ``(t(N) - t(1)) / (N - 1)``.
+
+    Timing whole requests, not the gaps between SSE chunks, because a token whose
+    text is not complete yet (part of a UTF-8 character, a special token) sends none.
+    """
+    async with aiohttp.ClientSession() as session:
+        one = await _stream_seconds(session, url, 1)
+        many = await _stream_seconds(session, url, tokens)
+    return (many - one) / (tokens - 1)
 
 
 async def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:

@@ -546,3 +546,34 @@ def test_main_serves_and_shuts_down(tiny_llama_dir):
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 0, out
+
+
+def test_main_stops_on_sigterm_and_refuses_a_busy_port(tiny_llama_dir):
+    """The step loop owns the main thread (engine.serve_loop): SIGTERM still ends the
+    server cleanly, and a port already in use is an error exit, not a hang."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [sys.executable, "-m", "engine.server", "--model", str(tiny_llama_dir),
+               "--port", str(port), "--dtype", "float32", "--kv-slots", "256"]  # fmt: skip
+        refused = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=120)
+        assert refused.returncode != 0
+        assert b"address already in use" in refused.stderr.lower()
+    cmd[cmd.index("--port") + 1] = str(port := _free_port())
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                if _http(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server never became healthy"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr.read().decode()
