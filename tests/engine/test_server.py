@@ -514,6 +514,20 @@ def _http(url: str, body: dict | None = None) -> tuple[int, Any]:
         return e.code, json.loads(e.read())
 
 
+def _wait_healthy(proc: subprocess.Popen, base: str, output) -> None:
+    """Until ``base`` answers /health (a minute at most), failing if ``proc`` exits."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, output.read().decode()
+        try:
+            if _http(f"{base}/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "server never became healthy"
+        time.sleep(0.1)
+
+
 def test_main_serves_and_shuts_down(tiny_llama_dir):
     port = _free_port()
     cmd = [
@@ -526,16 +540,7 @@ def test_main_serves_and_shuts_down(tiny_llama_dir):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if _http(f"{base}/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server never became healthy"
-            time.sleep(0.1)
+        _wait_healthy(proc, base, proc.stdout)
         status, body = _http(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 3})
         assert status == 200, body
         assert body["model"] == MODEL
@@ -563,16 +568,7 @@ def test_main_stops_on_sigterm_and_refuses_a_busy_port(tiny_llama_dir):
     cmd[cmd.index("--port") + 1] = str(port := _free_port())
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            try:
-                if _http(f"http://127.0.0.1:{port}/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server never became healthy"
-            time.sleep(0.1)
+        _wait_healthy(proc, f"http://127.0.0.1:{port}", proc.stderr)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
