@@ -8,7 +8,9 @@ uses. Types with no exact int layout are de-quantized by the ``gguf`` package.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,7 +197,14 @@ def cached_gguf_weights(
     flat: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
         flat.update(to_tensors(name, w))
-    tmp = target.with_suffix(".tmp")
-    save_file(flat, tmp)
-    tmp.rename(target)  # atomic: a crash never leaves a half-written cache
+    # a private temporary name, renamed atomically: a crash never leaves a half-written
+    # cache, and two processes converting at once (a server and a test) cannot clash
+    fd, tmp = tempfile.mkstemp(prefix=".gguf-", dir=cache_dir)
+    os.close(fd)
+    try:
+        save_file(flat, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return weights
