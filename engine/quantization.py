@@ -159,6 +159,33 @@ def int4_from_q4_1(raw: torch.Tensor, shape: tuple[int, int]) -> Int4Weight:
     return Int4Weight(_nibbles(b[..., 4:]).reshape(shape), d, m + 8.0 * d)
 
 
+def int4_from_q4_k(raw: torch.Tensor, shape: tuple[int, int]) -> Int4Weight:
+    """Q4_K super-blocks of 256 (fp16 ``d`` and ``dmin``, twelve bytes of 6-bit scales
+    and mins for eight sub-blocks of 32, 128 bytes of codes): sub-block ``s`` holds
+    ``w = d * sc[s] * q - dmin * m[s]``, an int4 group of 32 with
+    ``scale = d * sc[s]`` and ``zero = 8 * scale - dmin * m[s]``."""
+    n, k = shape
+    if k % 256:
+        raise ValueError(f"a row of {k} values is not a whole number of 256-value blocks")
+    expected = n * (k // 256) * 144
+    if raw.numel() != expected:
+        raise ValueError(f"tensor data has {raw.numel()} bytes, expected {expected}")
+    b = raw.reshape(n, k // 256, 144)
+    d, dmin = _fp16(b[..., 0:2]), _fp16(b[..., 2:4])
+    s = b[..., 4:16].to(torch.int32)
+    # llama.cpp's get_scale_min_k4: sub-blocks 0..3 use the low 6 bits of bytes 0..3
+    # (scales) and 4..7 (mins); 4..7 combine the nibbles of bytes 8..11 with the top
+    # two bits of bytes 0..3 and 4..7
+    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)], -1)
+    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+    # each 32 bytes of codes hold two sub-blocks: low nibbles first, then high ones
+    qs = b[..., 16:].reshape(n, k // 256, 4, 32)
+    q = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(n, k)
+    scale = (d[..., None] * sc.float()).reshape(n, k // 32)
+    zero = 8.0 * scale - (dmin[..., None] * mn.float()).reshape(n, k // 32)
+    return Int4Weight(q, scale, zero)
+
+
 def dequantize_q8_0(raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Q8_0 blocks (fp16 ``d``, 32 int8 codes): ``w = d * q``, as float32."""
     b = _blocks(raw, shape, 34)
@@ -212,30 +239,3 @@ def quantized_linear(
     if isinstance(w, Int4Weight):
         return Int4Linear(w.q, w.scale, w.zero, w.group_size, bias, dense_copy)
     return Int8Linear(w.q, w.scale, bias, dense_copy)
-
-
-def int4_from_q4_k(raw: torch.Tensor, shape: tuple[int, int]) -> Int4Weight:
-    """Q4_K super-blocks of 256 (fp16 ``d`` and ``dmin``, twelve bytes of 6-bit scales
-    and mins for eight sub-blocks of 32, 128 bytes of codes): sub-block ``s`` holds
-    ``w = d * sc[s] * q - dmin * m[s]``, an int4 group of 32 with
-    ``scale = d * sc[s]`` and ``zero = 8 * scale - dmin * m[s]``."""
-    n, k = shape
-    if k % 256:
-        raise ValueError(f"a row of {k} values is not a whole number of 256-value blocks")
-    expected = n * (k // 256) * 144
-    if raw.numel() != expected:
-        raise ValueError(f"tensor data has {raw.numel()} bytes, expected {expected}")
-    b = raw.reshape(n, k // 256, 144)
-    d, dmin = _fp16(b[..., 0:2]), _fp16(b[..., 2:4])
-    s = b[..., 4:16].to(torch.int32)
-    # llama.cpp's get_scale_min_k4: sub-blocks 0..3 use the low 6 bits of bytes 0..3
-    # (scales) and 4..7 (mins); 4..7 combine the nibbles of bytes 8..11 with the top
-    # two bits of bytes 0..3 and 4..7
-    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)], -1)
-    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
-    # each 32 bytes of codes hold two sub-blocks: low nibbles first, then high ones
-    qs = b[..., 16:].reshape(n, k // 256, 4, 32)
-    q = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(n, k)
-    scale = (d[..., None] * sc.float()).reshape(n, k // 32)
-    zero = 8.0 * scale - (dmin[..., None] * mn.float()).reshape(n, k // 32)
-    return Int4Weight(q, scale, zero)
