@@ -2,8 +2,8 @@
 
     python -m evals.bench_http [--model PATH] [--tokens 128] [--repeats 3] [--port 8765]
 
-In process: the engine's own step loop (``LLMEngine.step`` on this thread), the
-median step time over ``--tokens`` steps of one request. Over HTTP: a
+In process: ``LLM.generate`` (the engine's step loop on this thread) of ``--tokens``
+tokens and of one token, ``(t(N) - t(1)) / (N - 1)`` per token. Over HTTP: a
 ``python -m engine.server`` subprocess with the same model and options, streamed
 ``/v1/completions`` requests of ``--tokens`` tokens and of one token (EOS ignored),
 ``(t(N) - t(1)) / (N - 1)`` per token. Both sides alternate ``--repeats`` times and the ratio of
@@ -38,11 +38,19 @@ class HttpGap:
         return self.http_ms / self.in_process_ms
 
 
-def in_process_step(engine, tokens: int) -> float:
-    """Median seconds of a decode step of one request (prefill untimed)."""
-    from evals.bench_engine import time_decode_steps
+def in_process_step(llm, tokens: int) -> float:
+    """Seconds per decoded token of one request: ``(t(N) - t(1)) / (N - 1)``, the same
+    arithmetic as the HTTP side, so both count every step's overhead and outliers."""
+    from engine import SamplingParams
 
-    return time_decode_steps(engine, [engine.tokenize(PROMPT)], tokens)
+    def seconds(n: int) -> float:
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(PROMPT, params)
+        return time.perf_counter() - start
+
+    one = seconds(1)
+    return (seconds(tokens) - one) / (tokens - 1)
 
 
 async def _stream_seconds(session: aiohttp.ClientSession, url: str, tokens: int) -> float:
@@ -87,7 +95,7 @@ async def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float)
 
 
 def measure(model: str | None, tokens: int, repeats: int, port: int) -> HttpGap:
-    from engine.llm_engine import LLMEngine
+    from engine import LLM
 
     argv = [sys.executable, "-m", "engine.server", "--port", str(port), "--no-prefix-cache"]
     if model:
@@ -96,11 +104,11 @@ def measure(model: str | None, tokens: int, repeats: int, port: int) -> HttpGap:
     url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(_wait_healthy(url, server, timeout=300))
-        engine = LLMEngine(model, prefix_cache=False)
+        llm = LLM(model, prefix_cache=False)
         in_proc, http = [], []
-        in_process_step(engine, 4), asyncio.run(http_gap(url, 4))  # warm-up
+        in_process_step(llm, 4), asyncio.run(http_gap(url, 4))  # warm-up
         for _ in range(repeats):
-            in_proc.append(in_process_step(engine, tokens))
+            in_proc.append(in_process_step(llm, tokens))
             http.append(asyncio.run(http_gap(url, tokens)))
     finally:
         server.terminate()
