@@ -26,8 +26,9 @@ class EngineConfig:
                            replay a CUDA graph skip it (their plan is fixed).
     ``enforce_eager``      never capture CUDA graphs (vLLM's name).
     ``quantization``       weight-only quantized matmuls (CPU): ``"gguf"`` keeps a GGUF
-                           model's own Q4_0/Q4_1 (int4) and Q8_0 (int8) blocks,
-                           ``"int4"``/``"int8"`` quantize every projection at load,
+                           model's own 4-bit blocks (Q4_0/Q4_1/Q4_K as int4; other
+                           types are de-quantized), ``"int4"``/``"int8"`` quantize
+                           every projection and the head at load,
                            ``None`` keeps them in ``dtype``. ``"auto"``: ``"gguf"``
                            for a GGUF model on the CPU unless ``dtype`` is float32
                            or float16 (the parity path), else ``None``.
