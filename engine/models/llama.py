@@ -299,16 +299,16 @@ class LlamaForCausalLM(nn.Module):
                     quantized[name] = tensor
             loaded.add(name)
         for target, parts in shards.items():
-            n = len(self._shard_sizes(target.split(".")[-2]))
-            if len(parts) < n:
-                continue  # reported as missing below
-            fused_w = concat_rows([parts[i] for i in range(n)])
-            if fused_w is None:  # shards of different layouts cannot share one kernel
-                sizes = self._shard_sizes(target.split(".")[-2])
-                for i in range(n):
-                    params[target].narrow(0, sum(sizes[:i]), sizes[i]).copy_(parts[i].dequantize())
-            else:
+            sizes = self._shard_sizes(target.split(".")[-2])
+            fused_w = None
+            if len(parts) == len(sizes):  # else some shards came as floats
+                fused_w = concat_rows([parts[i] for i in range(len(sizes))])
+            if fused_w is not None:
                 quantized[target] = fused_w
+                continue
+            # shards of different layouts (or some float) cannot share one kernel
+            for i, part in parts.items():
+                params[target].narrow(0, sum(sizes[:i]), sizes[i]).copy_(part.dequantize())
         expected = set()
         for pname in params:
             fused = pname.split(".")[-2]

@@ -104,3 +104,42 @@ def test_quantized_tiny_model_tracks_float32(tiny_llama_dir):
     assert int8.top1_agreement >= 0.9, int8
     assert int4.top1_agreement >= 0.2, int4
     assert int8.top1_agreement >= int4.top1_agreement
+
+
+def _tiny_llama_module(tiny_model_dirs):
+    from engine.attention import TorchAttentionBackend
+    from engine.models import LlamaForCausalLM, ModelArgs
+
+    _, hf = tiny_model_dirs["llama"]
+    model = LlamaForCausalLM(ModelArgs.from_hf(hf.config), TorchAttentionBackend())
+    return model, {k: v.detach().clone() for k, v in hf.state_dict().items()}
+
+
+def test_fused_shards_all_quantized_fuse_into_one_weight(tiny_model_dirs):
+    model, state = _tiny_llama_module(tiny_model_dirs)
+    attn = "model.layers.0.self_attn"
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        state[f"{attn}.{proj}.weight"] = quantize_int4(state[f"{attn}.{proj}.weight"])
+    quantized = model.load_weights(state.items())
+    fused = quantized[f"{attn}.qkv_proj"]
+    expect = torch.cat(
+        [state[f"{attn}.{p}.weight"].dequantize() for p in ("q_proj", "k_proj", "v_proj")]
+    )
+    assert torch.equal(fused.dequantize(), expect)
+
+
+def test_fused_shards_of_mixed_kinds_load_as_floats(tiny_model_dirs):
+    """q and k quantized but v a float tensor (a GGUF may mix types): no kernel takes
+    them together, so all three land de-quantized in the float matrix."""
+    model, state = _tiny_llama_module(tiny_model_dirs)
+    attn = "model.layers.0.self_attn"
+    for proj in ("q_proj", "k_proj"):
+        state[f"{attn}.{proj}.weight"] = quantize_int4(state[f"{attn}.{proj}.weight"])
+    quantized = model.load_weights(state.items())
+    assert f"{attn}.qkv_proj" not in quantized
+    expect = torch.cat([
+        state[f"{attn}.q_proj.weight"].dequantize(),
+        state[f"{attn}.k_proj.weight"].dequantize(),
+        state[f"{attn}.v_proj.weight"],
+    ])  # fmt: skip
+    assert torch.equal(model.model.layers[0].self_attn.qkv_proj.weight, expect)
