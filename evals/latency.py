@@ -271,8 +271,12 @@ def print_headline(summary: dict[str, Any], modes: list[str]) -> None:
             if mode != BASELINE:
                 line += (
                     f", speed-up median {fmt(s['median_speedup'])} "
-                    f"geomean {fmt(s['geomean_speedup'])} over {s['paired']} questions"
+                    f"geomean {fmt(s['geomean_speedup'])} over {s['paired']} questions, "
+                    f"equal-length {fmt(s.get('median_equal_length_speedup'))}"
                 )
+            rate = s.get("median_answer_tokens_per_s")
+            if rate is not None:
+                line += f", {rate:.1f} answer tokens/s"
             print(line)
     router = summary.get("router")
     if router:

@@ -4,6 +4,8 @@
   time to first token;
 - ``speedup_by_category.png``: the median speed-up over sequential of each
   non-sequential mode, per category and overall;
+- ``equal_length_speedup.png``: each mode's median plain speed-up beside its
+  median equal-length speed-up, and each mode's median answer tokens/s;
 - ``timeline.png``: how one representative skeleton answer ran (skeleton, then the
   points in parallel) against the sequential answer to the same question.
 
@@ -36,6 +38,7 @@ SKELETON_MODES = ("sot", "graph")
 FILES = {
     "latency": "latency_by_mode.png",
     "speedup": "speedup_by_category.png",
+    "equal_length": "equal_length_speedup.png",
     "timeline": "timeline.png",
 }
 MODE_COLORS = {
@@ -190,6 +193,70 @@ def plot_speedup(summary: Mapping[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_equal_length(summary: Mapping[str, Any], path: Path) -> Path | None:
+    """Left: per non-sequential mode, the median plain speed-up (solid) beside the
+    median equal-length speed-up (hatched). Right: median answer tokens/s per mode.
+    ``None`` if no mode recorded a token timeline."""
+    overall = summary.get("overall") or {}
+    modes = modes_of(summary)
+    rates = {m: (overall[m] or {}).get("median_answer_tokens_per_s") for m in modes}
+    rated = [m for m in modes if rates[m] is not None]
+    if not rated:
+        return None
+    paired = [m for m in speedup_modes(summary) if m in rated]
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(max(9.0, 1.3 * (len(paired) + len(rated)) + 4), 4.8)
+    )
+    top = 1.0
+    for i, mode in enumerate(paired):
+        s = overall[mode]
+        color = _color(mode, i)
+        for dx, key, hatch in ((-0.2, "median_speedup", None),
+                               (0.2, "median_equal_length_speedup", "//")):  # fmt: skip
+            value = s.get(key)
+            if value is None:
+                continue
+            bars = left.bar([i + dx], [value], 0.38, color=color, hatch=hatch,
+                            edgecolor="white" if hatch else color, alpha=0.9)  # fmt: skip
+            left.bar_label(bars, [f"{value:.2f}x"], fontsize=7, padding=2)
+            top = max(top, value)
+    left.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    left.set_xticks(
+        range(len(paired)),
+        [f"{m}\n({overall[m].get('equal_length_extrapolated', 0)} extrap.)" for m in paired],
+    )
+    left.set_xlim(-0.7, max(len(paired), 1) - 0.3)
+    left.set_ylim(0, top * 1.45)  # room for the legend above the bars
+    left.set_ylabel("median speed-up over sequential")
+    left.set_title("Plain vs equal-length speed-up")
+    left.grid(axis="y", alpha=0.3)
+    grey = "#888888"
+    left.legend(
+        handles=[
+            Patch(facecolor=grey, label="plain (latency / latency)"),
+            Patch(
+                facecolor=grey,
+                hatch="//",
+                edgecolor="white",
+                label="equal length (sequential time to as many tokens)",
+            ),
+            Line2D([], [], color="black", linestyle="--", label="sequential (1.0x)"),
+        ],
+        fontsize=7,
+        loc="upper left",
+    )
+    values = [rates[m] for m in rated]
+    bars = right.bar(range(len(rated)), values, 0.6,
+                     color=[_color(m, i) for i, m in enumerate(rated)])  # fmt: skip
+    right.bar_label(bars, [f"{v:.1f}" for v in values], fontsize=7, padding=2)
+    right.set_xticks(range(len(rated)), rated)
+    right.set_ylim(0, max(values) * 1.15 or 1.0)
+    right.set_ylabel("median answer tokens / latency (tokens/s)")
+    right.set_title("Answer tokens per second")
+    right.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
 def _median_latency(runs: list[RunRecord]) -> float | None:
     """Median latency of the successful ``runs``."""
     vals = [r.latency_s for r in runs if r.ok and r.latency_s is not None]
@@ -333,6 +400,7 @@ def draw_plots(out_dir: Path, records: list[RunRecord], summary: Mapping[str, An
     """Every figure of the report, drawn into ``out_dir`` or skipped with a reason."""
     latency = plot_latency(records, modes_of(summary), out_dir / FILES["latency"])
     speedup = plot_speedup(summary, out_dir / FILES["speedup"])
+    equal = plot_equal_length(summary, out_dir / FILES["equal_length"])
     plots = [
         Plot("latency", "Latency by mode", latency, "no successful run to plot"),
         Plot(
@@ -340,6 +408,12 @@ def draw_plots(out_dir: Path, records: list[RunRecord], summary: Mapping[str, An
             "Speed-up by category",
             speedup,
             "no non-sequential mode answered a question that sequential also answered",
+        ),
+        Plot(
+            "equal_length",
+            "Equal-length speed-up and answer tokens/s",
+            equal,
+            "no answer recorded a token timeline",
         ),
     ]
     picked = pick_timeline_record(records)

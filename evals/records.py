@@ -41,6 +41,14 @@ class Span(BaseModel):
     end_s: float
 
 
+class AnswerTick(BaseModel):
+    """One streamed piece of the answer: when it arrived (seconds since the question
+    was sent) and how many answer tokens it carried."""
+
+    t_s: float
+    tokens: int
+
+
 class RunRecord(BaseModel):
     """One answer: a question in one mode, as measured by the client."""
 
@@ -73,7 +81,16 @@ class RunRecord(BaseModel):
     question_cached_tokens: int | None = None
     points: list[PointRecord] = Field(default_factory=list)
     timeline: list[Span] = Field(default_factory=list)
+    # Every answer delta as it arrived, with its token count; how the tokens were
+    # counted: "tokenizer" (the model's, on the answer text) or "deltas" (one a delta).
+    answer_ticks: list[AnswerTick] = Field(default_factory=list)
+    answer_tokens_counted: str | None = None
     checks: dict[str, Any] = Field(default_factory=dict)  # automatic quality checks
+
+    @property
+    def answer_tokens(self) -> int:
+        """Tokens of the answer as streamed (the sum over :attr:`answer_ticks`)."""
+        return sum(t.tokens for t in self.answer_ticks)
 
     @property
     def cache_hit_ratio(self) -> float | None:

@@ -65,12 +65,26 @@ STAT_ROWS: list[tuple[str, str, Any]] = [
     ("Geomean speed-up", "geomean_speedup", fmt_speedup),
     ("Speed-up range", "min_speedup", None),
     ("Median TTFT speed-up", "median_ttft_speedup", fmt_speedup),
+    ("Median equal-length speed-up", "median_equal_length_speedup", fmt_speedup),
+    ("Geomean equal-length speed-up", "geomean_equal_length_speedup", fmt_speedup),
+    ("Equal-length paired (extrapolated)", "equal_length_paired", None),
+    ("Median answer tokens", "median_answer_tokens", fmt_number),
+    ("Median answer tokens/s", "median_answer_tokens_per_s", lambda v: fmt_number(v, 1)),
     ("Paired questions", "paired", fmt_number),
     ("Mean points", "mean_points", lambda v: fmt_number(v, 1)),
     ("Fallback rate", "fallback_rate", fmt_percent),
     ("Cache hit ratio", "cache_hit_ratio", fmt_percent),
     ("Median generated tokens", "median_generated_tokens", fmt_number),
 ]
+
+
+EQUAL_LENGTH_NOTE = (
+    "Equal-length speed-up: the time the sequential answer to the same question took "
+    "to reach as many answer tokens as the mode's answer has, over the mode's latency, "
+    "so a shorter answer does not count as a faster one. Where the sequential answer "
+    "is shorter, its time is extrapolated at its own decode rate (the count in "
+    "brackets). Answer tokens/s: the answer's tokens over its latency."
+)
 
 
 def _stat_cell(stats: Mapping[str, Any], key: str, fmt: Any) -> str:
@@ -80,6 +94,9 @@ def _stat_cell(stats: Mapping[str, Any], key: str, fmt: Any) -> str:
     if key == "min_speedup":
         lo, hi = stats.get("min_speedup"), stats.get("max_speedup")
         return DASH if lo is None else f"{fmt_speedup(lo)} – {fmt_speedup(hi)}"
+    if key == "equal_length_paired":
+        n = stats.get("equal_length_paired")
+        return DASH if n is None else f"{n} ({stats.get('equal_length_extrapolated', 0)})"
     return fmt(stats.get(key))
 
 
@@ -103,7 +120,10 @@ def headline_section(summary: Mapping[str, Any]) -> list[str]:
             f"- **{mode}**: median speed-up **{fmt_speedup(s.get('median_speedup'))}** "
             f"(geomean {fmt_speedup(s.get('geomean_speedup'))}) over sequential on "
             f"{s.get('paired')} questions; median latency {fmt_seconds(s.get('median_latency_s'))} "
-            f"vs {fmt_seconds(base)}, median TTFT {fmt_seconds(s.get('median_ttft_s'))}."
+            f"vs {fmt_seconds(base)}, median TTFT {fmt_seconds(s.get('median_ttft_s'))}; "
+            f"equal-length speed-up {fmt_speedup(s.get('median_equal_length_speedup'))} "
+            f"({s.get('equal_length_extrapolated', 0)} of {s.get('equal_length_paired', 0)} "
+            f"extrapolated), {fmt_number(s.get('median_answer_tokens_per_s'), 1)} answer tokens/s."
         )
     router = summary.get("router")
     if router:
@@ -231,7 +251,7 @@ def render_report(summary: Mapping[str, Any], plots: list[Plot]) -> str:
     parts += [*headline_section(summary), ""]
     parts += ["## Configuration", "", *config_section(summary.get("config")), ""]
     parts += ["## Latency and speed-up: all questions", ""]
-    parts += [stats_table(summary.get("overall") or {}), ""]
+    parts += [stats_table(summary.get("overall") or {}), "", EQUAL_LENGTH_NOTE, ""]
     suitable = summary.get("sot_suitable")
     if suitable and any((s or {}).get("questions") for s in suitable.values()):
         parts += ["## Latency and speed-up: `sot_suitable` questions", ""]

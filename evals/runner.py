@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 
-from evals.records import PointRecord, Question, RunRecord, Span
+from evals.records import AnswerTick, PointRecord, Question, RunRecord, Span
 from sotserve.schemas import (
     AnswerDelta,
     Done,
@@ -52,6 +52,10 @@ class Target(ABC):
         """Tokens of the question's plain chat prompt the cache holds (None: unknown)."""
         return None
 
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens of ``text`` in the model's tokenizer (None: no tokenizer here)."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional
         """Release what the target holds."""
 
@@ -81,6 +85,9 @@ class LocalTarget(Target):
     async def question_cached(self, question: str) -> int | None:
         ids = self.engine.apply_chat_template([{"role": "user", "content": question}])
         return await self.engine.cached_prefix_len(ids)
+
+    def count_tokens(self, text: str) -> int | None:
+        return len(self.engine.tokenizer.encode(text, add_special_tokens=False))
 
     async def close(self) -> None:
         self.engine.close()
@@ -159,6 +166,7 @@ class _Timeline:
         self.point_start: dict[int, float] = {}
         self.point_end: dict[int, float] = {}
         self.first_token: float | None = None
+        self.deltas: list[tuple[float, str]] = []  # (time, text) of every answer delta
 
     def see(self, event: Event) -> None:
         now = time.perf_counter() - self.t0
@@ -170,8 +178,10 @@ class _Timeline:
             self.skeleton_end = now
         elif isinstance(event, PointDone):
             self.point_end[event.index] = now
-        elif isinstance(event, AnswerDelta) and self.first_token is None:
-            self.first_token = now
+        elif isinstance(event, AnswerDelta):
+            if self.first_token is None:
+                self.first_token = now
+            self.deltas.append((now, event.text))
 
     def spans(self, done: Done, end: float) -> list[Span]:
         if not done.points:  # sequential (or a fallback): one request for the answer
@@ -192,6 +202,33 @@ class _Timeline:
                      end_s=self.point_end.get(p.index, end))
             )  # fmt: skip
         return spans
+
+
+def answer_ticks(
+    deltas: list[tuple[float, str]], count: Callable[[str], int | None]
+) -> tuple[list[AnswerTick], str]:
+    """The token timeline of an answer from its ``(time, text)`` deltas, and how its
+    tokens were counted.
+
+    Answer deltas carry text only, and a skeleton answer's deltas are the merger's
+    (a buffered point arrives as one delta of many tokens), so with a tokenizer
+    (``count`` returns an int) a delta's tokens are those the answer gained with it:
+    the tokens of the text up to and including the delta, less those before it
+    (never below zero, as a later piece can merge with an earlier token). Without
+    one (``count`` returns None: a server over HTTP) each delta counts as one token,
+    which is what a sequential stream sends; a skeleton answer is then undercounted.
+    Counted after the stream, so the counting costs the timed answer nothing.
+    """
+    ticks: list[AnswerTick] = []
+    text, before = "", 0
+    for t, piece in deltas:
+        text += piece
+        n = count(text)
+        if n is None:
+            return [AnswerTick(t_s=t, tokens=1) for t, _ in deltas], "deltas"
+        ticks.append(AnswerTick(t_s=t, tokens=max(n - before, 0)))
+        before = max(before, n)
+    return ticks, "tokenizer"
 
 
 async def run_one(
@@ -261,4 +298,8 @@ async def run_one(
         for p in done.points
     ]  # fmt: skip
     record.timeline = timeline.spans(done, end)
+    if timeline.deltas:
+        record.answer_ticks, record.answer_tokens_counted = answer_ticks(
+            timeline.deltas, target.count_tokens
+        )
     return record

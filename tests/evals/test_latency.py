@@ -14,8 +14,17 @@ from live_server import REPO, free_port
 
 from evals.dataset import DatasetError, load_dataset, select
 from evals.latency import main_async, parse_args, rotated
-from evals.records import RunRecord
-from evals.summary import geomean, router_stats, speedups, summarize
+from evals.records import AnswerTick, RunRecord
+from evals.runner import answer_ticks
+from evals.summary import (
+    equal_length_speedup,
+    equal_length_speedups,
+    geomean,
+    router_stats,
+    speedups,
+    summarize,
+    time_to_tokens,
+)
 
 # -- dataset ---------------------------------------------------------------------------------
 ROWS = [
@@ -106,6 +115,80 @@ def test_speedups_are_paired_per_question_and_median_over_repeats():
     assert math.isclose(seq["median_latency_s"], 4.5)  # 3, 4, 5, 6
 
 
+def ticks(*pairs: tuple[float, int]) -> list[AnswerTick]:
+    return [AnswerTick(t_s=t, tokens=n) for t, n in pairs]
+
+
+# sequential: first token at 0.5 s, then one token every 0.1 s: 10 tokens by 1.4 s
+SEQ = ticks(*((0.5 + 0.1 * k, 1) for k in range(10)))
+
+
+def test_equal_length_speedup_within_the_sequential_answer():
+    assert time_to_tokens(SEQ, 4) == (pytest.approx(0.8), False)
+    # exactly as long: the time of sequential's last token
+    assert time_to_tokens(SEQ, 10) == (pytest.approx(1.4), False)
+    fig, extrapolated = equal_length_speedup(SEQ, 10, 0.7)
+    assert fig == pytest.approx(2.0) and not extrapolated
+    # a delta of several tokens counts each of them at its arrival
+    bursty = ticks((0.2, 1), (1.0, 5), (2.0, 4))
+    assert time_to_tokens(bursty, 2) == (1.0, False) and time_to_tokens(bursty, 6) == (1.0, False)
+    assert time_to_tokens(bursty, 7) == (2.0, False)
+
+
+def test_equal_length_speedup_extrapolates_a_shorter_sequential_answer():
+    # 14 tokens: 4 past the last, at sequential's own 0.1 s per token after the first
+    t, extrapolated = time_to_tokens(SEQ, 14)
+    assert t == pytest.approx(1.4 + 4 * 0.1) and extrapolated
+    fig, extrapolated = equal_length_speedup(SEQ, 14, 0.9)
+    assert fig == pytest.approx(1.8 / 0.9) and extrapolated
+    # the rate counts the tokens after the first tick: (2.0 - 0.2) s over 9 tokens
+    t, _ = time_to_tokens(ticks((0.2, 1), (1.0, 5), (2.0, 4)), 12)
+    assert t == pytest.approx(2.0 + 2 * 1.8 / 9)
+    # no rate to go on, no tokens, no latency: no figure
+    assert time_to_tokens(ticks((0.3, 3)), 5) is None
+    assert time_to_tokens(SEQ, 0) is None and time_to_tokens([], 3) is None
+    assert equal_length_speedup(SEQ, 5, 0.0) is None
+
+
+def test_equal_length_speedups_per_question_and_in_the_summary():
+    seq = dict(answer_ticks=SEQ)
+    records = [
+        rec(1, "sequential", 1.4, **seq),
+        rec(1, "sot", 0.4, answer_ticks=ticks((0.3, 2), (0.4, 2))),  # 4 tokens: 0.8 / 0.4
+        rec(2, "sequential", 1.4, **seq),
+        rec(2, "sot", 0.6, answer_ticks=ticks((0.6, 12))),  # 12: (1.4 + 0.2) / 0.6
+        rec(3, "sequential", 1.4),  # no timeline (an old record): not paired
+        rec(3, "sot", 0.5, answer_ticks=ticks((0.5, 3))),
+    ]
+    eq = equal_length_speedups(records, "sot")
+    assert eq.keys() == {1, 2}
+    assert eq[1] == (pytest.approx(2.0), False)
+    assert eq[2] == (pytest.approx(1.6 / 0.6), True)
+    overall = summarize(records, ["sequential", "sot"])["overall"]
+    sot = overall["sot"]
+    assert sot["median_equal_length_speedup"] == pytest.approx((2.0 + 1.6 / 0.6) / 2)
+    assert (sot["equal_length_paired"], sot["equal_length_extrapolated"]) == (2, 1)
+    assert sot["median_speedup"] == pytest.approx(2.8)  # the plain one, beside it
+    # answer tokens / latency: 4 / 0.4, 12 / 0.6, 3 / 0.5
+    assert sot["median_answer_tokens_per_s"] == pytest.approx(10.0)
+    assert overall["sequential"]["median_answer_tokens_per_s"] == pytest.approx(10 / 1.4)
+    assert "median_equal_length_speedup" not in overall["sequential"]
+
+
+def test_answer_ticks_count_tokens_with_the_tokenizer_or_one_a_delta():
+    deltas = [(0.1, "ab"), (0.2, "c"), (0.5, "defg")]
+    # a toy tokenizer: a token every two characters, rounded up
+    got, how = answer_ticks(deltas, lambda text: (len(text) + 1) // 2)
+    assert how == "tokenizer"
+    assert [(t.t_s, t.tokens) for t in got] == [(0.1, 1), (0.2, 1), (0.5, 2)]
+    got, how = answer_ticks(deltas, lambda text: None)
+    assert how == "deltas" and [t.tokens for t in got] == [1, 1, 1]
+    # a count that falls (a later piece merged with an earlier token) adds nothing
+    counts = iter([2, 1, 3])
+    got, _ = answer_ticks(deltas, lambda text: next(counts))
+    assert [t.tokens for t in got] == [2, 0, 1]
+
+
 def test_router_confusion_against_labels():
     records = [
         rec(1, "auto", 1.0, sot_suitable=True, routed_mode="sot", resolved_mode="sot"),
@@ -154,6 +237,13 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
             assert all(0 <= s.start_s <= s.end_s <= r.latency_s + 1e-6 for s in r.timeline)
         else:
             assert [s.kind for s in r.timeline] == ["answer"]
+        # the token timeline: counted by the model's tokenizer, in time order, within
+        # the answer, and as many tokens as the answer text has
+        assert r.answer_tokens_counted == "tokenizer" and r.answer_ticks
+        times = [t.t_s for t in r.answer_ticks]
+        assert times == sorted(times) and r.ttft_s == times[0] <= times[-1] <= r.latency_s
+        if r.mode == "sequential":  # one request: its completion, re-tokenized (+ EOS)
+            assert abs(r.answer_tokens - r.generated_tokens) <= max(2, r.generated_tokens // 20)
 
     summary = json.loads((out / "summary.json").read_text())
     for mode in ("sot", "graph", "auto"):
@@ -162,6 +252,14 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
         assert got["paired"] == 3
         assert got["median_speedup"] == pytest.approx(sorted(sp.values())[1])
         assert got["geomean_speedup"] == pytest.approx(geomean(sp.values()))
+        eq = equal_length_speedups(records, mode)
+        assert got["equal_length_paired"] == len(eq) == 3
+        assert got["median_equal_length_speedup"] == pytest.approx(
+            sorted(f for f, _ in eq.values())[1]
+        )
+        assert 0 <= got["equal_length_extrapolated"] <= 3
+        assert got["median_answer_tokens_per_s"] > 0
+    assert summary["overall"]["sequential"]["median_answer_tokens_per_s"] > 0
     assert summary["router"]["questions"] == 3
     assert summary["config"]["max_tokens"] == 96 and summary["config"]["cache"] == "cold"
     judge = summary["judge"]
@@ -171,7 +269,9 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
 
     report = (out / "report.md").read_text()
     assert judge["name"] in report
-    for png in ("latency_by_mode.png", "speedup_by_category.png", "timeline.png"):
+    assert "Median equal-length speed-up" in report
+    pngs = ("latency_by_mode.png", "speedup_by_category.png", "equal_length_speedup.png")
+    for png in (*pngs, "timeline.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert png in report
@@ -210,6 +310,8 @@ async def test_sequential_against_a_plain_openai_server(tmp_path, aiohttp_plain_
         assert r.ok and r.answer == "Plain answer." and r.resolved_mode == "sequential"
         assert r.generated_tokens == 3 and r.prompt_tokens == 12
         assert not r.cache_reset  # a plain server cannot be asked to empty its cache
+        # no tokenizer over HTTP: a delta is a token (the plain server sends three)
+        assert r.answer_tokens_counted == "deltas" and r.answer_tokens == 3
     # skeleton modes need a sotserve server
     args = parse_args(
         ["--dataset", str(data), "--backend", aiohttp_plain_server, "--modes", "sequential,sot",

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from evals.plots import pick_timeline_record
-from evals.records import PointRecord, RunRecord, Span
+from evals.records import AnswerTick, PointRecord, RunRecord, Span
 from evals.report import write_report
 from evals.summary import summarize
 
@@ -36,8 +36,14 @@ ROUTES = {1: "sot", 2: "sot", 3: "graph", 4: "sot", 5: "sequential", 6: "sot"}
 TITLES = ["Set clear goals", "Prioritise the hard work | first", "Review progress every week"]
 
 
+SEQ_RATE = 20  # sequential answers: one token every 1/20 s, 20 * latency tokens
+SOT_TOKENS, GRAPH_TOKENS = 30, 50  # a skeleton answer's points, three of them
+
+
 def sequential_record(qid: int, latency: float, repeat: int = 0, **kw) -> RunRecord:
     category, suitable, *_ = QUESTIONS[qid]
+    n = int(SEQ_RATE * latency)
+    ticks = [AnswerTick(t_s=latency * k / n, tokens=1) for k in range(1, n + 1)]
     return RunRecord(
         question_id=qid,
         category=category,
@@ -54,6 +60,8 @@ def sequential_record(qid: int, latency: float, repeat: int = 0, **kw) -> RunRec
         cached_tokens=0,
         requests=1,
         timeline=[Span(kind="answer", start_s=0.0, end_s=latency)],
+        answer_ticks=ticks,
+        answer_tokens_counted="tokenizer",
         checks={"empty_answer": False, "repetitive": False, "truncated": False},
         **kw,
     )
@@ -66,6 +74,9 @@ def skeleton_record(qid: int, mode: str, latency: float, **kw) -> RunRecord:
     skeleton = round(0.2 * latency, 3)
     ends = [latency * 0.8, latency, latency * 0.9]
     deps = [[], [1], []] if mode == "graph" else [[], [], []]
+    per_point = GRAPH_TOKENS if mode == "graph" else SOT_TOKENS
+    # the merger releases each point whole, in order, once the ones before it are done
+    ticks = [AnswerTick(t_s=t, tokens=per_point) for t in (ends[0], latency, latency)]
     return RunRecord(
         question_id=qid,
         category=category,
@@ -93,6 +104,8 @@ def skeleton_record(qid: int, mode: str, latency: float, **kw) -> RunRecord:
                 for i in range(3)
             ),
         ],
+        answer_ticks=ticks,
+        answer_tokens_counted="tokenizer",
         checks={
             "empty_points": False,
             "duplicate_points": qid == 2 and mode == "graph",
@@ -181,11 +194,12 @@ def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Pat
 
 def test_report_files(full_report: tuple[dict[str, Path], str]) -> None:
     paths, text = full_report
-    assert set(paths) == {"report", "latency", "speedup", "timeline"}
+    assert set(paths) == {"report", "latency", "speedup", "equal_length", "timeline"}
     assert paths["report"].name == "report.md"
     for key, name in [
         ("latency", "latency_by_mode.png"),
         ("speedup", "speedup_by_category.png"),
+        ("equal_length", "equal_length_speedup.png"),
         ("timeline", "timeline.png"),
     ]:
         assert paths[key].name == name
@@ -213,6 +227,23 @@ def test_report_headline_numbers(full_report: tuple[dict[str, Path], str]) -> No
     assert "| Median speed-up | – | 2.25x |" in suitable
     assert "| Cache hit ratio | 0% | 75% |" in text  # 300 of 400 prompt tokens
     assert "| Runs (errors) | 6 (0) | 6 (0) | 7 (1) | 6 (0) |" in text
+
+
+def test_report_equal_length_figures(full_report: tuple[dict[str, Path], str]) -> None:
+    _, text = full_report
+    # sequential reaches n tokens at n / 20 s (extrapolated at the same rate past its
+    # end), so a sot answer's 90 tokens take it 4.5 s: 4.5 / sot latency (4, 4.5, 4, 5,
+    # 7.5, 5) = 1.125, 1.0, 1.125, 0.9, 0.6, 0.9 -> median 0.95x, none extrapolated
+    assert "| Median equal-length speed-up | – | 0.95x |" in text
+    # graph's 150 tokens: 7.5 s over 1.25x sot's latency -> 1.5, 1.33, 1.5, 1.2, 0.8,
+    # 1.2 -> median 1.27x; questions 5 and 6 (120 and 100 sequential tokens) extrapolated
+    assert "| Median equal-length speed-up | – | 0.95x | 1.27x |" in text
+    assert "| Equal-length paired (extrapolated) | – | 6 (0) | 6 (2) |" in text
+    # tokens/s: sequential 20 on every question; sot 90 / latency -> median of
+    # 12, 18, 18, 20, 22.5, 22.5 = 19.0
+    assert "| Median answer tokens/s | 20.0 | 19.0 |" in text
+    assert "equal-length speed-up 0.95x (0 of 6 extrapolated), 19.0 answer tokens/s" in text
+    assert "Equal-length speed-up: the time the sequential answer" in text
 
 
 def test_report_config_router_judge_checks(full_report: tuple[dict[str, Path], str]) -> None:
@@ -245,8 +276,9 @@ def test_timeline_pick_is_the_median_speedup() -> None:
 def test_only_sequential(tmp_path: Path) -> None:
     records = [sequential_record(qid, seq) for qid, (_, _, seq, _) in QUESTIONS.items()]
     paths = write_report(tmp_path, records, make_summary(records, ["sequential"], None))
-    assert set(paths) == {"report", "latency"}
+    assert set(paths) == {"report", "latency", "equal_length"}  # tokens/s only
     check_png(paths["latency"])
+    check_png(paths["equal_length"])
     assert not (tmp_path / "speedup_by_category.png").exists()
     text = paths["report"].read_text()
     assert "_Skipped: no non-sequential mode" in text
@@ -262,7 +294,7 @@ def test_judge_none(tmp_path: Path) -> None:
     text = paths["report"].read_text()
     assert "No judge was run." in text
     assert "gpt-judge-v1" not in text
-    assert set(paths) == {"report", "latency", "speedup", "timeline"}
+    assert set(paths) == {"report", "latency", "speedup", "equal_length", "timeline"}
 
 
 def test_no_timeline_without_points(tmp_path: Path) -> None:
@@ -272,5 +304,5 @@ def test_no_timeline_without_points(tmp_path: Path) -> None:
         for r in make_records()
     ]
     paths = write_report(tmp_path, records, make_summary(records, MODES, JUDGE))
-    assert set(paths) == {"report", "latency", "speedup"}
+    assert set(paths) == {"report", "latency", "speedup", "equal_length"}
     assert "_Skipped: no sot or graph answer" in paths["report"].read_text()
