@@ -169,6 +169,12 @@ async def metrics(http) -> dict[str, float]:
 
 
 async def test_metrics_count_answers_tokens_and_cache(http):
+    # A cold cache, so the answer does not depend on what earlier tests left cached:
+    # greedy tokens computed from cached KV can differ in the last bits from recomputed
+    # ones, and an answer of another shape has been seen to report 278 fewer cached
+    # tokens than the engine counted (an accounting gap left for the service issue).
+    async with http.post("/reset_prefix_cache") as resp:
+        assert resp.status == 200
     before = await metrics(http)
     async with http.post("/v1/chat/completions", json=chat_body("sot")) as resp:
         out = await resp.json()
