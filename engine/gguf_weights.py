@@ -102,7 +102,8 @@ def read_gguf_weights(
         value = _read(t, keep_quantized and name.endswith(".weight") and "norm" not in name)
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = num_heads if ".q_proj." in name else num_kv_heads
-            value = _take_rows(value, _unpermute(value.shape[0], heads))
+            order = _unpermute(value.shape[0], heads)
+            value = value[order] if isinstance(value, torch.Tensor) else value.take_rows(order)
         yield name, value
 
 
@@ -162,16 +163,6 @@ def _unpermute(rows: int, heads: int) -> torch.Tensor:
     """Row order that undoes llama.cpp's q/k permutation (``convert_hf_to_gguf.permute``):
     within each head, rows ``(i, j)`` of a ``[half, 2]`` grid go back to ``(j, i)``."""
     return torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
-
-
-def _take_rows(
-    w: torch.Tensor | QuantizedWeight, order: torch.Tensor
-) -> torch.Tensor | QuantizedWeight:
-    if isinstance(w, torch.Tensor):
-        return w[order]
-    return type(w)(
-        **{k: (v[order] if isinstance(v, torch.Tensor) else v) for k, v in vars(w).items()}
-    )
 
 
 # not *.safetensors: ModelFiles.weights() reads those as the float checkpoint

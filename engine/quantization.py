@@ -46,13 +46,9 @@ class Int4Weight:
         q = self.q.view(n, k // g, g).float() - 8.0
         return (q * self.scale[..., None] + self.zero[..., None]).view(n, k)
 
-    def rows(self, start: int, length: int) -> Int4Weight:
-        return Int4Weight(
-            self.q.narrow(0, start, length),
-            self.scale.narrow(0, start, length),
-            self.zero.narrow(0, start, length),
-            self.group_size,
-        )
+    def take_rows(self, order: torch.Tensor) -> Int4Weight:
+        """Output rows ``order`` (groups run along the inputs, so rows move whole)."""
+        return Int4Weight(self.q[order], self.scale[order], self.zero[order], self.group_size)
 
 
 @dataclass
@@ -69,8 +65,9 @@ class Int8Weight:
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale[:, None]
 
-    def rows(self, start: int, length: int) -> Int8Weight:
-        return Int8Weight(self.q.narrow(0, start, length), self.scale.narrow(0, start, length))
+    def take_rows(self, order: torch.Tensor) -> Int8Weight:
+        """Output rows ``order``."""
+        return Int8Weight(self.q[order], self.scale[order])
 
 
 QuantizedWeight = Int4Weight | Int8Weight

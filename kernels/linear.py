@@ -44,10 +44,6 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _BATCH_HINT)
         self.bias = None if bias is None else bias.detach().to(weight.dtype).clone()
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
-        return cls(linear.weight, linear.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xk = x.to(self.dtype).contiguous()
         y = torch.ops.mkldnn._linear_pointwise(xk, self.packed, self.bias, "none", [], "")
