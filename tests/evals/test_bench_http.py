@@ -16,7 +16,8 @@ def _free_port() -> int:
 
 def test_bench_http_measures_both_sides(tiny_llama_dir, capsys):
     gap = bench_http.main(
-        ["--model", str(tiny_llama_dir), "--tokens", "6", "--repeats", "1",
+        # enough tokens that (t(N) - t(1)) stands well above a request's jitter
+        ["--model", str(tiny_llama_dir), "--tokens", "64", "--repeats", "3",
          "--port", str(_free_port())]
     )  # fmt: skip
     assert gap.in_process_ms > 0 and gap.http_ms > 0
