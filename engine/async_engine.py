@@ -283,4 +283,3 @@ def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
 def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
-

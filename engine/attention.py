@@ -83,6 +83,9 @@ class AttentionBackend(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot run decode steps as CUDA graphs")
 
 
+_KEY_MULTIPLE = 16
+
+
 @dataclass
 class _Padded:
     """Slots of several requests' key ranges, padded to the longest."""
@@ -128,7 +131,12 @@ def _padded(
     dev = ctx.req_to_token.device
     rows = torch.tensor([ctx.rows[i] for i in which], device=dev)
     lens_list = [ctx.kv_lens[i] - st for i, st in zip(which, starts, strict=True)]
-    width = max(lens_list)
+    # Padded to a multiple of 16 keys: SDPA's CPU kernel reduces over keys in SIMD
+    # lanes and handles a ragged tail apart, so a width that is not a multiple of the
+    # vector width regroups a row's sums. On whole multiples the masked keys only add
+    # exact zeros, and a request's output no longer depends on how long its
+    # batch-mates are (tests/engine/test_quantized_engine.py).
+    width = -(-max(lens_list) // _KEY_MULTIPLE) * _KEY_MULTIPLE
     cols = torch.arange(width, device=dev)[None, :]
     first = torch.tensor(starts, device=dev)[:, None]
     index = ctx.req_to_token[rows[:, None], (first + cols).clamp(max=ctx.req_to_token.shape[1] - 1)]

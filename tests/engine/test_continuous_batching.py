@@ -368,9 +368,7 @@ def test_stats_are_consistent(tiny_dir, reference):
         live = [i for i, rid in enumerate(rids) if rec.reason[rid] is None]
         assert st.running == len(live) and st.waiting == 0
         # Each live request holds KV for its prompt and all generated tokens but the last.
-        assert st.kv_slots_used == sum(
-            len(prompts[i]) + len(rec.tokens[rids[i]]) - 1 for i in live
-        )
+        assert st.kv_slots_used == sum(len(prompts[i]) + len(rec.tokens[rids[i]]) - 1 for i in live)
         assert st.steps == rec.steps
 
     st = llm.stats()
@@ -378,9 +376,7 @@ def test_stats_are_consistent(tiny_dir, reference):
     assert st.cached_tokens == 0
     assert st.computed_prefill_tokens == sum(map(len, prompts))  # no preemption here
     assert st.preemptions == 0
-    assert st.decode_tokens == sum(
-        n - 1 for n in max_tokens
-    )  # the first token comes from prefill
+    assert st.decode_tokens == sum(n - 1 for n in max_tokens)  # the first token comes from prefill
     assert st.generated_tokens == sum(max_tokens)
     assert st.steps == max(max_tokens)
     assert st.batched_requests == sum(max_tokens)
