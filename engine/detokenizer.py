@@ -34,8 +34,13 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def add(self, token_id: int) -> None:
-        """Append one token; sets ``stopped`` when a stop string appears."""
+    def add(self, token_id: int, check_stop: bool = True) -> None:
+        """Append one token; sets ``stopped`` when a stop string appears.
+
+        With ``check_stop=False`` (a request short of its ``min_tokens``) stop strings
+        are not looked for, and text added so can never complete one later: a stop
+        string must end in text added while checking (vLLM's rule).
+        """
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
@@ -43,9 +48,13 @@ class IncrementalDetokenizer:
             return  # incomplete character (or a special token): wait for more
         new = full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        start = max(0, len(self.text) - self._hold)
+        old = len(self.text)
         self.text += new
-        hits = [i for i in (self.text.find(s, start) for s in self._stop) if i != -1]
+        if not check_stop:
+            return
+        # each stop string must end in the new text (earlier ones were looked for)
+        found = (self.text.find(s, max(0, old - len(s) + 1)) for s in self._stop)
+        hits = [i for i in found if i != -1]
         if hits:
             self.text = self.text[: min(hits)]
             self.stopped = True

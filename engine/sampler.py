@@ -1,10 +1,104 @@
-"""Vectorized sampling: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Vectorized sampling: penalties and min_tokens, greedy, temperature, top-k, top-p,
+per-request seeds."""
 
 from __future__ import annotations
+
+import array
+from collections.abc import Sequence
 
 import torch
 
 from engine.request import Request
+
+
+def _adjusts_logits(req: Request) -> bool:
+    """Whether :func:`apply_penalties` changes ``req``'s logits this step."""
+    p = req.params
+    return p.penalized or (p.min_tokens > 0 and len(req.output_ids) < p.min_tokens)
+
+
+def _flat_ids(
+    rows: Sequence[tuple[list[int], ...]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row, token)`` index tensors for every token of the lists of ``rows[row]``.
+
+    ``array.fromlist`` converts lists of ints about ten times faster than
+    ``torch.tensor`` does (measured on 64 prompts of 2,200 tokens).
+    """
+    flat = array.array("q")
+    lens = []
+    for lists in rows:
+        n = len(flat)
+        for ids in lists:
+            flat.fromlist(ids)
+        lens.append(len(flat) - n)
+    tokens = (
+        torch.frombuffer(flat, dtype=torch.int64) if flat else torch.empty(0, dtype=torch.int64)
+    )
+    local = torch.repeat_interleave(torch.tensor(lens))  # [0]*lens[0] + [1]*lens[1] + ...
+    return local.to(device), tokens.to(device)
+
+
+def _row_values(values: list[float], local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values[local[k]]`` for every k, as a tensor like ``like``."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[local]
+
+
+def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Apply min_tokens, then the repetition penalty, then the frequency and presence
+    penalties (vLLM's order) to ``logits [B, V]``, row ``i`` being ``requests[i]``'s;
+    in place, and returns ``logits``. See :class:`engine.SamplingParams` for the rules.
+
+    Only the entries the rules touch are read and written, through flat ``row * V +
+    token`` indices built on the logits' device, so the cost follows the requests'
+    token counts, not ``B * V``. Rows that use no rule are left alone.
+    """
+    vocab = logits.shape[-1]
+    work = logits if logits.is_contiguous() else logits.contiguous()
+    flat_logits = work.view(-1)
+    device = logits.device
+    params = [r.params for r in requests]
+
+    # min_tokens: no stop id (stop_token_ids, EOS unless ignore_eos) until reached
+    masked = [
+        i * vocab + t
+        for i, r in enumerate(requests)
+        if len(r.output_ids) < params[i].min_tokens
+        for t in r.stop_ids
+        if t < vocab  # a stop id past the vocabulary cannot be sampled anyway
+    ]
+    if masked:
+        flat_logits[torch.tensor(masked, device=device)] = float("-inf")
+
+    # repetition: every id of the prompt and the output; a repeated id writes the same
+    # value again
+    rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if rep:
+        local, ids = _flat_ids(
+            [(requests[i].prompt_ids, requests[i].output_ids) for i in rep], device
+        )
+        at = torch.tensor([i * vocab for i in rep], device=device)[local] + ids
+        penalty = _row_values([params[i].repetition_penalty for i in rep], local, work)
+        seen = flat_logits[at]
+        flat_logits.index_copy_(0, at, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+    # frequency and presence: each distinct output id once, with its count
+    freq = [
+        i
+        for i, p in enumerate(params)
+        if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and requests[i].output_ids
+    ]
+    if freq:
+        local, ids = _flat_ids([(requests[i].output_ids,) for i in freq], device)
+        keys, counts = torch.unique(local * vocab + ids, return_counts=True)
+        local = keys // vocab
+        at = torch.tensor([i * vocab for i in freq], device=device)[local] + keys % vocab
+        fp = _row_values([params[i].frequency_penalty for i in freq], local, work)
+        pp = _row_values([params[i].presence_penalty for i in freq], local, work)
+        flat_logits[at] -= fp * counts.to(work.dtype) + pp
+    if work is not logits:
+        logits.copy_(work)
+    return logits
 
 
 def apply_top_k_top_p(
@@ -36,9 +130,17 @@ class Sampler:
     ``E ~ Exp(1)`` is a sample from ``p``). A seeded request draws its ``E`` from its
     own generator, one vector per sampled token, so its samples do not depend on
     which other requests share the batch.
+
+    Rows whose request uses a penalty or has not reached its ``min_tokens`` get
+    :func:`apply_penalties` first, greedy rows too, modifying ``logits`` in place (the
+    model runner hands over logits it does not read again: a fresh tensor, or a CUDA
+    graph's output buffer that its next replay overwrites). A batch with no such row
+    pays one cheap check per request and nothing else.
     """
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        if any(_adjusts_logits(r) for r in requests):
+            apply_penalties(logits, requests)
         params = [r.params for r in requests]
         greedy_tokens = logits.argmax(dim=-1)
         if all(p.greedy for p in params):

@@ -10,6 +10,12 @@ from engine.errors import InvalidRequestError
 # so the message says what is wrong.
 MAX_TOKENS_LIMIT = 1 << 20
 _MAX_STOP_STRINGS = 16
+MAX_REPETITION_PENALTY = 10.0
+
+
+def _is_number(value: object) -> bool:
+    """An int or float, not a bool (NaN passes here; the range checks reject it)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass
@@ -21,6 +27,21 @@ class SamplingParams:
     shares its batch. Generation stops at ``max_tokens``, at any of ``stop`` (the
     stop string is cut from the text), at any ``stop_token_ids``, or at EOS unless
     ``ignore_eos``.
+
+    Penalties follow vLLM (and, for the last two, OpenAI), applied to the logits in
+    this order before temperature, top-k and top-p, greedy rows included:
+
+    - ``min_tokens`` (0 to ``max_tokens``): until the request has generated that many
+      tokens, its stop ids (``stop_token_ids`` and EOS unless ``ignore_eos``) get
+      logit ``-inf``, and stop strings are not looked for: only text that tokens after
+      the first ``min_tokens`` add can complete one.
+    - ``repetition_penalty`` (in (0, 10]; 1 = off; vLLM sets no upper bound; typical
+      values are 1 to 2): the CTRL / Hugging Face rule. Every token id in the prompt
+      or the output so far has its logit divided by the penalty if it is positive,
+      multiplied by it otherwise.
+    - ``frequency_penalty`` and ``presence_penalty`` (each in [-2, 2]; 0 = off):
+      OpenAI's rule over the output so far (not the prompt),
+      ``logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0)``.
     """
 
     max_tokens: int = 16
@@ -31,6 +52,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +67,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any of the three penalties changes the logits."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
 
     def validate(self) -> None:
         """Reject values outside their domain; raises :class:`InvalidRequestError`."""
@@ -80,4 +114,25 @@ class SamplingParams:
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError(
                 "stop_token_ids must be non-negative integers", "stop_token_ids"
+            )
+        if not _is_number(self.repetition_penalty):
+            raise InvalidRequestError("repetition_penalty must be a number", "repetition_penalty")
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:  # NaN fails too
+            raise InvalidRequestError(
+                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], "
+                f"got {self.repetition_penalty}",
+                "repetition_penalty",
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise InvalidRequestError(f"{name} must be a number", name)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}", name)
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int):
+            raise InvalidRequestError("min_tokens must be an integer", "min_tokens")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
+                "min_tokens",
             )

@@ -204,7 +204,8 @@ class Scheduler:
         for req, token in zip(reqs, tokens, strict=True):
             c.generated_tokens += 1
             req.output_ids.append(token)
-            req.detok.add(token)
+            # vLLM: no stop string before min_tokens (the sampler masks stop ids)
+            req.detok.add(token, check_stop=len(req.output_ids) > req.params.min_tokens)
             reason = self._finish_reason(req, token)
             if reason is not None:
                 self._finish(req, reason)

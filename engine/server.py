@@ -50,7 +50,9 @@ class StreamOptions(BaseModel):
 
 class CompletionRequest(BaseModel):
     """The OpenAI ``/v1/completions`` body, plus vLLM's ``top_k``, ``ignore_eos``,
-    ``stop_token_ids`` and ``return_token_ids``.
+    ``stop_token_ids``, ``repetition_penalty``, ``min_tokens`` and ``return_token_ids``.
+    ``presence_penalty`` and ``frequency_penalty`` are OpenAI's; :class:`SamplingParams`
+    checks the ranges of all four.
 
     Strict types: JSON ``"16"`` is not an integer and ``true`` is not 1. Unknown fields
     are ignored (as vLLM does); known ones this engine cannot honour are rejected by
@@ -72,14 +74,16 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
     # accepted only at their defaults
     n: int = 1
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -94,9 +98,6 @@ class CompletionRequest(BaseModel):
             return "logprobs", "logprobs are not supported"
         if self.suffix:
             return "suffix", "suffix is not supported"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                return name, f"{name} is not supported"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         if self.stream_options is not None and not self.stream:
@@ -122,12 +123,15 @@ class CompletionRequest(BaseModel):
             # over-long prompt is reported as such by the engine, not as max_tokens=0.
             max_tokens = max(max_model_len - prompt_len, 1)
         # null means "the engine's default", so only pass what was given
-        given = {
-            k: v
-            for k in ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids")
-            if (v := getattr(self, k)) is not None
-        }
+        given = {k: v for k in _SAMPLING_FIELDS if (v := getattr(self, k)) is not None}
         return SamplingParams(max_tokens=max_tokens, ignore_eos=self.ignore_eos, **given)
+
+
+# Body fields passed to SamplingParams as they are (when not null).
+_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+)  # fmt: skip
 
 
 # Union fields give one pydantic error per alternative; say what is accepted instead.

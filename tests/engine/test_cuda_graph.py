@@ -106,6 +106,29 @@ def test_graph_steps_give_the_eager_tokens(tiny_llama_dir, graph_llm):
     assert graph_llm.stats().graph_steps == runner.graph_steps
 
 
+def test_penalties_on_graph_steps_give_the_eager_tokens(tiny_llama_dir, graph_llm):
+    """The sampler runs after the replay, on the graph's logits buffer (in place):
+    penalties and min_tokens there must give the eager tokens, step after step, and
+    leave the plain request of the batch alone."""
+    prompts = [list(range(200 + 7 * i, 209 + 9 * i)) for i in range(4)]
+    kw = dict(max_tokens=10, temperature=0, ignore_eos=True)
+    plain = [o.token_ids for o in graph_llm.generate(prompts, SamplingParams(**kw))]
+    params = [
+        SamplingParams(**kw, repetition_penalty=1.5, presence_penalty=1.0),
+        SamplingParams(**kw),
+        # its first greedy token is a stop id it may not emit before 6 tokens
+        SamplingParams(**kw, frequency_penalty=2.0, min_tokens=6, stop_token_ids=[plain[2][0]]),
+        SamplingParams(**{**kw, "temperature": 0.8}, seed=9, repetition_penalty=0.8),
+    ]
+    eager = _llm(tiny_llama_dir, "torch").generate(prompts, params)
+    before = graph_llm.engine.runner.graph_steps
+    got = [o.token_ids for o in graph_llm.generate(prompts, params)]
+    assert got == [o.token_ids for o in eager]
+    assert graph_llm.engine.runner.graph_steps - before >= 5
+    assert got[1] == plain[1]
+    assert got[2] != plain[2] and plain[2][0] not in got[2][:6]
+
+
 def test_padding_rows_write_no_live_slot(graph_llm):
     # Token 0 of req_to_token rows 0-4 lives in slots 4-8. A step of four decodes (rows
     # 1-4) fills all four columns of bucket 4; the next step of three (rows 1-3) pads

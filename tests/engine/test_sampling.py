@@ -1,8 +1,10 @@
 """Sampling: seeded reproducibility in any batch, the top-k/top-p filter, the sampler's
-distribution, and validation of :class:`engine.SamplingParams`."""
+distribution, validation of :class:`engine.SamplingParams`, and the penalties and
+min_tokens (against a literal reference, in the engine, and against ``transformers``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -10,7 +12,8 @@ import pytest
 import torch
 
 import engine
-from engine.sampler import Sampler, apply_top_k_top_p
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampler import Sampler, apply_penalties, apply_top_k_top_p
 
 SEEDED = dict(temperature=0.8, top_p=0.9, top_k=50, max_tokens=20, ignore_eos=True)
 TARGET_PROMPT = "Hello world, tell me a story"
@@ -305,6 +308,31 @@ def test_many_seeds_follow_the_distribution():
         (dict(stop_token_ids=[1.5]), "stop_token_ids"),
         (dict(stop_token_ids=[1, None]), "stop_token_ids"),
         (dict(stop_token_ids=[-3]), "stop_token_ids"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.0), "repetition_penalty"),
+        (dict(repetition_penalty=10.5), "repetition_penalty"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(repetition_penalty=True), "repetition_penalty"),
+        (dict(repetition_penalty="1.2"), "repetition_penalty"),
+        (dict(repetition_penalty=None), "repetition_penalty"),
+        (dict(frequency_penalty=2.5), "frequency_penalty"),
+        (dict(frequency_penalty=-2.01), "frequency_penalty"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+        (dict(frequency_penalty=True), "frequency_penalty"),
+        (dict(frequency_penalty="0"), "frequency_penalty"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(presence_penalty=float("-inf")), "presence_penalty"),
+        (dict(presence_penalty=float("nan")), "presence_penalty"),
+        (dict(presence_penalty=False), "presence_penalty"),
+        (dict(presence_penalty=[1.0]), "presence_penalty"),
+        (dict(min_tokens=-1), "min_tokens"),
+        (dict(min_tokens=17), "min_tokens"),  # over the default max_tokens=16
+        (dict(max_tokens=4, min_tokens=5), "min_tokens"),
+        (dict(min_tokens=1.0), "min_tokens"),
+        (dict(min_tokens=True), "min_tokens"),
+        (dict(min_tokens="3"), "min_tokens"),
+        (dict(min_tokens=None), "min_tokens"),
     ],
 )
 def test_sampling_params_validation(kwargs, param):
@@ -322,6 +350,18 @@ def test_valid_sampling_params():
     assert sp.greedy
     assert sp.stop == ["x"]
     engine.SamplingParams(top_k=0, top_p=1e-6, temperature=100)
+    sp = engine.SamplingParams()
+    assert (sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty) == (1.0, 0.0, 0.0)
+    assert sp.min_tokens == 0 and not sp.penalized
+    for edge in (
+        dict(repetition_penalty=10),
+        dict(repetition_penalty=1e-3),
+        dict(frequency_penalty=-2, presence_penalty=2),
+        dict(frequency_penalty=2.0, presence_penalty=-2.0),
+        dict(max_tokens=5, min_tokens=5),
+    ):
+        sp = engine.SamplingParams(**edge)
+        assert sp.penalized == ("min_tokens" not in edge)
 
 
 def test_mutated_params_are_revalidated(llm):
@@ -331,3 +371,420 @@ def test_mutated_params_are_revalidated(llm):
         llm.generate("hi", sp)
     assert info.value.param == "max_tokens"
     assert not llm.engine.has_unfinished()
+
+
+# -- penalties and min_tokens ---------------------------------------------------------------------
+NEG_INF = float("-inf")
+
+
+def _preq(prompt_ids=(), output_ids=(), stop_ids=(), generator=None, **params) -> SimpleNamespace:
+    """What the sampler reads of a request, for one with these ids and parameters."""
+    return SimpleNamespace(
+        params=engine.SamplingParams(**params),
+        prompt_ids=list(prompt_ids),
+        output_ids=list(output_ids),
+        stop_ids=frozenset(stop_ids),
+        generator=generator,
+    )
+
+
+def reference_penalties(logits: torch.Tensor, reqs) -> torch.Tensor:
+    """vLLM's and OpenAI's rules written out literally: row by row, token by token.
+
+    Tokens in neither the prompt nor the output keep their logits under the repetition
+    penalty, and a count of 0 subtracts nothing, so only those tokens are visited.
+    """
+    rows = []
+    for values, r in zip(logits.tolist(), reqs, strict=True):
+        p = r.params
+        row = list(values)
+        # 1. min_tokens: stop ids (EOS among them unless ignore_eos) are impossible
+        if len(r.output_ids) < p.min_tokens:
+            for t in r.stop_ids:
+                if t < len(row):
+                    row[t] = NEG_INF
+        # 2. repetition penalty over the prompt and the output
+        for t in set(r.prompt_ids) | set(r.output_ids):
+            if row[t] > 0:
+                row[t] = row[t] / p.repetition_penalty
+            else:
+                row[t] = row[t] * p.repetition_penalty
+        # 3. frequency and presence over the output only
+        for t in set(r.output_ids):
+            count = r.output_ids.count(t)
+            row[t] = row[t] - p.frequency_penalty * count
+            if count > 0:
+                row[t] = row[t] - p.presence_penalty
+        rows.append(row)
+    return torch.tensor(rows, dtype=logits.dtype)
+
+
+def _mixed_batch(vocab: int = 40) -> tuple[torch.Tensor, list[SimpleNamespace]]:
+    """Logits and requests covering each rule, alone and together, next to plain rows."""
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(9, vocab, generator=g) * 3
+    reqs = [
+        _preq([1, 2, 3], [4], temperature=0),  # plain
+        _preq([0, 5, 6, 7], [8, 8, 9], temperature=0, repetition_penalty=1.5),
+        _preq([10, 11], [], temperature=0, repetition_penalty=0.7),  # < 1 favours repeats
+        # 12 is in the prompt and once in the output: it counts once
+        _preq(
+            [12, 13],
+            [14, 14, 14, 15, 12],
+            temperature=0,
+            frequency_penalty=0.5,
+            presence_penalty=0.25,
+        ),
+        _preq([], [16, 16, 17], temperature=0, frequency_penalty=-0.8, presence_penalty=-1.0),
+        # not reached: every stop id in the vocabulary goes (99 is past it)
+        _preq([3], [18, 19], stop_ids=[2, 30, 99], temperature=0, min_tokens=3),
+        _preq([3], [18, 19], stop_ids=[2, 30], temperature=0, min_tokens=2),  # reached
+        # all together; 17 is a stop id and in the prompt
+        _preq(
+            [17, 20, 21],
+            [22, 22, 20],
+            stop_ids=[2, 17],
+            temperature=0,
+            min_tokens=5,
+            repetition_penalty=1.2,
+            frequency_penalty=0.3,
+            presence_penalty=0.6,
+        ),
+        _preq([], [], temperature=0),  # plain, nothing generated yet
+    ]
+    # signs the rules treat differently; penalised tokens at the top of their rows,
+    # with a runner-up (25) that the penalty lets win
+    top = 20.0
+    logits[1, 5], logits[1, 6], logits[1, 8], logits[1, 25] = 2.0, -1.5, top, top - 1
+    logits[2, 10], logits[2, 11] = -0.5, 0.4
+    logits[3, 14], logits[3, 12], logits[3, 25] = top, -2.0, top - 1
+    logits[5, 30], logits[5, 25] = top, top - 1
+    logits[6, 30] = top
+    logits[7, 17], logits[7, 22], logits[7, 20], logits[7, 25] = top, top - 1, -1.0, top - 2
+    return logits, reqs
+
+
+PLAIN_ROWS = (0, 6, 8)  # row 6 has reached its min_tokens
+
+
+def test_apply_penalties_matches_the_reference():
+    logits, reqs = _mixed_batch()
+    want = reference_penalties(logits, reqs)
+    got = apply_penalties(logits.clone(), reqs)
+    torch.testing.assert_close(got, want)
+    for i in range(len(reqs)):
+        assert torch.equal(want[i], logits[i]) == (i in PLAIN_ROWS), i
+    # the spot checks a reader can do by hand
+    assert got[1, 5] == pytest.approx(2.0 / 1.5) and got[1, 6] == pytest.approx(-1.5 * 1.5)
+    assert got[2, 10] == pytest.approx(-0.5 * 0.7) and got[2, 11] == pytest.approx(0.4 / 0.7)
+    assert got[3, 14] == pytest.approx(20.0 - 3 * 0.5 - 0.25)
+    assert got[3, 12] == pytest.approx(-2.0 - 0.5 - 0.25)
+    assert got[3, 13] == logits[3, 13]  # prompt only: no frequency or presence penalty
+    assert got[5, 30] == got[5, 2] == NEG_INF and torch.isfinite(got[6]).all()
+    assert got[7, 17] == got[7, 2] == NEG_INF
+
+
+@pytest.mark.parametrize("vocab", [40, 49152])
+def test_greedy_rows_take_the_argmax_of_the_penalised_logits(vocab):
+    logits, reqs = _mixed_batch(vocab)
+    want = reference_penalties(logits, reqs).argmax(dim=-1).tolist()
+    sampler = Sampler()
+    assert sampler(logits.clone(), reqs) == want  # some rows penalised
+    changed = [i for i in range(len(reqs)) if want[i] != int(logits[i].argmax())]
+    assert set(changed) >= {1, 3, 5, 7}
+    # every row penalised (no gather of rows), and a single row
+    rows = [i for i in range(len(reqs)) if i not in PLAIN_ROWS]
+    assert sampler(logits[rows].clone(), [reqs[i] for i in rows]) == [want[i] for i in rows]
+    assert sampler(logits[3:4].clone(), reqs[3:4]) == [want[3]]
+
+
+def _without_penalties(req: SimpleNamespace) -> SimpleNamespace:
+    params = dataclasses.replace(
+        req.params, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+        min_tokens=0,
+    )  # fmt: skip
+    return SimpleNamespace(**{**vars(req), "params": params})
+
+
+MIXED_SPECS = [
+    dict(temperature=0),
+    dict(temperature=0, repetition_penalty=1.8, presence_penalty=1.0),
+    dict(temperature=0.9, seed=3, frequency_penalty=1.5),
+    dict(temperature=1.1, seed=4),
+    dict(temperature=0.7, top_k=5, seed=5, min_tokens=6, repetition_penalty=1.3),
+    dict(temperature=0, min_tokens=3),
+    dict(temperature=1.0, presence_penalty=2.0, frequency_penalty=-0.5),  # unseeded
+    dict(temperature=0.8, top_p=0.9, seed=6),
+]
+
+
+def _decode_run(specs, penalised: bool, reference: bool, steps: int = 25):
+    """``steps`` sampler calls over a batch of ``specs``, each row's tokens appended to
+    its output; returns the tokens and each row's favourite token.
+
+    Each row's favourite (far above the rest) is one of its stop ids and in its
+    prompt. ``penalised=False`` drops the penalties and min_tokens from the specs.
+    ``reference``: the logits go through :func:`reference_penalties` and the sampler
+    sees requests without penalties. The global RNG is reseeded each step, so
+    unseeded rows are comparable across runs too.
+    """
+    vocab = 30
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(len(specs), vocab, generator=g) * 2
+    favourites = base.argmax(dim=-1).tolist()
+    base[torch.arange(len(specs)), favourites] += 4.0
+    reqs = []
+    for i, spec in enumerate(specs):
+        if not penalised:
+            spec = {k: v for k, v in spec.items() if "penalty" not in k and k != "min_tokens"}
+        gen = torch.Generator().manual_seed(spec["seed"]) if "seed" in spec else None
+        stop_ids = [favourites[i], vocab - 1]
+        reqs.append(_preq([favourites[i], i, 2 * i], [], stop_ids, gen, **spec))
+    sampler = Sampler()
+    out = [[] for _ in specs]
+    for step in range(steps):
+        logits = base + 0.5 * torch.randn(base.shape, generator=g)
+        torch.manual_seed(1000 + step)
+        if reference:
+            plain = [_without_penalties(r) for r in reqs]
+            tokens = sampler(reference_penalties(logits, reqs), plain)
+        else:
+            tokens = sampler(logits, reqs)
+        for r, o, t in zip(reqs, out, tokens, strict=True):
+            r.output_ids.append(t)
+            o.append(t)
+    return out, favourites
+
+
+def test_mixed_batch_over_many_steps_matches_the_reference():
+    got, favourites = _decode_run(MIXED_SPECS, penalised=True, reference=False)
+    assert got == _decode_run(MIXED_SPECS, penalised=True, reference=True)[0]
+    plain, _ = _decode_run(MIXED_SPECS, penalised=False, reference=False)
+    for i, spec in enumerate(MIXED_SPECS):
+        uses = any("penalty" in k or k == "min_tokens" for k in spec)
+        # rows without penalties sample as they would in a batch without any
+        assert (got[i] == plain[i]) != uses, (i, spec)
+    # min_tokens: no stop id until it is reached; then the favourite is back
+    for i in (4, 5):
+        n = MIXED_SPECS[i]["min_tokens"]
+        assert not {favourites[i], 29} & set(got[i][:n]), (i, got[i])
+        assert favourites[i] in plain[i][:n]
+    assert plain[5] == [favourites[5]] * 25
+    assert got[5][3] == favourites[5]
+
+
+def test_batches_without_penalties_skip_them(monkeypatch):
+    def must_not_run(*args):
+        raise AssertionError("apply_penalties ran")
+
+    monkeypatch.setattr(engine.sampler, "apply_penalties", must_not_run)
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    reqs = [
+        _preq([1], [2, 3], temperature=0),
+        _preq([1], [], [], torch.Generator().manual_seed(1), temperature=0.8, seed=1),
+        _preq([1], [4, 5], stop_ids=[2], temperature=0, min_tokens=2),  # reached
+        _preq([1], [], temperature=1.0, top_k=3),
+    ]
+    before = logits.clone()
+    tokens = Sampler()(logits, reqs)
+    assert torch.equal(logits, before)
+    assert tokens[0] == int(before[0].argmax()) and tokens[2] == int(before[2].argmax())
+    for extra in (dict(min_tokens=3), dict(presence_penalty=0.1), dict(repetition_penalty=1.1)):
+        with pytest.raises(AssertionError, match="apply_penalties ran"):
+            Sampler()(logits[[0, 1, 2, 3, 0]], [*reqs, _preq([1], [4, 5], [2], **extra)])
+
+
+def test_min_tokens_masks_eos_and_stop_token_ids_until_reached(llm):
+    eng = llm.engine
+    eos = min(eng.eos_token_ids)
+    logits = torch.full((1, eng.vocab_size), -50.0)
+    logits[0, eos], logits[0, 11], logits[0, 12] = 10.0, 9.0, 8.0
+    sampler = Sampler()
+    for ignore_eos in (False, True):
+        sp = engine.SamplingParams(
+            temperature=0, min_tokens=3, stop_token_ids=[11], ignore_eos=ignore_eos
+        )
+        req = eng.make_request([5, 6, 7], sp)
+        assert req.stop_ids == ({11} if ignore_eos else {11} | eng.eos_token_ids)
+        for _ in range(3):
+            token = sampler(logits.clone(), [req])[0]
+            # with ignore_eos EOS does not stop the request, so it is not masked
+            assert token == (eos if ignore_eos else 12)
+            req.output_ids.append(token)
+        assert sampler(logits.clone(), [req]) == [eos]
+    # sampled rows: all the mass on stop ids, and none is drawn before min_tokens
+    logits[0, 12] = -10.0
+    req = eng.make_request(
+        [5], engine.SamplingParams(temperature=1.0, min_tokens=1, stop_token_ids=[11])
+    )
+    tokens = sampler(logits.expand(500, -1).clone(), [req] * 500)
+    assert not {eos, 11} & set(tokens)
+    req.output_ids.append(tokens[0])
+    tokens = sampler(logits.expand(500, -1).clone(), [req] * 500)
+    assert set(tokens) == {eos, 11}  # P(12) is e-20
+
+
+# -- min_tokens and stop strings ----------------------------------------------------------------
+def _char_ids(tokenizer, text: str) -> list[int]:
+    ids = [t for ch in text for t in tokenizer.encode(ch, add_special_tokens=False)]
+    assert len(ids) == len(text) and tokenizer.decode(ids) == text  # one token a character
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("stop", "unchecked", "text", "stopped"),
+    [
+        (["X"], 0, "ab", True),  # no min_tokens: the first X
+        (["X"], 3, "abXcd", True),  # the X inside the first 3 tokens never counts
+        (["X"], 6, "abXcdXef", False),
+        (["Xc"], 3, "ab", True),  # starts in unchecked text, ends in checked text
+        (["ab", "zzzzz"], 3, "abXcdXef", False),  # a short one whole in unchecked text
+        (["d"], 4, "abXc", True),
+    ],
+)
+def test_detokenizer_skips_stop_strings_in_unchecked_text(
+    tokenizer, stop, unchecked, text, stopped
+):
+    """vLLM's rule: a stop string must end in text that a token after the first
+    ``min_tokens`` added."""
+    detok = IncrementalDetokenizer(tokenizer, [], stop)
+    for n, t in enumerate(_char_ids(tokenizer, "abXcdXef"), start=1):
+        detok.add(t, check_stop=n > unchecked)
+        if detok.stopped:
+            break
+    assert detok.text == text
+    assert detok.stopped == stopped
+    assert detok.pop_delta(True) == text
+
+
+def _greedy(**kw) -> engine.SamplingParams:
+    return engine.SamplingParams(**{"temperature": 0, "max_tokens": 24, "ignore_eos": True, **kw})
+
+
+def test_min_tokens_defers_stop_strings_end_to_end(llm):
+    prompt = "The quick brown fox"
+    base = llm.generate(prompt, _greedy())[0]
+    first = llm.engine.tokenizer.decode(base.token_ids[:1]).strip()
+    assert first and first in base.text
+    # without min_tokens the first token's own text stops the request at once
+    early = llm.generate(prompt, _greedy(stop=first))[0]
+    assert early.finish_reason == "stop" and len(early.token_ids) == 1
+    outcomes = set()
+    for m in (2, 6):
+        boundary = len(llm.generate(prompt, _greedy(max_tokens=m))[0].text)
+        # the first occurrence that ends in text after the first m tokens' text
+        i = base.text.find(first, max(0, boundary - len(first) + 1))
+        out = llm.generate(prompt, _greedy(stop=first, min_tokens=m))[0]
+        assert out.token_ids == base.token_ids[: len(out.token_ids)]
+        assert len(out.token_ids) > m
+        if i == -1:
+            assert (out.finish_reason, out.text) == ("length", base.text)
+        else:
+            assert (out.finish_reason, out.text) == ("stop", base.text[:i])
+        outcomes.add(out.finish_reason)
+    assert outcomes == {"stop", "length"}  # both cases happened
+
+
+# -- penalties and min_tokens end to end ----------------------------------------------------------
+REPEATING = ["The quick brown fox", "Stop me"]  # their greedy outputs repeat a token early
+
+
+def test_presence_penalty_stops_greedy_repeats(llm):
+    plain = [o.token_ids for o in llm.generate(REPEATING, _greedy(max_tokens=16))]
+    assert all(len(set(ids)) < 16 for ids in plain)
+    # one batch: a penalised and an unpenalised request per prompt
+    outs = llm.generate(
+        REPEATING * 2,
+        [_greedy(max_tokens=16, presence_penalty=2.0)] * 2 + [_greedy(max_tokens=16)] * 2,
+    )
+    for o in outs[:2]:
+        assert len(set(o.token_ids)) == 16, o.token_ids
+    assert [o.token_ids for o in outs[2:]] == plain
+    for kw in (dict(frequency_penalty=2.0), dict(repetition_penalty=1.5)):
+        outs = llm.generate(REPEATING, _greedy(max_tokens=16, **kw))
+        assert [o.token_ids for o in outs] != plain, kw
+
+
+def test_min_tokens_outlasts_an_early_stop_token_id(llm):
+    prompt = "Once upon a time"
+    base = llm.generate(prompt, _greedy())[0].token_ids
+    stop_id = base[1]
+    k = base.index(stop_id)
+    early = llm.generate(prompt, _greedy(stop_token_ids=[stop_id]))[0]
+    assert early.token_ids == base[: k + 1] and early.finish_reason == "stop"
+    out = llm.generate(prompt, _greedy(stop_token_ids=[stop_id], min_tokens=6))[0]
+    assert len(out.token_ids) >= 6
+    assert stop_id not in out.token_ids[:6]
+    assert out.token_ids[:k] == base[:k]  # identical up to the masked position
+    if out.finish_reason == "stop":
+        assert out.token_ids[-1] == stop_id and stop_id not in out.token_ids[:-1]
+    else:
+        assert out.finish_reason == "length" and len(out.token_ids) == 24
+    assert llm.stats().kv_slots_used == 0
+
+
+class _ReferenceProcessor:
+    """A ``transformers`` logits processor applying :func:`reference_penalties` for one
+    request, as the engine's request would look at each step."""
+
+    def __init__(self, prompt: list[int], params: engine.SamplingParams, stop_ids) -> None:
+        self.prompt, self.params, self.stop_ids = prompt, params, frozenset(stop_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        req = SimpleNamespace(
+            params=self.params,
+            prompt_ids=self.prompt,
+            output_ids=input_ids[0, len(self.prompt) :].tolist(),
+            stop_ids=self.stop_ids,
+        )
+        return reference_penalties(scores, [req])
+
+
+def test_penalised_greedy_matches_transformers_generate(llm, tiny_model_dirs):
+    """One engine batch of differently penalised requests against batch-1 ``generate``
+    with the reference rules as a logits processor. Two prompts end with the model's
+    own continuation (the repetition penalty bites); the plain output of "Stop me"
+    repeats a token (the frequency penalty bites)."""
+    from transformers import LogitsProcessorList
+
+    hf_model = tiny_model_dirs["llama"][1]
+    n = 20
+    text_prompts = ["The quick brown fox", "Stop me", "Once upon a time", "gamma"]
+    prompts = []
+    for i, p in enumerate(text_prompts):
+        ids = llm.engine.tokenize(p)
+        if i % 2 == 0:  # with the model's own first few tokens, for the repetition penalty
+            ids += llm.generate(ids, _greedy(max_tokens=2 + 3 * i))[0].token_ids
+        prompts.append(ids)
+    plain = [o.token_ids for o in llm.generate(prompts, _greedy(max_tokens=n))]
+    stop = plain[3][0]  # the fourth prompt's first greedy token
+    specs = [
+        dict(repetition_penalty=1.5),
+        dict(frequency_penalty=1.5, presence_penalty=1.0),
+        dict(repetition_penalty=0.9, frequency_penalty=-0.5, presence_penalty=0.3),
+        dict(repetition_penalty=1.2, presence_penalty=1.0, min_tokens=5, stop_token_ids=[stop]),
+        dict(),
+    ]
+    batch = [(prompts[i % len(prompts)], _greedy(max_tokens=n, **s)) for i, s in enumerate(specs)]
+    outs = llm.generate([p for p, _ in batch], [sp for _, sp in batch])
+    for (prompt, sp), out in zip(batch, outs, strict=True):
+        with torch.inference_mode():
+            ref = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=n,
+                min_new_tokens=n,  # no EOS, as ignore_eos
+                do_sample=False,
+                logits_processor=LogitsProcessorList(
+                    [_ReferenceProcessor(prompt, sp, sp.stop_token_ids)]
+                ),
+            )[0, len(prompt) :].tolist()
+        # transformers does not stop at stop_token_ids: the engine's output is a prefix
+        assert out.token_ids == ref[: len(out.token_ids)], sp
+        if out.finish_reason == "stop":
+            assert out.token_ids[-1] in sp.stop_token_ids
+            assert len(out.token_ids) > sp.min_tokens
+        else:
+            assert len(out.token_ids) == n
+    changed = [outs[i].token_ids != plain[i % len(prompts)] for i in range(len(specs))]
+    assert changed == [True, True, True, True, False]

@@ -247,6 +247,57 @@ async def test_concurrent_requests_each_match_the_engine(client, aengine):
     assert len({body["id"] for _, body in got}) == 3
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": 1.5},
+        {"repetition_penalty": 1.5},
+        {"presence_penalty": -2, "frequency_penalty": -0.5, "repetition_penalty": 0.5},
+    ],
+    ids=["presence", "frequency", "repetition", "negative"],
+)
+async def test_penalties_reach_the_engine(client, aengine, extra):
+    prompt = "The quick brown fox"  # its greedy output repeats a token early
+    _, plain_ids, _ = await _direct(aengine, prompt, **GREEDY)
+    want_text, want_ids, _ = await _direct(aengine, prompt, **GREEDY, **extra)
+    assert want_ids != plain_ids
+    for stream in (False, True):
+        body = {"prompt": prompt, "return_token_ids": True, "stream": stream, **GREEDY, **extra}
+        if stream:
+            async with client.post("/v1/completions", json=body) as resp:
+                chunks = (await _sse(resp))[:-1]
+            ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+            text = "".join(c["choices"][0]["text"] for c in chunks)
+        else:
+            status, out = await _post(client, body)
+            assert status == 200, out
+            ids, text = out["choices"][0]["token_ids"], out["choices"][0]["text"]
+        assert (ids, text) == (want_ids, want_text)
+
+
+async def test_min_tokens_reaches_the_engine(client, aengine):
+    _, ids, _ = await _direct(aengine, "Stop me", **GREEDY)
+    body = {"prompt": "Stop me", "stop_token_ids": [ids[0]], "return_token_ids": True, **GREEDY}
+    status, out = await _post(client, body)
+    assert status == 200, out
+    assert out["choices"][0]["token_ids"] == ids[:1]
+    _, want_ids, want_finish = await _direct(
+        aengine, "Stop me", stop_token_ids=[ids[0]], min_tokens=5, **GREEDY
+    )
+    status, out = await _post(client, {**body, "min_tokens": 5})
+    assert status == 200, out
+    got = out["choices"][0]["token_ids"]
+    assert got == want_ids and out["choices"][0]["finish_reason"] == want_finish
+    assert len(got) >= 5 and ids[0] not in got[:5]
+    assert out["usage"]["completion_tokens"] == len(got)
+    # min_tokens up to max_tokens is fine, also when max_tokens is null (the context)
+    status, out = await _post(client, {"prompt": "hi", "max_tokens": 3, "min_tokens": 3})
+    assert status == 200 and out["usage"]["completion_tokens"] == 3, out
+    status, out = await _post(client, {"prompt": "hi", "max_tokens": None, "min_tokens": 400})
+    assert status == 200 and out["usage"]["completion_tokens"] >= 400, out
+
+
 # -- streaming --------------------------------------------------------------------------------
 async def test_stream_concatenates_to_the_same_text(client, aengine):
     want_text, _, _ = await _direct(aengine, "Stream this", **GREEDY)
@@ -333,6 +384,45 @@ BAD_REQUESTS: list[tuple[str, Any, str | None, str | None]] = [
     ("stop-empty-string", {"prompt": "hi", "stop": [""]}, "stop", None),
     ("stop-int", {"prompt": "hi", "stop": 5}, "stop", None),
     ("stop-token-ids-negative", {"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids", None),
+    ("frequency-penalty-3", {"prompt": "hi", "frequency_penalty": 3}, "frequency_penalty", None),
+    (
+        "frequency-penalty-string",
+        {"prompt": "hi", "frequency_penalty": "1"},
+        "frequency_penalty",
+        None,
+    ),
+    ("presence-penalty-low", {"prompt": "hi", "presence_penalty": -2.5}, "presence_penalty", None),
+    ("presence-penalty-bool", {"prompt": "hi", "presence_penalty": True}, "presence_penalty", None),
+    ("repetition-penalty-0", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty", None),
+    (
+        "repetition-penalty-negative",
+        {"prompt": "hi", "repetition_penalty": -1.2},
+        "repetition_penalty",
+        None,
+    ),
+    (
+        "repetition-penalty-huge",
+        {"prompt": "hi", "repetition_penalty": 1e9},
+        "repetition_penalty",
+        None,
+    ),
+    (
+        "repetition-penalty-string",
+        {"prompt": "hi", "repetition_penalty": "1.1"},
+        "repetition_penalty",
+        None,
+    ),
+    ("min-tokens-over-max", {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens", None),
+    ("min-tokens-over-default-max", {"prompt": "hi", "min_tokens": 17}, "min_tokens", None),
+    (
+        "min-tokens-over-context",
+        {"prompt": "hi", "max_tokens": None, "min_tokens": 600},
+        "min_tokens",
+        None,
+    ),
+    ("min-tokens-negative", {"prompt": "hi", "min_tokens": -1}, "min_tokens", None),
+    ("min-tokens-string", {"prompt": "hi", "min_tokens": "2"}, "min_tokens", None),
+    ("min-tokens-float", {"prompt": "hi", "min_tokens": 2.5}, "min_tokens", None),
     ("ignore-eos-string", {"prompt": "hi", "ignore_eos": "yes"}, "ignore_eos", None),
     ("stream-string", {"prompt": "hi", "stream": "true"}, "stream", None),
     ("n-2", {"prompt": "hi", "n": 2}, "n", None),
