@@ -11,8 +11,9 @@ class RequestDelta:
 
     ``text`` never ends inside a multi-byte character, and text that may still
     turn out to be the start of a stop string is held back until it cannot be.
-    ``finish_reason`` is set on the last delta: ``"stop"``, ``"length"`` or ``"abort"``;
-    that delta also gives ``cached_tokens``, the prompt tokens the prefix cache served.
+    ``finish_reason`` is set on the last delta: ``"stop"``, ``"length"`` or ``"abort"``.
+    ``cached_tokens`` is the prompt tokens the prefix cache served: on every delta
+    once the request was admitted, and always on the last one.
     """
 
     request_id: str

@@ -238,12 +238,14 @@ class Scheduler:
     @staticmethod
     def _delta(req: Request) -> RequestDelta:
         """What ``req`` produced since its last delta; the last one (the request has
-        finished) flushes held-back text and reports the prompt's cached tokens."""
+        finished) flushes held-back text. Every delta reports the prompt's cached
+        tokens once it was admitted, so a caller that stops reading early knows them."""
         done = req.finish_reason is not None
+        cached = req.cached_prompt_tokens
         return RequestDelta(
             req.request_id,
             req.pop_new_tokens(),
             req.detok.pop_delta(done),
             req.finish_reason,
-            (req.cached_prompt_tokens or 0) if done else None,
+            (cached or 0) if done else cached,
         )

@@ -43,9 +43,13 @@ SSE_HEADERS = {
 
 # -- request schema ----------------------------------------------------------------------------
 class StreamOptions(BaseModel):
+    """OpenAI's ``include_usage`` (a last chunk with the request's usage) and vLLM's
+    ``continuous_usage_stats`` (usage so far on every chunk as well)."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class CompletionRequest(BaseModel):
@@ -338,6 +342,9 @@ class CompletionHandlers:
                 prompt_ids,
                 token_ids=bool(body.return_token_ids),
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                continuous_usage=bool(
+                    body.stream_options and body.stream_options.continuous_usage_stats
+                ),
             )
             if body.stream:
                 return await _stream(request, meta, first, gen)
@@ -354,6 +361,7 @@ class _Meta:
     prompt_ids: list[int]
     token_ids: bool  # return_token_ids
     include_usage: bool
+    continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
 
     def envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -425,7 +433,10 @@ async def _stream(
                 # Held-back text (a possible stop-string prefix) gives empty deltas; skip
                 # them unless they carry token ids the client asked for, or the finish.
                 if delta.text or delta.finished or (meta.token_ids and delta.token_ids):
-                    await send_sse(resp, _chunk(meta, delta, first=not sent_any))
+                    chunk = _chunk(meta, delta, first=not sent_any)
+                    if meta.continuous_usage:
+                        chunk["usage"] = meta.usage(n_tokens, delta.cached_tokens)
+                    await send_sse(resp, chunk)
                     sent_any = True
                 elif client_gone(request):
                     raise ConnectionResetError("client disconnected")

@@ -9,6 +9,11 @@ Budgets: each expansion may generate at most ``point_max_tokens``, and all of th
 together at most what the answer's :class:`TokenBudget` has left. Each launch
 reserves a fair share of what is left; unused tokens go back when it finishes.
 
+Each point's text goes through a :class:`~sotserve.point_text.PointWriter`: it is
+shown a sentence at a time and ends at a paragraph's end, at the next sentence end
+once ``soft_tokens`` are written, and never mid-sentence; the request's own cap
+(``params.max_tokens``) is the hard limit behind that.
+
 Everything a point does is reported on the planner's queue as :class:`PointText`,
 :class:`PointFinished` or :class:`PointFailed`; :meth:`cancel` aborts every
 in-flight request (the backend frees its KV slots).
@@ -23,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sotserve.backends.base import Backend, CompletionParams
+from sotserve.point_text import PointWriter
 from sotserve.schemas import PlanPoint
 
 PromptBuilder = Callable[[PlanPoint, list[tuple[PlanPoint, str]]], "str | list[int]"]
@@ -79,10 +85,12 @@ class PointExecutor:
         budget: TokenBudget,
         queue: asyncio.Queue[object],
         expected_points: int,
+        soft_tokens: int | None = None,
     ) -> None:
         self.backend = backend
         self.build_prompt = build_prompt
-        self.params = params  # max_tokens here is the per-point cap
+        self.params = params  # max_tokens here is the per-point (hard) cap
+        self.soft_tokens = params.max_tokens if soft_tokens is None else soft_tokens
         self.budget = budget
         self.queue = queue
         self.expected_points = expected_points  # for fair budget shares until closed
@@ -163,7 +171,7 @@ class PointExecutor:
     async def _run(
         self, point: PlanPoint, parents: list[tuple[PlanPoint, str]], reserved: int
     ) -> None:
-        parts: list[str] = []
+        writer = PointWriter(point.title, self.soft_tokens)
         used = 0
         prompt_tokens = 0
         cached_tokens: int | None = None
@@ -172,22 +180,25 @@ class PointExecutor:
             if reserved > 0:
                 prompt = self.build_prompt(point, parents)
                 n_prompt = len(prompt) if isinstance(prompt, list) else 0  # text: let it judge
+                prompt_tokens = n_prompt
                 room = self.backend.room(n_prompt, reserved)
                 params = dataclasses.replace(self.params, max_tokens=room)
-                # aclosing: a cancel that lands on our own await must still close
-                # the backend stream, which aborts the request.
+                # aclosing: a cancel that lands on our own await, or the writer ending
+                # the point, must still close the backend stream (aborting the request).
                 async with contextlib.aclosing(self.backend.complete(prompt, params)) as stream:
                     async for chunk in stream:
-                        used += len(chunk.token_ids) if chunk.token_ids is not None else 1
-                        if chunk.text:
-                            parts.append(chunk.text)
-                            await self.queue.put(PointText(point.index, chunk.text))
+                        n = len(chunk.token_ids) if chunk.token_ids is not None else 1
+                        used += n
+                        if chunk.cached_tokens is not None:
+                            cached_tokens = chunk.cached_tokens
                         if chunk.finish_reason is not None:
                             finish = chunk.finish_reason
-                            prompt_tokens = chunk.prompt_tokens or (
-                                len(prompt) if isinstance(prompt, list) else 0
-                            )
-                            cached_tokens = chunk.cached_tokens
+                            prompt_tokens = chunk.prompt_tokens or prompt_tokens
+                        await self._show(point.index, writer.feed(chunk.text, n))
+                        if writer.stopped:
+                            finish = "stop"
+                            break
+                await self._show(point.index, writer.finish(natural=finish == "stop"))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reported to the planner, which ends the answer
@@ -196,10 +207,13 @@ class PointExecutor:
         finally:
             self.budget.refund(reserved, used)
         cut = finish == "length" and reserved < self.params.max_tokens
-        text = "".join(parts)
         await self.queue.put(
-            PointFinished(point.index, text, finish, used, prompt_tokens, cached_tokens, cut)
+            PointFinished(point.index, writer.text, finish, used, prompt_tokens, cached_tokens, cut)
         )
+
+    async def _show(self, index: int, text: str) -> None:
+        if text:
+            await self.queue.put(PointText(index, text))
 
 
 def _back_edges(pending: dict[int, set[int]]) -> list[tuple[int, int]]:

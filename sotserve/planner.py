@@ -55,9 +55,9 @@ from sotserve.schemas import (
 )
 from sotserve.skeleton_parser import SkeletonParser
 
-# A point expansion is one paragraph: stop where a small model starts a list, the
-# next point or a new section instead (16 stop strings at most, the engine's limit).
-POINT_STOPS = ["\n\n", "\n*", "\n-", *(f"\n{n}." for n in range(1, 14))]
+# A point's soft length: past this share of its cap (point_max_tokens) it ends at the
+# next sentence end (sotserve.point_text.PointWriter), so the cap itself is rarely hit.
+POINT_SOFT_SHARE = 2 / 3
 
 
 class PlannerError(Exception):
@@ -255,8 +255,13 @@ class _Answer:
             await self.executor.cancel()
 
     # -- sequential ---------------------------------------------------------------------
-    async def _sequential(self, fallback: str | None) -> AsyncIterator[Event]:
-        ids = self.renderer.render(self.messages)
+    async def _sequential(self, fallback: str | None, shown: str = "") -> AsyncIterator[Event]:
+        """Plain decoding of the chat; ``shown`` is answer text already streamed (by a
+        plan that fell back), which the reply is prefilled with and continues."""
+        messages = self.messages
+        if shown:
+            messages = [*messages, {"role": "assistant", "content": shown}]
+        ids = self.renderer.render(messages)
         params = self._params(self.backend.room(len(ids), max(self.budget.remaining, 1)))
         parts: list[str] = []
         finish = None
@@ -274,7 +279,7 @@ class _Answer:
                         yield delta
         finally:
             self._count(len(ids), n, cached)
-        answer = "".join(parts)
+        answer = shown + "".join(parts)
         yield self._done("sequential", answer, [], fallback=fallback, finish_reason=finish)
 
     def _params(self, max_tokens: int, stop: list[str] | None = None) -> CompletionParams:
@@ -318,10 +323,13 @@ class _Answer:
         self.executor = executor = PointExecutor(
             self.backend,
             build_prompt,
-            self._params(opts.point_max_tokens, POINT_STOPS),
+            # no stop strings: the writer ends a point on its text (a blank line that
+            # opens a point must not end it, as a stop string would)
+            self._params(opts.point_max_tokens),
             self.budget,
             self.queue,
             expected_points=opts.max_points,
+            soft_tokens=max(1, round(opts.point_max_tokens * POINT_SOFT_SHARE)),
         )
         # The skeleton may use at most half the answer's budget; the points share the rest.
         skel_reserved = self.budget.reserve(min(opts.skeleton_max_tokens, opts.max_tokens // 2))
@@ -338,10 +346,10 @@ class _Answer:
             # Due now if every point before this one is already done.
             due = merger.add_point(point.index, point.title)
             out: list[Event] = [PointStart(point=point)]
-            # Nothing reaches the answer until a second point shows the plan is viable;
-            # with fewer the planner falls back to sequential decoding.
-            if len(parser.points) >= 2:
-                due += merger.release()
+            # The answer starts with point 1 as soon as its skeleton line is parsed.
+            # Should the skeleton end with fewer than 2 points, the sequential fallback
+            # continues from the text already shown: nothing is ever taken back.
+            due += merger.release()
             delta = self._answer_delta(due)
             if delta is not None:
                 out.append(delta)
@@ -378,7 +386,8 @@ class _Answer:
                         "answered with sequential decoding"
                     )
                     yield PlanReady(mode="sequential", points=[], route=self.route, fallback=reason)
-                    async with contextlib.aclosing(self._sequential(reason)) as events:
+                    fallback = self._sequential(reason, shown=merger.answer)
+                    async with contextlib.aclosing(fallback) as events:
                         async for event in events:
                             yield event
                     return

@@ -20,7 +20,8 @@ class PlanOptions(BaseModel):
     """How one question is answered.
 
     ``max_tokens`` caps every token the answer generates (skeleton and points
-    together); ``point_max_tokens`` caps each point expansion. ``pipeline`` starts a
+    together); ``point_max_tokens`` caps each point expansion, which ends at the
+    first sentence end past two thirds of it. ``pipeline`` starts a
     point as soon as its skeleton line is complete instead of after the skeleton.
     ``router`` picks who decides ``auto``: the model (falling back to rules when its
     reply is unclear) or the rules alone.
@@ -30,7 +31,7 @@ class PlanOptions(BaseModel):
 
     mode: Mode = "auto"
     max_points: int = Field(default=6, ge=2, le=16)
-    point_max_tokens: int = Field(default=64, ge=1, le=4096)
+    point_max_tokens: int = Field(default=96, ge=1, le=4096)
     skeleton_max_tokens: int = Field(default=96, ge=8, le=1024)
     max_tokens: int = Field(default=1024, ge=1, le=1 << 20)
     pipeline: bool = True

@@ -79,7 +79,9 @@ class HTTPBackend(Backend):
             "temperature": params.temperature,
             "top_p": params.top_p,
             "stream": True,
-            "stream_options": {"include_usage": True},
+            # continuous_usage_stats (vLLM's; others ignore it) puts usage on every
+            # chunk, so a caller that stops reading early still learns its cached tokens
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             "return_token_ids": True,
         }
         if self._model is not None:
@@ -110,6 +112,9 @@ class HTTPBackend(Backend):
                         choice.get("token_ids"),
                         choice.get("finish_reason"),
                     )
+                    if usage:
+                        details = usage.get("prompt_tokens_details") or {}
+                        chunk.cached_tokens = details.get("cached_tokens")
                     if chunk.finish_reason is None:
                         yield chunk
                     else:

@@ -341,6 +341,23 @@ async def test_stream_include_usage(client, aengine):
     assert all(c["usage"] is None for c in content)
 
 
+async def test_stream_continuous_usage_stats(client, aengine):
+    """vLLM's ``continuous_usage_stats``: usage so far on every chunk, so a client that
+    stops reading early (the planner ending a point) still has its counts."""
+    n_prompt = len(aengine.engine.tokenize("Count me"))
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {"prompt": "Count me", "stream": True, "stream_options": options, **GREEDY}
+    async with client.post("/v1/completions", json=body) as resp:
+        events = await _sse(resp)
+    *content, usage_chunk = events[:-1]
+    done = [c["usage"]["completion_tokens"] for c in content]
+    assert done == sorted(done) and done[-1] == 24 and len(set(done)) > 1
+    for c in content:
+        assert c["usage"]["prompt_tokens"] == n_prompt
+        assert c["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
+    assert usage_chunk["usage"]["completion_tokens"] == 24
+
+
 async def test_stream_return_token_ids(client, aengine):
     _, want_ids, _ = await _direct(aengine, "Token ids please", **GREEDY)
     body = {"prompt": "Token ids please", "stream": True, "return_token_ids": True, **GREEDY}

@@ -66,7 +66,7 @@ async def test_independent_points_run_in_parallel(tokenizer):
     ends = sorted(c.ended for c in backend.calls)
     assert starts[-1] < ends[0]  # all three were in flight at once
     finished = {e.index: e for e in events if isinstance(e, PointFinished)}
-    assert {i: f.text for i, f in finished.items()} == {i: f" p{i}" * 3 for i in (1, 2, 3)}
+    assert {i: f.text for i, f in finished.items()} == {i: f"p{i} p{i} p{i}" for i in (1, 2, 3)}
     for i, f in finished.items():
         assert f.finish_reason == "stop"
         assert f.completion_tokens == 3 * len(tokenizer.encode(f" p{i}", add_special_tokens=False))
@@ -84,8 +84,8 @@ async def test_children_wait_for_parents_and_get_their_text(tokenizer):
     by_point = {c.point: c for c in backend.calls}
     assert by_point[3].started >= max(by_point[1].ended, by_point[2].ended)
     assert by_point[4].started >= by_point[3].ended
-    assert dict(calls)[3] == [(1, " text1"), (2, " text2")]
-    assert dict(calls)[4] == [(3, " text3")]
+    assert dict(calls)[3] == [(1, "text1"), (2, "text2")]
+    assert dict(calls)[4] == [(3, "text3")]
 
 
 async def test_a_parent_that_finished_before_its_child_was_parsed_counts(tokenizer):
@@ -98,7 +98,7 @@ async def test_a_parent_that_finished_before_its_child_was_parsed_counts(tokeniz
     ex.add(P(2, 1))  # parsed only now (pipelined skeleton)
     ex.close()
     await drain(ex, queue, timeout=2.0)
-    assert dict(calls)[2] == [(1, " t1")]
+    assert dict(calls)[2] == [(1, "t1")]
 
 
 async def test_unknown_references_are_dropped_when_the_plan_closes(tokenizer):
@@ -110,7 +110,7 @@ async def test_unknown_references_are_dropped_when_the_plan_closes(tokenizer):
     plan = ex.close()
     assert plan[1].depends_on == [1]
     await drain(ex, queue)
-    assert dict(calls)[2] == [(1, " x")]
+    assert dict(calls)[2] == [(1, "x")]
 
 
 async def test_cycles_are_broken_and_nothing_hangs(tokenizer):
@@ -168,7 +168,12 @@ async def test_backend_error_is_reported_not_raised(tokenizer):
 
 
 async def test_cancel_aborts_every_request_in_flight(tokenizer):
-    ex, backend, queue, _ = make(tokenizer, lambda c: [" z"] * 1000, delay=0.01, point_max=2000)
+    ex, backend, queue, _ = make(
+        tokenizer,
+        lambda c: [f" Sentence {n}." for n in range(1000)],
+        delay=0.01,
+        point_max=2000,
+    )
     for i in (1, 2, 3):
         ex.add(P(i))
     ex.add(P(4, 1))  # waits on its parent: never starts

@@ -55,7 +55,7 @@ async def test_sot_stream_events_and_merged_answer(tokenizer):
     assert done.answer == expected
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == expected
     assert {e.index: e.text for e in events if isinstance(e, PointDone)} == {
-        i: f" about {i}." for i in (1, 2, 3)
+        i: f"about {i}." for i in (1, 2, 3)
     }
     assert done.usage.requests == 4  # skeleton + 3 points
     t = done.timings
@@ -108,6 +108,34 @@ async def test_pipeline_starts_points_before_the_skeleton_ends(tokenizer):
         skeleton = next(c for c in backend.calls if c.kind == "skeleton")
         first_point = min(c.started for c in backend.calls if c.kind == "point")
         assert (first_point < skeleton.ended) is pipeline
+
+
+async def test_the_answer_starts_once_skeleton_line_1_is_parsed(tokenizer):
+    # the skeleton takes 0.05 s a piece, 6 pieces: point 1's header must not wait for it
+    backend = ScriptedBackend(tokenizer, script_for(), delay=0.05)
+    events = await collect(Planner(backend), "Q?", mode="sot")
+    first_answer = next(i for i, e in enumerate(events) if isinstance(e, AnswerDelta))
+    skeleton_pieces = [i for i, e in enumerate(events) if isinstance(e, SkeletonDelta)]
+    assert first_answer < skeleton_pieces[-1]  # before the skeleton is over
+    assert events[first_answer].text.startswith("1. **Alpha**")
+    assert not any(isinstance(e, SkeletonDelta) and "Beta" in e.text for e in events[:first_answer])
+
+
+async def test_a_fallback_after_point_1_was_shown_continues_from_it(tokenizer):
+    """One usable line, then prose: the answer already shows point 1, so sequential
+    decoding continues the shown text (it is the reply's prefill) and nothing shown
+    is taken back."""
+    backend = ScriptedBackend(tokenizer, script_for([" Alpha", "\n", "That is all."]), delay=0.05)
+    events = await collect(Planner(backend), "Q?", mode="sot")
+    done = events[-1]
+    assert isinstance(done, Done) and done.mode == "sequential" and done.fallback
+    streamed = "".join(e.text for e in events if isinstance(e, AnswerDelta))
+    assert streamed == done.answer
+    assert done.answer.startswith("1. **Alpha**") and done.answer.endswith(" A plain answer.")
+    chat = next(c for c in backend.calls if c.kind == "chat")
+    shown = done.answer.removesuffix(" A plain answer.")
+    assert chat.prompt.endswith("<|im_start|>assistant\n" + shown)
+    assert all(c.closed_early or c.ended for c in backend.calls)  # point 1 was stopped
 
 
 async def test_point_prompts_continue_the_skeleton_tokens(tokenizer):
