@@ -143,6 +143,12 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", "prompt"
             )
+        bad = [t for t in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                "logit_bias",
+            )
         limit = self.config.max_model_len
         if len(ids) >= limit:
             raise ContextLengthExceededError(

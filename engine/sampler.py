@@ -1,4 +1,4 @@
-"""Vectorized sampling: penalties and min_tokens, greedy, temperature, top-k, top-p,
+"""Vectorized sampling: penalties and min_tokens, logit_bias, greedy, temperature, top-k, top-p,
 per-request seeds."""
 
 from __future__ import annotations
@@ -101,6 +101,33 @@ def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Add each request's ``logit_bias`` to its row of ``logits [B, V]``, in place, and
+    return ``logits``; rows without one are left alone.
+
+    One scatter over flat ``row * V + token`` indices, so the cost follows the number
+    of bias entries, not ``B * V``. A dict's keys are distinct, so no index repeats.
+    Ids past the vocabulary (``make_request`` rejects them) are skipped rather than
+    written into another row.
+    """
+    vocab = logits.shape[-1]
+    work = logits if logits.is_contiguous() else logits.contiguous()
+    rows = [i for i, r in enumerate(requests) if r.params.logit_bias]
+    if rows:
+        biases = [requests[i].params.logit_bias for i in rows]
+        local, ids = _flat_ids([(list(b),) for b in biases], logits.device)
+        values = array.array("d")
+        for b in biases:
+            values.fromlist(list(b.values()))
+        bias = torch.frombuffer(values, dtype=torch.float64).to(work.device, work.dtype)
+        at = torch.tensor([i * vocab for i in rows], device=logits.device)[local] + ids
+        keep = (ids >= 0) & (ids < vocab)
+        work.view(-1).index_add_(0, at[keep], bias[keep])
+    if work is not logits:
+        logits.copy_(work)
+    return logits
+
+
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
@@ -132,15 +159,18 @@ class Sampler:
     which other requests share the batch.
 
     Rows whose request uses a penalty or has not reached its ``min_tokens`` get
-    :func:`apply_penalties` first, greedy rows too, modifying ``logits`` in place (the
+    :func:`apply_penalties` first, then rows with a ``logit_bias`` get
+    :func:`apply_logit_bias`, greedy rows too, modifying ``logits`` in place (the
     model runner hands over logits it does not read again: a fresh tensor, or a CUDA
     graph's output buffer that its next replay overwrites). A batch with no such row
-    pays one cheap check per request and nothing else.
+    pays two cheap checks per request and nothing else.
     """
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         if any(_adjusts_logits(r) for r in requests):
             apply_penalties(logits, requests)
+        if any(r.params.logit_bias for r in requests):
+            apply_logit_bias(logits, requests)
         params = [r.params for r in requests]
         greedy_tokens = logits.argmax(dim=-1)
         if all(p.greedy for p in params):

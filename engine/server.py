@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import aclosing
@@ -25,7 +26,7 @@ from engine.async_engine import AsyncEngine
 from engine.cli_args import add_engine_args, engine_kwargs
 from engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
 from engine.outputs import RequestDelta
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGIT_BIAS_ENTRIES, SamplingParams
 from engine.serve_loop import serve_app
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class CompletionRequest(BaseModel):
     """The OpenAI ``/v1/completions`` body, plus vLLM's ``top_k``, ``ignore_eos``,
     ``stop_token_ids``, ``repetition_penalty``, ``min_tokens`` and ``return_token_ids``.
     ``presence_penalty`` and ``frequency_penalty`` are OpenAI's; :class:`SamplingParams`
-    checks the ranges of all four.
+    checks the ranges of all four. ``logit_bias`` is OpenAI's: an object whose keys are
+    token ids as decimal strings (``{"50256": -100}``), see :func:`_logit_bias`.
 
     Strict types: JSON ``"16"`` is not an integer and ``true`` is not 1. Unknown fields
     are ignored (as vLLM does); known ones this engine cannot honour are rejected by
@@ -82,13 +84,13 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
     # accepted only at their defaults
     n: int = 1
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """``(param, message)`` for the first field set to something not supported."""
@@ -102,8 +104,6 @@ class CompletionRequest(BaseModel):
             return "logprobs", "logprobs are not supported"
         if self.suffix:
             return "suffix", "suffix is not supported"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
         return None
@@ -128,6 +128,8 @@ class CompletionRequest(BaseModel):
             max_tokens = max(max_model_len - prompt_len, 1)
         # null means "the engine's default", so only pass what was given
         given = {k: v for k in _SAMPLING_FIELDS if (v := getattr(self, k)) is not None}
+        if self.logit_bias:
+            given["logit_bias"] = _logit_bias(self.logit_bias)
         return SamplingParams(max_tokens=max_tokens, ignore_eos=self.ignore_eos, **given)
 
 
@@ -136,6 +138,35 @@ _SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
 )  # fmt: skip
+
+
+_TOKEN_ID_KEY = re.compile(r"[0-9]+")
+
+
+def _logit_bias(body: dict[str, float]) -> dict[int, float]:
+    """OpenAI's ``logit_bias`` with its keys as ints; :class:`SamplingParams` checks
+    the values and the engine the ids' range. Raises :class:`InvalidRequestError`
+    for a key that is not a decimal integer, or two keys naming one id ("7", "07")."""
+    if len(body) > MAX_LOGIT_BIAS_ENTRIES:  # before a long loop on the event loop
+        raise InvalidRequestError(
+            f"logit_bias has {len(body)} entries; at most {MAX_LOGIT_BIAS_ENTRIES}", "logit_bias"
+        )
+    out: dict[int, float] = {}
+    for key, value in body.items():
+        if not _TOKEN_ID_KEY.fullmatch(key):
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids as decimal integer strings, got {key!r}",
+                "logit_bias",
+            )
+        if len(key) > 18:  # past any vocabulary, and int() refuses 4,300 digits
+            raise InvalidRequestError(
+                f"logit_bias key {key[:24]!r}... is not a token id", "logit_bias"
+            )
+        token = int(key)
+        if token in out:
+            raise InvalidRequestError(f"logit_bias names token id {token} twice", "logit_bias")
+        out[token] = value
+    return out
 
 
 # Union fields give one pydantic error per alternative; say what is accepted instead.

@@ -13,7 +13,7 @@ import torch
 
 import engine
 from engine.detokenizer import IncrementalDetokenizer
-from engine.sampler import Sampler, apply_penalties, apply_top_k_top_p
+from engine.sampler import Sampler, apply_logit_bias, apply_penalties, apply_top_k_top_p
 
 SEEDED = dict(temperature=0.8, top_p=0.9, top_k=50, max_tokens=20, ignore_eos=True)
 TARGET_PROMPT = "Hello world, tell me a story"
@@ -333,6 +333,21 @@ def test_many_seeds_follow_the_distribution():
         (dict(min_tokens=True), "min_tokens"),
         (dict(min_tokens="3"), "min_tokens"),
         (dict(min_tokens=None), "min_tokens"),
+        (dict(logit_bias={"5": 1.0}), "logit_bias"),  # JSON's string keys: the server converts
+        (dict(logit_bias={5.0: 1.0}), "logit_bias"),
+        (dict(logit_bias={True: 1.0}), "logit_bias"),
+        (dict(logit_bias={-1: 1.0}), "logit_bias"),
+        (dict(logit_bias={None: 1.0}), "logit_bias"),
+        (dict(logit_bias={5: 101}), "logit_bias"),
+        (dict(logit_bias={5: -100.5}), "logit_bias"),
+        (dict(logit_bias={5: 10**400}), "logit_bias"),
+        (dict(logit_bias={5: float("nan")}), "logit_bias"),
+        (dict(logit_bias={5: float("inf")}), "logit_bias"),
+        (dict(logit_bias={5: True}), "logit_bias"),
+        (dict(logit_bias={5: "1"}), "logit_bias"),
+        (dict(logit_bias={5: None}), "logit_bias"),
+        (dict(logit_bias=[(5, 1.0)]), "logit_bias"),
+        (dict(logit_bias={t: 1.0 for t in range(1025)}), "logit_bias"),
     ],
 )
 def test_sampling_params_validation(kwargs, param):
@@ -362,6 +377,11 @@ def test_valid_sampling_params():
     ):
         sp = engine.SamplingParams(**edge)
         assert sp.penalized == ("min_tokens" not in edge)
+    assert sp.logit_bias == {} and engine.SamplingParams(logit_bias=None).logit_bias == {}
+    bias = {0: -100, 49151: 100.0, 7: 0.5}
+    sp = engine.SamplingParams(logit_bias=bias)
+    assert sp.logit_bias == bias and sp.logit_bias is not bias and not sp.penalized
+    assert len(engine.SamplingParams(logit_bias=dict.fromkeys(range(1024), 1)).logit_bias) == 1024
 
 
 def test_mutated_params_are_revalidated(llm):
@@ -788,3 +808,246 @@ def test_penalised_greedy_matches_transformers_generate(llm, tiny_model_dirs):
             assert len(out.token_ids) == n
     changed = [outs[i].token_ids != plain[i % len(prompts)] for i in range(len(specs))]
     assert changed == [True, True, True, True, False]
+
+
+# -- logit_bias -----------------------------------------------------------------------------------
+def reference_logit_bias(logits: torch.Tensor, reqs) -> torch.Tensor:
+    """OpenAI's rule written out literally: each listed token's logit plus its bias."""
+    rows = []
+    for values, r in zip(logits.tolist(), reqs, strict=True):
+        row = list(values)
+        for t, bias in r.params.logit_bias.items():
+            row[t] = row[t] + bias
+        rows.append(row)
+    return torch.tensor(rows, dtype=logits.dtype)
+
+
+def reference_logits(logits: torch.Tensor, reqs) -> torch.Tensor:
+    """The documented order: min_tokens and the penalties, then logit_bias."""
+    return reference_logit_bias(reference_penalties(logits, reqs), reqs)
+
+
+def _plain(req: SimpleNamespace) -> SimpleNamespace:
+    """``req`` without anything that changes its logits before temperature."""
+    params = dataclasses.replace(_without_penalties(req).params, logit_bias={})
+    return SimpleNamespace(**{**vars(req), "params": params})
+
+
+def _biased_batch(vocab: int = 40) -> tuple[torch.Tensor, list[SimpleNamespace]]:
+    """Rows with and without a bias; row 5 also has every penalty and min_tokens."""
+    g = torch.Generator().manual_seed(31)
+    logits = torch.randn(7, vocab, generator=g) * 3
+    best = logits.argmax(dim=-1).tolist()
+    reqs = [
+        _preq([1], [2], temperature=0),  # plain
+        _preq([1], [2], temperature=0, logit_bias={best[1]: -100}),  # ban the argmax
+        _preq([], [], temperature=0, logit_bias={3: 100}),  # force 3
+        _preq([], [], temperature=0, logit_bias={4: 2.5, 5: -0.5, vocab - 1: 1}),
+        _preq([], [], temperature=0, logit_bias={}),  # empty: as plain
+        # 6 is in the prompt and twice in the output; 2 and 9 are stop ids, not allowed yet
+        _preq(
+            [5, 6],
+            [6, 6],
+            stop_ids=[2, 9],
+            temperature=0,
+            min_tokens=3,
+            repetition_penalty=2.0,
+            frequency_penalty=0.5,
+            presence_penalty=0.25,
+            logit_bias={6: 0.5, 5: -1.0, 2: 100, 9: 50},
+        ),
+        _preq([6], [6], temperature=0, repetition_penalty=2.0),  # penalised, no bias
+    ]
+    logits[5, 6], logits[5, 5] = 4.0, -1.0
+    return logits, reqs
+
+
+UNBIASED_ROWS = (0, 4, 6)
+
+
+def test_apply_logit_bias_matches_the_reference():
+    logits, reqs = _biased_batch()
+    want = reference_logit_bias(logits, reqs)
+    got = apply_logit_bias(logits.clone(), reqs)
+    torch.testing.assert_close(got, want)
+    for i in range(len(reqs)):
+        assert torch.equal(got[i], logits[i]) == (i in UNBIASED_ROWS), i
+    assert got[2, 3] == pytest.approx(float(logits[2, 3]) + 100)
+    assert got[3, 4] == pytest.approx(float(logits[3, 4]) + 2.5)
+    assert got[3, 39] == pytest.approx(float(logits[3, 39]) + 1)
+    # in place, also through a non-contiguous view
+    view = logits.t().contiguous().t()
+    assert not view.is_contiguous()
+    assert apply_logit_bias(view, reqs) is view
+    torch.testing.assert_close(view, want)
+
+
+def test_logit_bias_comes_after_min_tokens_and_the_penalties():
+    logits, reqs = _biased_batch()
+    want = reference_logits(logits, reqs)
+    got = apply_logit_bias(apply_penalties(logits.clone(), reqs), reqs)
+    torch.testing.assert_close(got, want)
+    # row 5 by hand: 4 / 2 (repetition) - 2 * 0.5 (frequency) - 0.25 (presence) + 0.5;
+    # biasing first would give (4 + 0.5) / 2 - 1.25 = 1.0
+    assert got[5, 6] == pytest.approx(1.25)
+    assert got[5, 5] == pytest.approx(-1.0 * 2.0 - 1.0)  # (-1 - 1) * 2 = -4 if bias came first
+    # min_tokens' -inf stays -inf whatever the bias
+    assert got[5, 2] == got[5, 9] == NEG_INF
+    assert torch.isfinite(got[[0, 1, 2, 3, 4, 6]]).all()
+    # the sampler keeps that order: 4 / 2 + 0.5 = 2.5 beats 2.4; (4 + 0.5) / 2 would not
+    row = torch.tensor([[0.0, 4.0, 2.4, -5.0]])
+    req = _preq([1], [], temperature=0, repetition_penalty=2.0, logit_bias={1: 0.5})
+    assert Sampler()(row.clone(), [req]) == [1]
+    assert Sampler()(row.clone(), [_preq([1], [], temperature=0, repetition_penalty=2.0)]) == [2]
+
+
+@pytest.mark.parametrize("vocab", [40, 49152])
+def test_greedy_rows_take_the_argmax_of_the_biased_logits(vocab):
+    logits, reqs = _biased_batch(vocab)
+    want = reference_logits(logits, reqs).argmax(dim=-1).tolist()
+    plain = logits.argmax(dim=-1).tolist()
+    sampler = Sampler()
+    assert sampler(logits.clone(), reqs) == want
+    # -100 on the argmax hands the pick to the runner-up; +100 forces its token
+    assert want[1] != plain[1] and want[1] == int(logits[1].topk(2).indices[1])
+    assert want[2] == 3 != plain[2]
+    for i in UNBIASED_ROWS[:2]:
+        assert want[i] == plain[i]
+    # only biased rows (no penalties at all), and a single row
+    rows = [1, 2, 3]
+    assert sampler(logits[rows].clone(), [reqs[i] for i in rows]) == [want[i] for i in rows]
+    assert sampler(logits[1:2].clone(), reqs[1:2]) == [want[1]]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=1.0),
+        dict(temperature=2.0, top_p=0.9),
+        dict(temperature=1.0, top_k=50, seed=1),
+    ],
+)
+def test_plus_100_forces_and_minus_100_bans_sampled_tokens(params):
+    n = 500
+    logits = torch.randn(n, 300, generator=torch.Generator().manual_seed(5)) * 3
+    gen = torch.Generator().manual_seed(1) if "seed" in params else None
+    torch.manual_seed(0)
+    forced = _preq(generator=gen, logit_bias={7: 100}, **params)
+    assert set(Sampler()(logits.clone(), [forced] * n)) == {7}
+    # one dominant token holding nearly all the mass: banned, it is never drawn
+    logits[:, 11] = 30.0
+    torch.manual_seed(0)
+    assert set(Sampler()(logits.clone(), [_preq(generator=gen, **params)] * n)) == {11}
+    banned = _preq(generator=gen, logit_bias={11: -100}, **params)
+    tokens = Sampler()(logits.clone(), [banned] * n)
+    assert 11 not in tokens and len(set(tokens)) > 1
+
+
+BIAS_SPECS = [
+    dict(temperature=0),
+    dict(temperature=0, logit_bias=dict.fromkeys(range(15), -100)),  # only 15..29 left
+    dict(temperature=0.9, seed=3, logit_bias={20: 100}),  # always 20
+    dict(temperature=1.1, seed=4),
+    dict(
+        temperature=0.7, top_k=5, seed=5, min_tokens=6, repetition_penalty=1.3,
+        logit_bias={1: 3.0, 2: 3.0, 3: 3.0, 29: 100},  # 29 is a stop id: not before 6 tokens
+    ),
+    dict(temperature=1.0, logit_bias={**dict.fromkeys(range(10), -2.0), 25: 1.5}),  # unseeded
+    dict(temperature=0.8, top_p=0.9, seed=6, presence_penalty=1.0),
+    dict(temperature=0, logit_bias={29: -0.75, 19: 0.5}),  # 29 leads 19 by 1.25 less
+]  # fmt: skip
+
+
+def _bias_run(specs, biased: bool, reference: bool, steps: int = 25) -> list[list[int]]:
+    """Like :func:`_decode_run`: ``steps`` sampler calls over a batch of ``specs``,
+    each row's tokens appended to its output. ``biased=False`` drops logit_bias from
+    the specs; ``reference``: the logits go through :func:`reference_logits` and the
+    sampler sees requests without penalties or biases."""
+    vocab = 30
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(len(specs), vocab, generator=g) * 2
+    reqs = []
+    for i, spec in enumerate(specs):
+        if not biased:
+            spec = {k: v for k, v in spec.items() if k != "logit_bias"}
+        gen = torch.Generator().manual_seed(spec["seed"]) if "seed" in spec else None
+        reqs.append(_preq([i, 2 * i], [], [vocab - 1], gen, **spec))
+    sampler = Sampler()
+    for step in range(steps):
+        logits = base + 0.5 * torch.randn(base.shape, generator=g)
+        torch.manual_seed(1000 + step)
+        if reference:
+            tokens = sampler(reference_logits(logits, reqs), [_plain(r) for r in reqs])
+        else:
+            tokens = sampler(logits, reqs)
+        for r, t in zip(reqs, tokens, strict=True):
+            r.output_ids.append(t)
+    return [r.output_ids for r in reqs]
+
+
+def test_mixed_batch_with_logit_bias_over_many_steps_matches_the_reference():
+    got = _bias_run(BIAS_SPECS, biased=True, reference=False)
+    assert got == _bias_run(BIAS_SPECS, biased=True, reference=True)
+    unbiased = _bias_run(BIAS_SPECS, biased=False, reference=False)
+    for i, spec in enumerate(BIAS_SPECS):
+        # rows without a bias sample as they would in a batch without any
+        assert (got[i] == unbiased[i]) != ("logit_bias" in spec), (i, spec)
+    assert min(got[1]) >= 15 and min(unbiased[1]) < 15
+    assert got[2] == [20] * 25
+    assert 29 not in got[4][:6] and set(got[4][6:]) == {29}
+
+
+def test_batches_without_logit_bias_skip_it(monkeypatch):
+    def must_not_run(*args):
+        raise AssertionError("apply_logit_bias ran")
+
+    monkeypatch.setattr(engine.sampler, "apply_logit_bias", must_not_run)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    reqs = [
+        _preq([1], [2, 3], temperature=0),
+        _preq([1], [2], temperature=0, presence_penalty=1.0),
+        _preq([1], [], temperature=1.0, logit_bias={}),
+    ]
+    Sampler()(logits.clone(), reqs)
+    with pytest.raises(AssertionError, match="apply_logit_bias ran"):
+        Sampler()(logits[[0, 1, 2, 0]].clone(), [*reqs, _preq(temperature=0, logit_bias={3: 1})])
+
+
+def test_logit_bias_ids_are_checked_against_the_vocabulary(llm):
+    eng = llm.engine
+    vocab = eng.vocab_size
+    for bad in ({vocab: 1.0}, {5: 1.0, 10**12: -1.0}):
+        with pytest.raises(engine.InvalidRequestError) as info:
+            llm.generate("hi", _greedy(max_tokens=2, logit_bias=bad))
+        assert info.value.param == "logit_bias" and str(vocab) in str(info.value)
+    # values are checked again when the request is made, after a mutation
+    sp = _greedy(max_tokens=2, logit_bias={5: 1.0})
+    sp.logit_bias[5] = 101
+    with pytest.raises(engine.InvalidRequestError) as info:
+        eng.make_request("hi", sp)
+    assert info.value.param == "logit_bias"
+    assert not eng.has_unfinished()
+    out = llm.generate("hi", _greedy(max_tokens=3, logit_bias={vocab - 1: 100}))[0]
+    assert out.token_ids == [vocab - 1] * 3
+
+
+BANNED_PROMPTS = ["The quick brown fox", "Once upon a time", "gamma"]
+
+
+def test_banning_the_greedy_tokens_changes_the_output_end_to_end(llm):
+    plain = [o.token_ids for o in llm.generate(BANNED_PROMPTS, _greedy(max_tokens=16))]
+    bans = [_greedy(max_tokens=16, logit_bias=dict.fromkeys(ids, -100)) for ids in plain]
+    # one batch: each prompt banned and unbanned
+    outs = llm.generate(BANNED_PROMPTS * 2, bans + [_greedy(max_tokens=16)] * len(plain))
+    for ids, sp, out in zip(plain, bans, outs, strict=False):
+        assert out.token_ids != ids
+        assert not set(out.token_ids) & set(sp.logit_bias), (out.token_ids, ids)
+        assert len(out.token_ids) == 16
+    assert [o.token_ids for o in outs[len(plain) :]] == plain
+    # +100 on one id: nothing else is picked, greedy or sampled
+    for sp in (
+        _greedy(logit_bias={42: 100}),
+        _greedy(temperature=1.0, seed=3, logit_bias={42: 100}),
+    ):
+        assert llm.generate(BANNED_PROMPTS[0], sp)[0].token_ids == [42] * 24
+    assert llm.stats().kv_slots_used == 0

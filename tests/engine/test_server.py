@@ -276,6 +276,43 @@ async def test_penalties_reach_the_engine(client, aengine, extra):
         assert (ids, text) == (want_ids, want_text)
 
 
+async def test_logit_bias_reaches_the_engine(client, aengine):
+    """OpenAI's shape: token ids as string keys, numbers (ints too) as values."""
+    prompt = "The quick brown fox"
+    _, plain_ids, _ = await _direct(aengine, prompt, **GREEDY)
+    bans = dict.fromkeys(plain_ids, -100)
+    want_text, want_ids, _ = await _direct(aengine, prompt, **GREEDY, logit_bias=bans)
+    assert want_ids != plain_ids and not set(want_ids) & set(plain_ids)
+    cases = [
+        ({str(t): -100 for t in bans}, want_ids, want_text),
+        ({"42": 100}, [42] * GREEDY["max_tokens"], None),  # every token is 42
+        ({"0042": 100.0, "7": -3.5}, [42] * GREEDY["max_tokens"], None),  # leading zeros
+        ({}, plain_ids, None),  # an empty object changes nothing
+    ]
+    for bias, ids_want, text_want in cases:
+        for stream in (False, True):
+            body = {"prompt": prompt, "return_token_ids": True, "stream": stream, **GREEDY}
+            body["logit_bias"] = bias
+            if stream:
+                async with client.post("/v1/completions", json=body) as resp:
+                    chunks = (await _sse(resp))[:-1]
+                ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+                text = "".join(c["choices"][0]["text"] for c in chunks)
+            else:
+                status, out = await _post(client, body)
+                assert status == 200, out
+                ids, text = out["choices"][0]["token_ids"], out["choices"][0]["text"]
+            assert ids == ids_want, bias
+            if text_want is not None:
+                assert text == text_want
+    # sampled too, and at the vocabulary's edges
+    for tok in (0, 49151):
+        body = {"prompt": prompt, "temperature": 1.0, "max_tokens": 8, "return_token_ids": True}
+        status, out = await _post(client, {**body, "logit_bias": {str(tok): 100}})
+        assert status == 200, out
+        assert out["choices"][0]["token_ids"] == [tok] * 8
+
+
 async def test_min_tokens_reaches_the_engine(client, aengine):
     _, ids, _ = await _direct(aengine, "Stop me", **GREEDY)
     body = {"prompt": "Stop me", "stop_token_ids": [ids[0]], "return_token_ids": True, **GREEDY}
@@ -440,6 +477,38 @@ BAD_REQUESTS: list[tuple[str, Any, str | None, str | None]] = [
     ("min-tokens-negative", {"prompt": "hi", "min_tokens": -1}, "min_tokens", None),
     ("min-tokens-string", {"prompt": "hi", "min_tokens": "2"}, "min_tokens", None),
     ("min-tokens-float", {"prompt": "hi", "min_tokens": 2.5}, "min_tokens", None),
+    ("logit-bias-list", {"prompt": "hi", "logit_bias": [[5, 1]]}, "logit_bias", None),
+    ("logit-bias-word-key", {"prompt": "hi", "logit_bias": {"hello": 1}}, "logit_bias", None),
+    ("logit-bias-negative-key", {"prompt": "hi", "logit_bias": {"-1": 1}}, "logit_bias", None),
+    ("logit-bias-float-key", {"prompt": "hi", "logit_bias": {"5.0": 1}}, "logit_bias", None),
+    ("logit-bias-spaced-key", {"prompt": "hi", "logit_bias": {" 5": 1}}, "logit_bias", None),
+    ("logit-bias-empty-key", {"prompt": "hi", "logit_bias": {"": 1}}, "logit_bias", None),
+    (
+        "logit-bias-same-id-twice",
+        {"prompt": "hi", "logit_bias": {"7": 1, "07": 2}},
+        "logit_bias",
+        None,
+    ),
+    ("logit-bias-out-of-vocab", {"prompt": "hi", "logit_bias": {"49152": 1}}, "logit_bias", None),
+    ("logit-bias-huge-id", {"prompt": "hi", "logit_bias": {"9" * 5000: 1}}, "logit_bias", None),
+    ("logit-bias-101", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias", None),
+    ("logit-bias-below-100", {"prompt": "hi", "logit_bias": {"5": -100.5}}, "logit_bias", None),
+    ("logit-bias-huge-value", {"prompt": "hi", "logit_bias": {"5": 1e308}}, "logit_bias", None),
+    ("logit-bias-string-value", {"prompt": "hi", "logit_bias": {"5": "1"}}, "logit_bias", None),
+    ("logit-bias-bool-value", {"prompt": "hi", "logit_bias": {"5": True}}, "logit_bias", None),
+    ("logit-bias-null-value", {"prompt": "hi", "logit_bias": {"5": None}}, "logit_bias", None),
+    (
+        "logit-bias-nan-value",
+        b'{"prompt": "hi", "logit_bias": {"5": NaN}}',
+        None,  # not JSON at all
+        None,
+    ),
+    (
+        "logit-bias-too-many",
+        {"prompt": "hi", "logit_bias": {str(t): 1 for t in range(1025)}},
+        "logit_bias",
+        None,
+    ),
     ("ignore-eos-string", {"prompt": "hi", "ignore_eos": "yes"}, "ignore_eos", None),
     ("stream-string", {"prompt": "hi", "stream": "true"}, "stream", None),
     ("n-2", {"prompt": "hi", "n": 2}, "n", None),
