@@ -94,15 +94,18 @@ class AsyncEngine:
         prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestDelta]:
         """Yield deltas until the request finishes; the last one has ``finish_reason``.
+
+        ``priority`` is vLLM's: lower is scheduled first (:mod:`engine.scheduler`).
 
         Raises :class:`engine.errors.InvalidRequestError` before yielding anything for
         bad input. Leaving the loop early (break, cancel, disconnect) aborts the request.
         """
         if self._dead is not None:
             raise EngineDeadError("engine loop has died") from self._dead
-        req = self.engine.make_request(prompt, params, request_id)
+        req = self.engine.make_request(prompt, params, request_id, priority)
         rid = req.request_id
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cv:

@@ -43,8 +43,12 @@ class LLM:
         self,
         prompts: Prompt | list[Prompt],
         params: SamplingParams | list[SamplingParams] | None = None,
+        priority: int | list[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for all prompts together (they batch); outputs in input order."""
+        """Generate for all prompts together (they batch); outputs in input order.
+
+        ``priority`` (one for all prompts, or one each, as vLLM's list) orders them in
+        the scheduler: lower is served first."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -59,8 +63,19 @@ class LLM:
             plist = params
         else:
             plist = [params or SamplingParams()] * len(prompts)
+        if isinstance(priority, list):
+            if len(priority) != len(prompts):
+                raise InvalidRequestError(
+                    f"{len(prompts)} prompts but {len(priority)} priorities", "priority"
+                )
+            prios = priority
+        else:
+            prios = [0 if priority is None else priority] * len(prompts)
         engine = self.engine
-        reqs = [engine.make_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        reqs = [
+            engine.make_request(p, sp, priority=pr)
+            for p, sp, pr in zip(prompts, plist, prios, strict=True)
+        ]
         for req in reqs:
             engine.add(req)
         try:

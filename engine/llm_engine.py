@@ -45,7 +45,7 @@ class LLMEngine:
     ``config`` keys are the fields of :class:`EngineConfig` (``max_model_len``,
     ``max_running``, ``max_batched_tokens``, ``kv_slots``, ``kv_cache_gib``,
     ``prepack_weights``, ``prefix_cache``, ``shared_prefix_min_tokens``,
-    ``enforce_eager``, ``cuda_graph_max_batch``) plus
+    ``enforce_eager``, ``cuda_graph_max_batch``, ``urgent_prefill_tokens``) plus
     ``attention_backend`` (``"torch"`` or ``"triton"``; by default triton on CUDA,
     torch on the CPU).
     """
@@ -128,12 +128,21 @@ class LLMEngine:
         raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
 
     def make_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
     ) -> Request:
-        """Validate and tokenize; raises :class:`InvalidRequestError` subclasses."""
+        """Validate and tokenize; raises :class:`InvalidRequestError` subclasses.
+
+        ``priority`` is vLLM's: lower is scheduled first, and it may be negative
+        (:mod:`engine.scheduler`)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "params")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequestError("priority must be an integer", "priority")
         params.validate()
         ids = self.tokenize(prompt)
         if not ids:
@@ -176,6 +185,7 @@ class LLMEngine:
             detok=IncrementalDetokenizer(self.tokenizer, ids, params.stop),
             stop_ids=stop_ids,
             generator=generator,
+            priority=priority,
         )
 
     def add(self, req: Request) -> None:
@@ -186,9 +196,13 @@ class LLMEngine:
         self.scheduler.add(req)
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
     ) -> str:
-        req = self.make_request(prompt, params, request_id)
+        req = self.make_request(prompt, params, request_id, priority)
         self.add(req)
         return req.request_id
 

@@ -27,6 +27,9 @@ class Request:
     the prefix cache (see :mod:`engine.cache_manager`). A request needs
     ``num_tokens - num_computed`` new tokens computed: 1 while decoding, more while
     (re)filling its prompt.
+
+    ``priority`` orders it in the scheduler, as vLLM's: lower is served first (it may
+    be negative); see :mod:`engine.scheduler`.
     """
 
     request_id: str
@@ -36,6 +39,7 @@ class Request:
     detok: IncrementalDetokenizer
     stop_ids: frozenset[int]
     generator: torch.Generator | None = None
+    priority: int = 0
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     row: int | None = None

@@ -12,6 +12,25 @@ cannot give every decode its slot, the newest request is preempted: its KV goes 
 the prefix cache (or is freed) and it is recomputed later from its prompt and the
 tokens it already produced.
 
+Priorities (``Request.priority``, vLLM's convention: lower is more urgent, 0 by
+default, may be negative) come before all of that:
+
+* Prefill budget goes by priority: the partly prefilled and waiting requests of the
+  most urgent priority first (partly prefilled ones before waiting ones, then by
+  cached prefix and arrival as above), then the next priority, and so on.
+* Preemption takes the least urgent running request, the newest among equals, so a
+  request is only preempted for requests at least as urgent as itself.
+* A waiting request more urgent than some running request does not wait for room:
+  while it has no table row, or the pool cannot hold its first chunk beside the
+  decodes, the least urgent running request (less urgent than it) is preempted.
+* While a request decodes that is more urgent than some prefill of the step, the
+  step's prefill tokens are capped at ``EngineConfig.urgent_prefill_tokens``, so the
+  urgent request's step costs little more than a decode step. Prefills at least as
+  urgent as the most urgent decode are not limited (they count towards the cap); the
+  others share what is left of it. Without such a decode, prefill is not capped.
+
+With every priority equal, all of this reduces to the rules above.
+
 After the forward, ``postprocess`` advances each request, caches prefill chunks,
 appends and detokenizes the sampled tokens, and finishes the requests that hit a
 stop rule or a length limit. Aborts end a request the same way, between steps.
@@ -19,6 +38,7 @@ stop rule or a length limit. Aborts end a request the same way, between steps.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,6 +63,32 @@ class ScheduledBatch:
 
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
+
+
+@dataclass
+class _Budget:
+    """Prefill tokens a step has left: ``tokens`` in all, of which requests less urgent
+    than ``urgent`` (the most urgent decode's priority) may take only ``capped``
+    (``None``: no cap this step)."""
+
+    tokens: int
+    urgent: int = 0
+    capped: int | None = None
+
+    def room(self, req: Request) -> int:
+        """Tokens ``req`` may get now."""
+        if self.capped is not None and req.priority > self.urgent:
+            return min(self.tokens, self.capped)
+        return self.tokens
+
+    def take(self, n: int) -> None:
+        self.tokens -= n
+        if self.capped is not None:
+            self.capped = max(self.capped - n, 0)
+
+
+def _priority(req: Request) -> int:
+    return req.priority
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -89,7 +135,9 @@ class Scheduler:
             self.waiting.remove(req)
 
     def _preempt_newest(self) -> Request:
-        victim = max(self.running, key=lambda r: r.arrival)
+        """Preempt the least urgent running request (largest ``priority``), the newest
+        among equals; it goes back to the front of the waiting queue."""
+        victim = max(self.running, key=lambda r: (r.priority, r.arrival))
         self.release(victim)
         victim.status = RequestStatus.WAITING
         self.waiting.appendleft(victim)
@@ -99,8 +147,10 @@ class Scheduler:
     # -- the step ----------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.config.max_batched_tokens
         cm = self.cm
+
+        # waiting requests less urgent than this are not admitted this step
+        admit_up_to = self._make_room_for_urgent() if self.waiting and self.running else None
 
         decodes = [r for r in self.running if r.is_decoding]
         while decodes and cm.available < len(decodes):
@@ -114,51 +164,108 @@ class Scheduler:
             cols = torch.tensor([r.num_computed for r in decodes], device=new.device)
             cm.table.table[rows, cols] = new
         batch.decodes = decodes
-        budget -= len(decodes)
 
-        prefilling = [r for r in self.running if not r.is_decoding]
-        for req in prefilling:
-            if budget <= 0:
-                break
-            budget -= self._add_prefill(batch, req, budget)
+        budget = _Budget(self.config.max_batched_tokens - len(decodes))
+        cap = self.config.urgent_prefill_tokens
+        if decodes and cap is not None:
+            budget.urgent = min(r.priority for r in decodes)
+            budget.capped = cap  # binds only prefills less urgent than budget.urgent
 
-        if self.waiting and budget > 0:
-            budget = self._admit(batch, budget, prefilling)
+        # stable sorts: within a priority, running order and the waiting queue's order
+        prefilling = sorted((r for r in self.running if not r.is_decoding), key=_priority)
+        window = []
+        if budget.tokens > 0:
+            window = heapq.nsmallest(_ADMISSION_WINDOW, self.waiting, key=_priority)
+            if admit_up_to is not None:
+                window = [r for r in window if r.priority <= admit_up_to]
+        prefix = {id(r): cm.match_len(r) for r in window}
+        inflight = [(r.priority, r.token_slice(0, r.num_tokens)) for r in prefilling]
+        admitting = bool(window)
+        for level in sorted({r.priority for r in prefilling} | {r.priority for r in window}):
+            for req in prefilling:
+                if req.priority == level:
+                    budget.take(self._add_prefill(batch, req, budget.room(req)))
+            if admitting:
+                level_window = [r for r in window if r.priority == level]
+                admitting = self._admit(batch, budget, level_window, prefix, inflight)
 
         if not batch and self.running:
-            # Partly prefilled requests hold every slot and none can go on:
-            # give the oldest room by preempting the newest.
+            # Partly prefilled requests hold every slot and none can go on: give the
+            # most urgent, oldest room by preempting the least urgent, newest.
             self._preempt_newest()
             return self.schedule()
         return batch
 
-    def _admit(self, batch: ScheduledBatch, budget: int, prefilling: list[Request]) -> int:
-        window = [self.waiting[i] for i in range(min(len(self.waiting), _ADMISSION_WINDOW))]
-        prefix = {id(r): self.cm.match_len(r) for r in window}
-        window.sort(key=lambda r: (-prefix[id(r)], r.arrival))
-        inflight = [r.token_slice(0, r.num_tokens) for r in prefilling]
+    def _make_room_for_urgent(self) -> int | None:
+        """Preempt running requests less urgent than the most urgent waiting one while
+        it could not be admitted: no table row free, or too few slots for its first
+        chunk beside this step's decodes. (The estimate leaves out prefix slots that
+        admission would lock; ``_admit`` checks again.)
+
+        Returns that request's priority if anything was preempted (the room is kept
+        for it: no less urgent request is admitted this step), else None."""
+        best = min(self.waiting, key=_priority)
+        cfg, cm = self.config, self.cm
+        preempted = False
+        while self.running:
+            worst = max(self.running, key=lambda r: (r.priority, r.arrival))
+            if worst.priority <= best.priority:
+                break
+            decoding = [r for r in self.running if r.is_decoding]
+            room = cfg.max_batched_tokens - len(decoding)
+            if cfg.urgent_prefill_tokens is not None and any(
+                r.priority < best.priority for r in decoding
+            ):
+                room = min(room, cfg.urgent_prefill_tokens)
+            if room <= 0:
+                break  # no budget for it this step: preempting would not admit it
+            chunk = min(best.num_tokens - cm.match_len(best), room)
+            has_row = len(self.running) < cfg.max_running and cm.table.num_free_rows > 0
+            if has_row and cm.available >= len(decoding) + chunk:
+                break
+            self._preempt_newest()
+            preempted = True
+        return best.priority if preempted else None
+
+    def _admit(
+        self,
+        batch: ScheduledBatch,
+        budget: _Budget,
+        window: list[Request],
+        prefix: dict[int, int],
+        inflight: list[tuple[int, list[int]]],
+    ) -> bool:
+        """Admit waiting requests of one priority, longest cached prefix first; False
+        once admission has to stop for this step (no budget, row or slots)."""
+        window = sorted(window, key=lambda r: (-prefix[id(r)], r.arrival))
         for req in window:
-            if budget <= 0:
-                break
+            room = budget.room(req)
+            if room <= 0:
+                return False
             if len(self.running) >= self.config.max_running or not self.cm.table.num_free_rows:
-                break
+                return False
             tokens = req.token_slice(0, req.num_tokens)
-            if any(_common_prefix_len(tokens, t) > prefix[id(req)] for t in inflight):
-                continue  # a sibling is computing our prefix; next step it is cached
+            if any(
+                p <= req.priority and _common_prefix_len(tokens, t) > prefix[id(req)]
+                for p, t in inflight
+            ):
+                # A sibling at least as urgent is computing our prefix; next step it is
+                # cached. (A less urgent one may be capped, so we do not wait for it.)
+                continue
             cached = self.cm.admit(req)
-            if self.cm.available < min(req.num_pending, budget):
+            if self.cm.available < min(req.num_pending, room):
                 # Its next chunk does not fit even after eviction: stop admitting.
                 self.cm.release(req)
-                break
+                return False
             self.waiting.remove(req)
             self.counters.cached_tokens += cached
             if req.cached_prompt_tokens is None:  # a preempted request keeps its first count
                 req.cached_prompt_tokens = min(cached, len(req.prompt_ids))
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            budget -= self._add_prefill(batch, req, budget)
-            inflight.append(tokens)
-        return budget
+            budget.take(self._add_prefill(batch, req, room))
+            inflight.append((req.priority, tokens))
+        return True
 
     def _add_prefill(self, batch: ScheduledBatch, req: Request, budget: int) -> int:
         n = min(req.num_pending, budget, self.cm.available)

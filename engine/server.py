@@ -80,6 +80,8 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool | None = None
+    # vLLM's: lower is scheduled first, may be negative (engine.scheduler)
+    priority: int = 0
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -363,7 +365,8 @@ class CompletionHandlers:
         rid = f"cmpl-{uuid.uuid4().hex}"
         # aclosing: however this handler ends (disconnect, cancellation, error), the
         # generator is closed at once, and closing it aborts the engine request.
-        async with aclosing(self.engine.generate(prompt_ids, params, rid)) as gen:
+        deltas = self.engine.generate(prompt_ids, params, rid, priority=body.priority)
+        async with aclosing(deltas) as gen:
             # Bad input surfaces at the first delta, before a status line is sent.
             first = await anext(gen)
             meta = _Meta(

@@ -335,6 +335,26 @@ async def test_min_tokens_reaches_the_engine(client, aengine):
     assert status == 200 and out["usage"]["completion_tokens"] >= 400, out
 
 
+async def test_priority_reaches_the_engine(client, aengine, monkeypatch):
+    seen: list[int] = []
+    make = aengine.engine.make_request
+
+    def recording(*args, **kw):
+        req = make(*args, **kw)
+        seen.append(req.priority)
+        return req
+
+    monkeypatch.setattr(aengine.engine, "make_request", recording)
+    for stream, priority in ((False, -3), (True, 7), (False, None)):
+        body = {"prompt": "hi", "max_tokens": 2, "stream": stream}
+        if priority is not None:
+            body["priority"] = priority
+        async with client.post("/v1/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            await resp.read()
+    assert seen == [-3, 7, 0]  # vLLM's default is 0
+
+
 # -- streaming --------------------------------------------------------------------------------
 async def test_stream_concatenates_to_the_same_text(client, aengine):
     want_text, _, _ = await _direct(aengine, "Stream this", **GREEDY)
@@ -477,6 +497,10 @@ BAD_REQUESTS: list[tuple[str, Any, str | None, str | None]] = [
     ("min-tokens-negative", {"prompt": "hi", "min_tokens": -1}, "min_tokens", None),
     ("min-tokens-string", {"prompt": "hi", "min_tokens": "2"}, "min_tokens", None),
     ("min-tokens-float", {"prompt": "hi", "min_tokens": 2.5}, "min_tokens", None),
+    ("priority-string", {"prompt": "hi", "priority": "1"}, "priority", None),
+    ("priority-bool", {"prompt": "hi", "priority": True}, "priority", None),
+    ("priority-float", {"prompt": "hi", "priority": 1.5}, "priority", None),
+    ("priority-null", {"prompt": "hi", "priority": None}, "priority", None),
     ("logit-bias-list", {"prompt": "hi", "logit_bias": [[5, 1]]}, "logit_bias", None),
     ("logit-bias-word-key", {"prompt": "hi", "logit_bias": {"hello": 1}}, "logit_bias", None),
     ("logit-bias-negative-key", {"prompt": "hi", "logit_bias": {"-1": 1}}, "logit_bias", None),

@@ -178,21 +178,22 @@ def _prompt(seed: int, n: int) -> list[int]:
 
 
 def drive(eng: LLMEngine, requests, aborts, max_steps: int = 2000) -> dict:
-    """Add ``requests`` [(arrival_step, prompt_len, max_tokens, temperature, seed)] at
-    their steps, abort at ``aborts`` [(step, index)], step until done, checking the books
-    after every change. Returns {request_id: (request, aborted)}."""
+    """Add ``requests`` [(arrival_step, prompt_len, max_tokens, temperature, seed[,
+    priority])] at their steps, abort at ``aborts`` [(step, index)], step until done,
+    checking the books after every change. Returns {request_id: (request, aborted)}."""
     live: dict[str, tuple] = {}
     order: list[str] = []
     last_arrival = max(r[0] for r in requests)
     step = 0
     while step <= last_arrival or eng.has_unfinished():
         assert step < max_steps, f"no progress after {max_steps} steps: {eng.stats()}"
-        for i, (arrival, plen, max_tokens, temp, seed) in enumerate(requests):
+        for i, (arrival, plen, max_tokens, temp, seed, *rest) in enumerate(requests):
             if arrival == step:
                 params = engine.SamplingParams(
                     temperature=temp, seed=seed, max_tokens=max_tokens, ignore_eos=True
                 )
-                req = eng.make_request(_prompt(seed * 31 + i, plen), params)
+                priority = rest[0] if rest else 0
+                req = eng.make_request(_prompt(seed * 31 + i, plen), params, priority=priority)
                 eng.add(req)
                 live[req.request_id] = (req, False)
                 order.append(req.request_id)
@@ -230,6 +231,7 @@ request_st = st.tuples(
     st.integers(1, 8),  # max_tokens
     st.sampled_from([0.0, 0.0, 1.0]),  # temperature
     st.integers(0, 10_000),  # seed
+    st.sampled_from([0, 0, 1, -1]),  # priority
 )
 
 
@@ -249,6 +251,16 @@ request_st = st.tuples(
     aborts=[(5, 2), (9, 6)],
 )
 @example(config="rows", requests=[(0, 40, 8, 1.0, i) for i in range(6)], aborts=[(0, 5)])
+@example(  # an urgent request arrives while less urgent ones fill the pool
+    config="small",
+    requests=[(0, 30, 8, 0.0, i, 1) for i in range(5)] + [(8, 20, 8, 1.0, 7, -1)],
+    aborts=[(12, 2)],
+)
+@example(  # ... and while they hold every row
+    config="rows",
+    requests=[(0, 40, 8, 1.0, i, 0) for i in range(3)] + [(2, 30, 8, 0.0, 9, -1)],
+    aborts=[],
+)
 def test_slot_books_balance_under_random_traffic(engines, config, requests, aborts):
     eng = engines[config]
     check_idle(eng)  # the previous example left nothing behind
