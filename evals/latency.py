@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("out/eval"))
     p.add_argument("--backend", default="local", help="'local' or a server's base URL")
     p.add_argument("--model", default=None, help="local: model path/id; URL: model id")
+    p.add_argument(
+        "--tokenizer", default=None,
+        help="URL: the served model's tokenizer (a local path, GGUF, or 'embedded') to "
+        "count answer tokens; without it each streamed delta counts as one",
+    )  # fmt: skip
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--limit", type=int, default=None, help="first N questions (after filters)")
@@ -87,7 +92,7 @@ def make_target(args: argparse.Namespace) -> Target:
         return LocalTarget(args.model, args.dtype, args.device)
     if not args.backend.startswith(("http://", "https://")):
         raise TargetError(f"--backend must be 'local' or an http(s) URL, not {args.backend!r}")
-    return HTTPTarget(args.backend, args.model, args.timeout)
+    return HTTPTarget(args.backend, args.model, args.timeout, tokenizer=args.tokenizer)
 
 
 def rotated(modes: list[str], k: int) -> list[str]:

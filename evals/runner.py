@@ -97,9 +97,23 @@ class HTTPTarget(Target):
     """A server at ``url``: a sotserve server answers every mode; any other
     OpenAI-compatible server (vLLM, SGLang...) answers ``sequential`` only."""
 
-    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        timeout: float = 600.0,
+        tokenizer: str | None = None,
+    ) -> None:
+        """``tokenizer``: the served model's (a local directory, GGUF, or "embedded"),
+        to count a streamed answer's tokens; without one each delta counts as one."""
         from sotserve.client import AsyncClient
 
+        self._tokenizer: Any = None
+        if tokenizer is not None:
+            from engine.loader import resolve_model
+
+            self._tokenizer = resolve_model(None if tokenizer == "embedded" else tokenizer)
+            self._tokenizer = self._tokenizer.tokenizer()
         self.url = url.rstrip("/").removesuffix("/v1")
         self.timeout = timeout
         self.client = AsyncClient(self.url, timeout=timeout, model=model)
@@ -129,6 +143,11 @@ class HTTPTarget(Target):
         self.sotserve = card.get("owned_by") == "sotserve"
         kind = "sotserve server" if self.sotserve else "OpenAI-compatible server"
         self.description = f"{self.model} at {self.url} ({kind})"
+
+    def count_tokens(self, text: str) -> int | None:
+        if self._tokenizer is None:
+            return None
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
 
     def stream(self, question: str, mode: str, **options: Any) -> AsyncIterator[Event]:
         if not self.sotserve:

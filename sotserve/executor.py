@@ -182,7 +182,9 @@ class PointExecutor:
                 n_prompt = len(prompt) if isinstance(prompt, list) else 0  # text: let it judge
                 prompt_tokens = n_prompt
                 room = self.backend.room(n_prompt, reserved)
-                params = dataclasses.replace(self.params, max_tokens=room)
+                params = dataclasses.replace(
+                    self.params, max_tokens=room, min_tokens=min(self.params.min_tokens, room)
+                )
                 # aclosing: a cancel that lands on our own await, or the writer ending
                 # the point, must still close the backend stream (aborting the request).
                 async with contextlib.aclosing(self.backend.complete(prompt, params)) as stream:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from sotserve.executor import (
     TokenBudget,
 )
 from sotserve.merge import InOrderMerger
+from sotserve.point_text import newline_token_ids
 from sotserve.router import route_by_model, route_by_rules
 from sotserve.schemas import (
     AnswerDelta,
@@ -58,6 +60,11 @@ from sotserve.skeleton_parser import SkeletonParser
 # A point's soft length: past this share of its cap (point_max_tokens) it ends at the
 # next sentence end (sotserve.point_text.PointWriter), so the cap itself is rarely hit.
 POINT_SOFT_SHARE = 2 / 3
+
+
+# The skeleton request's engine priority (vLLM's convention: lower is served first);
+# points and plain answers keep 0.
+SKELETON_PRIORITY = -1
 
 
 class PlannerError(Exception):
@@ -101,7 +108,7 @@ class Planner:
         """
         messages = _as_messages(question)
         opts = self.resolve_options(mode, **overrides)
-        async with contextlib.aclosing(_Answer(self, messages, opts).run()) as events:
+        async with contextlib.aclosing(_AnswerRun(self, messages, opts).run()) as events:
             async for event in events:
                 yield event
 
@@ -182,7 +189,7 @@ class _SkeletonEnded:
     error: BaseException | None = None
 
 
-class _Answer:
+class _AnswerRun:
     """The state of one answer while it streams."""
 
     def __init__(self, planner: Planner, messages: list[Message], opts: PlanOptions) -> None:
@@ -241,7 +248,9 @@ class _Answer:
                 async for event in events:
                     yield event
         except BackendRequestError as exc:
-            yield ErrorEvent(message=str(exc), code="invalid_request")
+            yield ErrorEvent(
+                message=str(exc), code="invalid_request", param=exc.param, error_code=exc.code
+            )
         except Exception as exc:  # any backend failure ends the answer with an event
             yield ErrorEvent(message=f"{exc.__class__.__name__}: {exc}", code="backend_error")
         finally:
@@ -262,7 +271,8 @@ class _Answer:
         if shown:
             messages = [*messages, {"role": "assistant", "content": shown}]
         ids = self.renderer.render(messages)
-        params = self._params(self.backend.room(len(ids), max(self.budget.remaining, 1)))
+        room = self.backend.room(len(ids), max(self.budget.remaining, 1))
+        params = self._params(room, min_tokens=min(self.opts.min_tokens, room))
         parts: list[str] = []
         finish = None
         cached = None
@@ -282,12 +292,16 @@ class _Answer:
         answer = shown + "".join(parts)
         yield self._done("sequential", answer, [], fallback=fallback, finish_reason=finish)
 
-    def _params(self, max_tokens: int, stop: list[str] | None = None) -> CompletionParams:
+    def _params(self, max_tokens: int, **extra: Any) -> CompletionParams:
+        """The answer's sampling options for one request of ``max_tokens``; ``extra``
+        sets request-specific fields (``min_tokens``, ``priority``...)."""
         o = self.opts
-        return CompletionParams(
-            max_tokens=max_tokens, temperature=o.temperature, top_p=o.top_p,
-            seed=o.seed, stop=list(stop or []),
+        params = CompletionParams(
+            max_tokens=max_tokens, temperature=o.temperature, top_p=o.top_p, seed=o.seed,
+            frequency_penalty=o.frequency_penalty, presence_penalty=o.presence_penalty,
+            repetition_penalty=o.repetition_penalty, logit_bias=dict(o.logit_bias),
         )  # fmt: skip
+        return dataclasses.replace(params, **extra)
 
     def _count(self, prompt: int, completion: int, cached: int | None = None) -> None:
         self.usage.prompt_tokens += prompt
@@ -297,132 +311,28 @@ class _Answer:
 
     # -- sot and graph -------------------------------------------------------------------
     async def _planned(self, mode: ResolvedMode) -> AsyncIterator[Event]:
-        opts = self.opts
-        question = question_text(self.messages)
-        template = prompts.load("graph" if mode == "graph" else "skeleton")
-        messages = template.messages(question=question)
-        turns, prefill = prompts.split_prefill(messages)
-        skel = _Skeleton(turns, self.renderer.render(messages), prefill, text=prefill)
-        parser = SkeletonParser(max_points=opts.max_points)
-        merger = InOrderMerger()
-        point_template = prompts.load("graph_point" if mode == "graph" else "point")
-
-        def build_prompt(point: PlanPoint, parents: list[tuple[PlanPoint, str]]) -> list[int]:
-            values: dict[str, object] = {"index": point.index, "title": point.title}
-            if mode == "graph":
-                values["parents"] = (
-                    "\n".join(f"{p.index}. {p.title}: {text.strip()}" for p, text in parents)
-                    or "(none)"
-                )
-            tail = self.renderer.continuation(skel.messages, point_template.messages(**values))
-            # A pipelined point sees the skeleton up to its own line, otherwise all of
-            # it; either way its prompt does not depend on timing.
-            upto = parser.line_ends[point.index] if opts.pipeline else parser.consumed_chars
-            return skel.prompt_ids + skel.reply_ids(upto, self.renderer) + tail
-
-        self.executor = executor = PointExecutor(
-            self.backend,
-            build_prompt,
-            # no stop strings: the writer ends a point on its text (a blank line that
-            # opens a point must not end it, as a stop string would)
-            self._params(opts.point_max_tokens),
-            self.budget,
-            self.queue,
-            expected_points=opts.max_points,
-            soft_tokens=max(1, round(opts.point_max_tokens * POINT_SOFT_SHARE)),
-        )
+        """A skeleton answer: the skeleton and its points report on ``self.queue``, and
+        :class:`_Plan` turns each message into answer events."""
+        plan = _Plan(self, mode)
         # The skeleton may use at most half the answer's budget; the points share the rest.
+        opts = self.opts
         skel_reserved = self.budget.reserve(min(opts.skeleton_max_tokens, opts.max_tokens // 2))
-        skel_task = asyncio.create_task(self._run_skeleton(skel, skel_reserved))
-        self.tasks.append(skel_task)
-        yield SkeletonDelta(text=prefill)
-        parser.feed(prefill)  # the reply starts inside the first point line ("1.")
-        pending_start: list[PlanPoint] = []  # parsed, not yet launched
-        plan: list[PlanPoint] | None = None
-        budget_cut = False
-
-        def start(point: PlanPoint) -> list[Event]:
-            executor.add(point)
-            # Due now if every point before this one is already done.
-            due = merger.add_point(point.index, point.title)
-            out: list[Event] = [PointStart(point=point)]
-            # The answer starts with point 1 as soon as its skeleton line is parsed.
-            # Should the skeleton end with fewer than 2 points, the sequential fallback
-            # continues from the text already shown: nothing is ever taken back.
-            due += merger.release()
-            delta = self._answer_delta(due)
-            if delta is not None:
-                out.append(delta)
-            return out
-
-        while True:
-            item = await self.queue.get()
-            if isinstance(item, _SkeletonChunk):
-                skel.text += item.text
-                skel.chunks.append((item.token_ids, len(skel.text)))
-                if item.text:
-                    yield SkeletonDelta(text=item.text)
-                new = parser.feed(item.text)
-                if parser.finished:
-                    skel_task.cancel()  # the list is over: stop paying for junk after it
-                for point in new:
-                    pending_start.append(point)
-                if opts.pipeline:
-                    for point in pending_start:
-                        for event in start(point):
-                            yield event
-                    pending_start.clear()
-            elif isinstance(item, _SkeletonEnded):
-                if item.error is not None:
-                    raise item.error
-                pending_start.extend(parser.close(truncated=item.finish_reason == "length"))
-                self.skeleton_s = self._elapsed()
-                executor.expected_points = len(parser.points)
-                if len(parser.points) < 2:
-                    await executor.cancel()
-                    self.executor = None
-                    reason = (
-                        f"the skeleton had {len(parser.points)} usable point(s); "
-                        "answered with sequential decoding"
-                    )
-                    yield PlanReady(mode="sequential", points=[], route=self.route, fallback=reason)
-                    fallback = self._sequential(reason, shown=merger.answer)
-                    async with contextlib.aclosing(fallback) as events:
-                        async for event in events:
-                            yield event
-                    return
-                for point in pending_start:
-                    for event in start(point):
-                        yield event
-                plan = executor.close()
-                yield PlanReady(mode=mode, points=plan, route=self.route)
-                delta = self._answer_delta(merger.close())
-                if delta is not None:
-                    yield delta
-            elif isinstance(item, PointText):
-                yield PointDelta(index=item.index, text=item.text)
-                delta = self._answer_delta(merger.delta(item.index, item.text))
-                if delta is not None:
-                    yield delta
-            elif isinstance(item, PointFinished):
-                self._count(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
-                done = PointDone(
-                    index=item.index, text=item.text, finish_reason=item.finish_reason,
-                    completion_tokens=item.completion_tokens, prompt_tokens=item.prompt_tokens,
-                    cached_tokens=item.cached_tokens,
-                )  # fmt: skip
-                budget_cut |= item.budget_cut
-                yield done
-                executor.mark_done(item.index, item.text)
-                delta = self._answer_delta(merger.done(item.index))
-                if delta is not None:
-                    yield delta
-            elif isinstance(item, PointFailed):
-                raise item.error
-            if plan is not None and merger.complete and executor.finished:
-                finish = "length" if budget_cut else "stop"
-                yield self._done(mode, merger.answer, plan, finish_reason=finish)
-                return
+        plan.skeleton_task = asyncio.create_task(self._run_skeleton(plan.skel, skel_reserved))
+        self.tasks.append(plan.skeleton_task)
+        yield SkeletonDelta(text=plan.skel.prefill)
+        plan.parser.feed(plan.skel.prefill)  # the reply starts inside the first point line
+        while plan.result is None and plan.fallback is None:
+            for event in plan.handle(await self.queue.get()):
+                yield event
+        if plan.result is not None:
+            yield plan.result
+            return
+        await plan.executor.cancel()
+        self.executor = None
+        fallback = self._sequential(plan.fallback, shown=plan.merger.answer)
+        async with contextlib.aclosing(fallback) as events:
+            async for event in events:
+                yield event
 
     async def _run_skeleton(self, skel: _Skeleton, reserved: int) -> None:
         used = 0
@@ -432,7 +342,9 @@ class _Answer:
         try:
             if reserved > 0:
                 room = self.backend.room(len(skel.prompt_ids), reserved)
-                stream = self.backend.complete(skel.prompt_ids, self._params(room))
+                # the skeleton is on every point's critical path: served first
+                params = self._params(room, priority=SKELETON_PRIORITY)
+                stream = self.backend.complete(skel.prompt_ids, params)
                 async with contextlib.aclosing(stream):
                     async for chunk in stream:
                         used += len(chunk.token_ids) if chunk.token_ids is not None else 1
@@ -446,3 +358,154 @@ class _Answer:
         self.budget.refund(reserved, used)
         self._count(len(skel.prompt_ids), used, cached)
         await self.queue.put(_SkeletonEnded(finish, error))
+
+
+class _Plan:
+    """One skeleton answer while it streams: the skeleton's text and parser, the point
+    executor, and the in-order merge. :meth:`handle` takes each message the skeleton
+    task and the point tasks put on the queue and returns the events it causes; the
+    answer is over when :attr:`result` (the ``done`` event) or :attr:`fallback` (why
+    it goes sequential instead) is set."""
+
+    def __init__(self, run: _AnswerRun, mode: ResolvedMode) -> None:
+        self.run = run
+        self.mode = mode
+        opts = run.opts
+        question = question_text(run.messages)
+        template = prompts.load("graph" if mode == "graph" else "skeleton")
+        messages = template.messages(question=question)
+        turns, prefill = prompts.split_prefill(messages)
+        self.skel = _Skeleton(turns, run.renderer.render(messages), prefill, text=prefill)
+        self.parser = SkeletonParser(max_points=opts.max_points)
+        self.merger = InOrderMerger()
+        self.point_template = prompts.load("graph_point" if mode == "graph" else "point")
+        self.executor = run.executor = PointExecutor(
+            run.backend,
+            self.build_prompt,
+            # No stop strings: the writer ends a point on its text (a blank line that
+            # opens a point must not end it, as a stop string would). Line breaks
+            # are banned (a point is one paragraph) and a minimum length keeps the
+            # model from ending a point before it said anything.
+            run._params(
+                opts.point_max_tokens,
+                min_tokens=min(opts.point_min_tokens, opts.point_max_tokens),
+                logit_bias={
+                    **dict.fromkeys(newline_token_ids(run.renderer.tokenizer), -100.0),
+                    **opts.logit_bias,
+                },
+            ),
+            run.budget,
+            run.queue,
+            expected_points=opts.max_points,
+            soft_tokens=max(1, round(opts.point_max_tokens * POINT_SOFT_SHARE)),
+        )
+        self.skeleton_task: asyncio.Task[None] | None = None
+        self.pending: list[PlanPoint] = []  # parsed, not yet launched (not pipelining)
+        self.points: list[PlanPoint] | None = None  # the final plan, once the skeleton ended
+        self.budget_cut = False
+        self.result: Done | None = None
+        self.fallback: str | None = None
+
+    def build_prompt(self, point: PlanPoint, parents: list[tuple[PlanPoint, str]]) -> list[int]:
+        """A point's prompt: the skeleton request's own tokens, then the point's turn."""
+        values: dict[str, object] = {"index": point.index, "title": point.title}
+        if self.mode == "graph":
+            values["parents"] = (
+                "\n".join(f"{p.index}. {p.title}: {text.strip()}" for p, text in parents)
+                or "(none)"
+            )
+        renderer = self.run.renderer
+        tail = renderer.continuation(self.skel.messages, self.point_template.messages(**values))
+        # A pipelined point sees the skeleton up to its own line, otherwise all of it;
+        # either way its prompt does not depend on timing.
+        upto = (
+            self.parser.line_ends[point.index]
+            if self.run.opts.pipeline
+            else self.parser.consumed_chars
+        )
+        return self.skel.prompt_ids + self.skel.reply_ids(upto, renderer) + tail
+
+    def handle(self, item: object) -> list[Event]:
+        """The events one queue message causes."""
+        if isinstance(item, _SkeletonChunk):
+            events = self.on_skeleton_chunk(item)
+        elif isinstance(item, _SkeletonEnded):
+            events = self.on_skeleton_ended(item)
+        elif isinstance(item, PointText):
+            events = self.on_point_text(item)
+        elif isinstance(item, PointFinished):
+            events = self.on_point_finished(item)
+        elif isinstance(item, PointFailed):
+            raise item.error
+        else:
+            raise TypeError(f"unexpected message {item!r}")
+        if self.points is not None and self.merger.complete and self.executor.finished:
+            finish = "length" if self.budget_cut else "stop"
+            self.result = self.run._done(
+                self.mode, self.merger.answer, self.points, finish_reason=finish
+            )
+        return events
+
+    def on_skeleton_chunk(self, item: _SkeletonChunk) -> list[Event]:
+        skel = self.skel
+        skel.text += item.text
+        skel.chunks.append((item.token_ids, len(skel.text)))
+        events: list[Event] = [SkeletonDelta(text=item.text)] if item.text else []
+        new = self.parser.feed(item.text)
+        if self.parser.finished and self.skeleton_task is not None:
+            self.skeleton_task.cancel()  # the list is over: stop paying for junk after it
+        self.pending.extend(new)
+        if self.run.opts.pipeline:
+            events += self._start_pending()
+        return events
+
+    def on_skeleton_ended(self, item: _SkeletonEnded) -> list[Event]:
+        if item.error is not None:
+            raise item.error
+        self.pending.extend(self.parser.close(truncated=item.finish_reason == "length"))
+        self.run.skeleton_s = self.run._elapsed()
+        self.executor.expected_points = len(self.parser.points)
+        if len(self.parser.points) < 2:
+            self.fallback = (
+                f"the skeleton had {len(self.parser.points)} usable point(s); "
+                "answered with sequential decoding"
+            )
+            return [PlanReady(mode="sequential", points=[], route=self.run.route,
+                              fallback=self.fallback)]  # fmt: skip
+        events = self._start_pending()
+        self.points = self.executor.close()
+        events.append(PlanReady(mode=self.mode, points=self.points, route=self.run.route))
+        return events + self._answer(self.merger.close())
+
+    def on_point_text(self, item: PointText) -> list[Event]:
+        events: list[Event] = [PointDelta(index=item.index, text=item.text)]
+        return events + self._answer(self.merger.delta(item.index, item.text))
+
+    def on_point_finished(self, item: PointFinished) -> list[Event]:
+        self.run._count(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
+        self.budget_cut |= item.budget_cut
+        done = PointDone(
+            index=item.index, text=item.text, finish_reason=item.finish_reason,
+            completion_tokens=item.completion_tokens, prompt_tokens=item.prompt_tokens,
+            cached_tokens=item.cached_tokens,
+        )  # fmt: skip
+        self.executor.mark_done(item.index, item.text)
+        return [done, *self._answer(self.merger.done(item.index))]
+
+    def _start_pending(self) -> list[Event]:
+        """Launch the parsed points. The answer starts with point 1 as soon as its line
+        is parsed; should the skeleton end with fewer than 2 points, the sequential
+        fallback continues from the text already shown, so nothing is taken back."""
+        events: list[Event] = []
+        for point in self.pending:
+            self.executor.add(point)
+            events.append(PointStart(point=point))
+            # due now if every point before this one is already done
+            due = self.merger.add_point(point.index, point.title) + self.merger.release()
+            events += self._answer(due)
+        self.pending.clear()
+        return events
+
+    def _answer(self, text: str) -> list[Event]:
+        delta = self.run._answer_delta(text)
+        return [] if delta is None else [delta]

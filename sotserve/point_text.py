@@ -22,6 +22,7 @@ may take only 4 stop strings) and the engine needs no special stop rules.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # A sentence ends at . ! or ? (with closing quotes or brackets) before a space or the
 # end of the text. Abbreviations that rarely end a sentence are not ends.
@@ -166,3 +167,22 @@ class PointWriter:
         begin = max(self._shown, self._body_start())
         self._shown = max(self._shown, end)
         return self._raw[begin:end] if end > begin else ""
+
+
+_NEWLINE_IDS: dict[tuple[str, int], tuple[int, ...]] = {}
+
+
+def newline_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Ids of the (non-special) tokens whose text holds a line break.
+
+    Point requests give them a -100 logit bias: a point is one paragraph, so a line
+    break could only start the list or heading that :class:`PointWriter` would cut,
+    and a model barred from it writes on in prose instead. Decoding the vocabulary
+    takes about half a second for 49k tokens, so the result is kept per tokenizer.
+    """
+    key = (str(getattr(tokenizer, "name_or_path", "")), len(tokenizer))
+    if key not in _NEWLINE_IDS:
+        special = set(getattr(tokenizer, "all_special_ids", ()))
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _NEWLINE_IDS[key] = tuple(i for i, t in enumerate(texts) if "\n" in t and i not in special)
+    return _NEWLINE_IDS[key]

@@ -39,6 +39,15 @@ class PlanOptions(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    # OpenAI's and vLLM's penalties, for every request of the answer
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    # the least a sequential answer writes before it may end (vLLM's min_tokens)
+    min_tokens: int = Field(default=0, ge=0, le=1 << 20)
+    # the least each point writes before it may end: no empty or title-only points
+    point_min_tokens: int = Field(default=12, ge=0, le=4096)
 
 
 class PlanPoint(BaseModel):
@@ -159,9 +168,15 @@ class AnswerInfo(BaseModel):
 
 
 class ErrorEvent(BaseModel):
+    """The answer failed. ``code`` is the kind (``invalid_request``: the request was
+    refused; ``backend_error``: something broke); for a refused request ``param`` and
+    ``error_code`` (OpenAI's, e.g. ``context_length_exceeded``) say why, where known."""
+
     type: Literal["error"] = "error"
     message: str
     code: str = "backend_error"
+    param: str | None = None
+    error_code: str | None = None
 
 
 Event = Annotated[

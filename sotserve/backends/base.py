@@ -21,22 +21,36 @@ class BackendError(Exception):
 
 
 class BackendRequestError(BackendError):
-    """The backend rejected the request itself (HTTP 4xx, invalid engine input)."""
+    """The backend rejected the request itself (HTTP 4xx, invalid engine input).
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    ``param`` names the offending field and ``code`` is the OpenAI error code
+    (``context_length_exceeded``...), where the backend says.
+    """
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass
 class CompletionParams:
-    """Sampling for one completion request (the OpenAI ``/v1/completions`` subset)."""
+    """Sampling for one completion request: the OpenAI ``/v1/completions`` fields and
+    vLLM's ``min_tokens``, ``repetition_penalty`` and ``priority`` (lower is served
+    first). Backends send fields at their defaults as nothing, so a peer that lacks
+    one of them only sees it when it is used."""
 
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    priority: int = 0
 
 
 @dataclass

@@ -40,12 +40,16 @@ class HTTPBackend(Backend):
         api_key: str | None = None,
         timeout: float = 600.0,
         max_model_len: int | None = None,
+        send_priority: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
         self._model = model
         self._max_model_len = max_model_len
+        # vLLM refuses a non-zero priority unless it runs with --scheduling-policy
+        # priority, so it is only sent when asked for (sotserve's engine takes it).
+        self._send_priority = send_priority
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = _load_tokenizer(tokenizer or model)
         self._tokenizer = tokenizer
@@ -90,6 +94,15 @@ class HTTPBackend(Backend):
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        # vLLM's and OpenAI's extra sampling fields, only when used
+        defaults = CompletionParams(max_tokens=1)
+        for name in ("min_tokens", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            if getattr(params, name) != getattr(defaults, name):
+                body[name] = getattr(params, name)
+        if params.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in params.logit_bias.items()}  # as OpenAI
+        if params.priority and self._send_priority:
+            body["priority"] = params.priority
         url = f"{self.base_url}/completions"
         finished: CompletionChunk | None = None
         try:
@@ -153,18 +166,19 @@ async def _sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, A
 
 async def _error_from(resp: aiohttp.ClientResponse) -> BackendError:
     text = await resp.text()
-    message, param = text[:500], None
+    message, param, code = text[:500], None, None
     try:
         err = json.loads(text).get("error")
         if isinstance(err, dict):
             message, param = err.get("message", message), err.get("param")
+            code = err.get("code") if isinstance(err.get("code"), str) else None
         elif isinstance(err, str):
             message = err
     except (json.JSONDecodeError, AttributeError):
         pass
     message = f"HTTP {resp.status}: {message}"
     if 400 <= resp.status < 500:
-        return BackendRequestError(message, param)
+        return BackendRequestError(message, param, code)
     return BackendError(message)
 
 

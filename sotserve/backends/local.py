@@ -7,7 +7,13 @@ from typing import Any
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from engine import AsyncEngine, EngineError, InvalidRequestError, SamplingParams
+from engine import (
+    AsyncEngine,
+    ContextLengthExceededError,
+    EngineError,
+    InvalidRequestError,
+    SamplingParams,
+)
 from engine.stats import EngineStats
 from sotserve.backends.base import (
     Backend,
@@ -47,11 +53,17 @@ class LocalBackend(Backend):
                 top_p=params.top_p,
                 seed=params.seed,
                 stop=list(params.stop),
+                min_tokens=params.min_tokens,
+                repetition_penalty=params.repetition_penalty,
+                frequency_penalty=params.frequency_penalty,
+                presence_penalty=params.presence_penalty,
+                logit_bias=dict(params.logit_bias),
             )
             prompt_len = None if isinstance(prompt, str) else len(prompt)
             # Leaving this loop early (cancel, break) closes engine.generate,
             # which aborts the request and frees its KV slots.
-            async for delta in self.engine.generate(prompt, sampling):
+            deltas = self.engine.generate(prompt, sampling, priority=params.priority)
+            async for delta in deltas:
                 yield CompletionChunk(
                     delta.text,
                     delta.token_ids,
@@ -60,7 +72,9 @@ class LocalBackend(Backend):
                     delta.cached_tokens,
                 )
         except InvalidRequestError as exc:
-            raise BackendRequestError(str(exc), exc.param) from exc
+            too_long = isinstance(exc, ContextLengthExceededError)
+            code = "context_length_exceeded" if too_long else None
+            raise BackendRequestError(str(exc), exc.param, code) from exc
         except EngineError as exc:
             raise BackendError(str(exc)) from exc
 

@@ -48,8 +48,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Answer:
-    """One chat answer while it is produced: ids, timing, what the metrics need."""
+class _ChatResponse:
+    """The HTTP side of one chat answer while it is produced: the response ids,
+    timing and what the metrics need (the planner side is planner._AnswerRun)."""
 
     model: str
     requested_mode: str
@@ -119,8 +120,7 @@ class _Answer:
 
 def _error_api(event: ErrorEvent) -> APIError:
     if event.code == "invalid_request":
-        code = "context_length_exceeded" if "context length" in event.message else None
-        return APIError(400, event.message, code=code)
+        return APIError(400, event.message, param=event.param, code=event.error_code)
     return APIError(500, event.message, type="server_error", code=event.code)
 
 
@@ -149,7 +149,7 @@ class ChatHandler:
             raise validation_error(exc, ACCEPTED) from None
         overrides = self._check(body)
         mode = overrides.pop("mode")
-        answer = _Answer(self.model_name, mode or self.planner.options.mode)
+        answer = _ChatResponse(self.model_name, mode or self.planner.options.mode)
         outcome = "error"
         try:
             async with self.gate.slot(self.metrics):
@@ -218,7 +218,7 @@ class ChatHandler:
                 )  # fmt: skip
         return overrides
 
-    async def _first(self, events: AsyncIterator[Event], answer: _Answer) -> Event:
+    async def _first(self, events: AsyncIterator[Event], answer: _ChatResponse) -> Event:
         """The first event, before any status line: bad input is still a 4xx here."""
         try:
             first = await anext(events)
@@ -230,7 +230,11 @@ class ChatHandler:
         return first
 
     async def _collect(
-        self, request: web.Request, answer: _Answer, first: Event, events: AsyncIterator[Event]
+        self,
+        request: web.Request,
+        answer: _ChatResponse,
+        first: Event,
+        events: AsyncIterator[Event],
     ) -> web.Response:
         event: Event | None = first
         while not isinstance(event, Done):
@@ -257,7 +261,7 @@ class ChatHandler:
     async def _stream(
         self,
         request: web.Request,
-        answer: _Answer,
+        answer: _ChatResponse,
         first: Event,
         events: AsyncIterator[Event],
         include_usage: bool,
@@ -307,7 +311,7 @@ class ChatHandler:
             return resp, "disconnected"
         return resp, "ok" if answer.done is not None else "error"
 
-    def _observe(self, answer: _Answer, outcome: str) -> None:
+    def _observe(self, answer: _ChatResponse, outcome: str) -> None:
         m = self.metrics
         mode = answer.done.mode if answer.done is not None else answer.requested_mode
         m.answers.labels(mode, outcome).inc()

@@ -84,6 +84,14 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     sot: SotOptions | None = None
+    # OpenAI's penalties and logit_bias (token id strings -> [-100, 100]), and vLLM's
+    # repetition_penalty and min_tokens (min_tokens: the least a sequential answer
+    # writes; points have their own minimum): every request of the answer gets them
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    logit_bias: dict[str, float] | None = None
     # accepted only at their defaults
     n: int = 1
     stop: str | list[str] | None = None
@@ -92,9 +100,6 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """``(param, message)`` for the first field set to something not supported."""
@@ -114,11 +119,10 @@ class ChatCompletionRequest(BaseModel):
             return "tool_choice", "tools are not supported"
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             return "response_format", "only the text response format is supported"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                return name, f"{name} is not supported"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
+        if self.logit_bias and not all(k.isdecimal() for k in self.logit_bias):
+            return "logit_bias", "logit_bias keys must be token ids"
+        if self.logit_bias and not all(-100 <= b <= 100 for b in self.logit_bias.values()):
+            return "logit_bias", "logit_bias values must be in [-100, 100]"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
         if not any(m.role == "user" and m.text().strip() for m in self.messages[-1:]):
@@ -143,6 +147,13 @@ class ChatCompletionRequest(BaseModel):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "min_tokens": self.min_tokens,
+            "logit_bias": (
+                None if self.logit_bias is None else {int(k): v for k, v in self.logit_bias.items()}
+            ),
         }
 
 

@@ -370,3 +370,21 @@ async def test_against_a_sotserve_server_over_http(tmp_path, sotserve_url):
     # the server emptied its cache before the run, then the points hit the skeleton's prefix
     assert sot.cache_reset and sot.num_points >= 2 and sot.cached_tokens > 0
     assert "sotserve server" in json.loads((out / "summary.json").read_text())["config"]["backend"]
+    # without a tokenizer each streamed delta counts one token, which undercounts the
+    # skeleton answer's buffered points
+    assert sot.answer_tokens_counted == "deltas"
+
+
+@pytest.mark.slow
+async def test_over_http_a_tokenizer_counts_the_answers_tokens(tmp_path, sotserve_url, tokenizer):
+    data = write_dataset(tmp_path / "q.jsonl", ROWS[:1])
+    out = tmp_path / "out"
+    args = parse_args(
+        ["--dataset", str(data), "--backend", sotserve_url, "--modes", "sot", "--out",
+         str(out), "--judge", "none", "--max-tokens", "80", "--tokenizer", "embedded"]
+    )  # fmt: skip
+    assert await main_async(args) == 0
+    (sot,) = [RunRecord.model_validate_json(line) for line in (out / "results.jsonl").open()]
+    assert sot.answer_tokens_counted == "tokenizer"
+    want = len(tokenizer.encode(sot.answer, add_special_tokens=False))
+    assert abs(sot.answer_tokens - want) <= 2, (sot.answer_tokens, want)

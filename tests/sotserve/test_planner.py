@@ -250,3 +250,27 @@ async def test_model_router_reads_the_letter_and_falls_back_on_junk(tokenizer):
     assert done.route.source == "model" and done.mode == "graph"
     done = await planner.answer("What are some tips for sleeping well?", mode="auto")
     assert done.route.source == "rules" and "I think" in done.route.reason
+
+
+async def test_requests_carry_the_answers_sampling_and_the_point_policy(tokenizer):
+    backend = ScriptedBackend(tokenizer, script_for(), delay=0.0)
+    planner = Planner(
+        backend, frequency_penalty=0.5, repetition_penalty=1.2, logit_bias={7: 3.0},
+        point_min_tokens=10, point_max_tokens=40,
+    )  # fmt: skip
+    await collect(planner, "Q?", mode="sot")
+    skeleton = next(c for c in backend.calls if c.kind == "skeleton")
+    points = [c for c in backend.calls if c.kind == "point"]
+    assert len(points) == 3
+    for call in [skeleton, *points]:
+        assert call.params.frequency_penalty == 0.5 and call.params.repetition_penalty == 1.2
+        assert call.params.logit_bias[7] == 3.0
+    assert skeleton.params.priority < 0 and skeleton.params.min_tokens == 0
+    newline = {t for t in range(len(tokenizer)) if "\n" in tokenizer.decode([t])}
+    newline -= set(tokenizer.all_special_ids)
+    for call in points:
+        assert call.params.priority == 0 and call.params.min_tokens == 10
+        assert call.params.max_tokens == 40 and call.params.stop == []
+        # a point is one paragraph: every line-break token is banned, nothing else
+        banned = {t for t, b in call.params.logit_bias.items() if b == -100.0}
+        assert banned == newline and len(newline) > 10

@@ -81,6 +81,12 @@ BAD_BODIES: list[tuple[str, Any, str | None]] = [
     ("sot typo", {"messages": Q, "sot": {"max_point": 3}}, "sot"),
     ("sot not an object", {"messages": Q, "sot": "sot"}, "sot"),
     ("stream_options without stream", {"messages": Q, "stream_options": {}}, "stream_options"),
+    ("frequency_penalty 3", {"messages": Q, "frequency_penalty": 3}, "frequency_penalty"),
+    ("presence_penalty a string", {"messages": Q, "presence_penalty": "x"}, "presence_penalty"),
+    ("repetition_penalty 0", {"messages": Q, "repetition_penalty": 0}, "repetition_penalty"),
+    ("min_tokens -1", {"messages": Q, "min_tokens": -1}, "min_tokens"),
+    ("logit_bias word key", {"messages": Q, "logit_bias": {"hello": 5}}, "logit_bias"),
+    ("logit_bias 101", {"messages": Q, "logit_bias": {"5": 101}}, "logit_bias"),
 ]
 
 
