@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -79,3 +80,35 @@ def serve_app(
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+T = TypeVar("T")
+
+
+def run_beside_step_loop(engine: AsyncEngine, main: Callable[[], Awaitable[T]]) -> T:
+    """``main()``'s result, run in an event loop of its own thread while ``engine``'s
+    step loop (an engine made with ``step_thread=False``) keeps this, the main, thread.
+    The engine is closed once ``main`` returns or raises; an exception of ``main`` is
+    raised here, and :class:`EngineDeadError` if the step loop died first."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            result.append(asyncio.run(main()))  # type: ignore[arg-type]
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            engine.close()
+
+    thread = threading.Thread(target=worker, name="sotserve-main")
+    thread.start()
+    try:
+        engine.run_step_loop()
+    finally:
+        engine.close()
+        thread.join()
+    if failure:
+        raise failure[0]
+    if engine.failure is not None:
+        raise EngineDeadError("the engine's step loop died") from engine.failure
+    return result[0]

@@ -24,7 +24,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -32,6 +32,9 @@ from evals.dataset import DatasetError, load_dataset, select
 from evals.records import Question, RunRecord
 from evals.runner import HTTPTarget, LocalTarget, Target, TargetError, run_one
 from evals.summary import BASELINE, summarize
+
+if TYPE_CHECKING:
+    from engine import AsyncEngine
 
 MODES = ("sequential", "sot", "graph", "auto")
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
@@ -68,6 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="cold: empty the prefix cache before every run (default); warm: never",
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per answer over HTTP")
+    p.add_argument(
+        "--plan-option", action="append", default=[], metavar="NAME=JSON",
+        help="a planner option (sotserve.schemas.PlanOptions) for every mode, e.g. "
+        "point_max_tokens=128; repeatable",
+    )  # fmt: skip
     j = p.add_argument_group("quality")
     j.add_argument(
         "--judge", choices=["self", "none"], default="self",
@@ -79,6 +87,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     j.add_argument("--judge-max-tokens", type=int, default=512, help="the judge's reply")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    plan_options = {}
+    for item in args.plan_option:
+        name, sep, value = item.partition("=")
+        try:
+            plan_options[name.strip()] = json.loads(value) if sep else None
+        except json.JSONDecodeError:
+            p.error(f'--plan-option {item!r}: the value must be JSON (e.g. 128, true, "x")')
+        if not sep or not name.strip():
+            p.error(f"--plan-option {item!r}: expected NAME=JSON")
+    args.plan_option = plan_options
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
@@ -87,9 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_target(args: argparse.Namespace) -> Target:
+def make_target(args: argparse.Namespace, engine: AsyncEngine | None = None) -> Target:
     if args.backend == "local":
-        return LocalTarget(args.model, args.dtype, args.device)
+        return LocalTarget(args.model, args.dtype, args.device, engine)
     if not args.backend.startswith(("http://", "https://")):
         raise TargetError(f"--backend must be 'local' or an http(s) URL, not {args.backend!r}")
     return HTTPTarget(args.backend, args.model, args.timeout, tokenizer=args.tokenizer)
@@ -106,6 +124,7 @@ async def run_all(
 ) -> list[RunRecord]:
     """Every question in every mode, ``args.repeats`` times, interleaved."""
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    options.update(args.plan_option)
     cold = args.cache == "cold"
     # Warm-up: first calls pay for lazy initialisation (allocator, kernels, sockets).
     for mode in args.modes:
@@ -193,7 +212,8 @@ def make_judge(args: argparse.Namespace, target: Target) -> Any:
     return HTTPJudge(target.url, target.model, max_tokens=n)
 
 
-async def main_async(args: argparse.Namespace) -> int:
+async def main_async(args: argparse.Namespace, engine: AsyncEngine | None = None) -> int:
+    """The whole run; ``engine``: the local target's engine, if made by the caller."""
     from evals.quality import auto_checks
     from evals.report import write_report
 
@@ -212,7 +232,7 @@ async def main_async(args: argparse.Namespace) -> int:
         print("error: no question left after the filters", file=sys.stderr)
         return 2
     try:
-        target = make_target(args)
+        target = make_target(args, engine)
         if isinstance(target, HTTPTarget):
             await target.start()
             if not target.sotserve and args.modes != ["sequential"]:
@@ -295,7 +315,16 @@ def print_headline(summary: dict[str, Any], modes: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return asyncio.run(main_async(args))
+        if args.backend != "local":
+            return asyncio.run(main_async(args))
+        # As the servers run it: the engine's step loop on the main thread, the
+        # harness's event loop beside it (a step loop in a thread of its own decodes
+        # about half as fast on the CPU, which would skew every figure).
+        from engine import AsyncEngine
+        from engine.serve_loop import run_beside_step_loop
+
+        engine = AsyncEngine(args.model, dtype=args.dtype, device=args.device, step_thread=False)
+        return run_beside_step_loop(engine, lambda: main_async(args, engine))
     except KeyboardInterrupt:
         return 130
 

@@ -10,6 +10,13 @@ the bools); the ints and floats next to them say by how much.
 - ``duplicate_points`` / ``num_duplicate_points``: points whose normalized text or
   title repeats an earlier point's (normalized: lowercase, punctuation stripped,
   whitespace collapsed).
+- ``mid_sentence_points`` / ``num_mid_sentence_points``: points whose expansion is
+  not blank but does not end at a sentence end (``.``, ``!``, ``?``, closing quotes or
+  brackets after it): cut off in the middle of a sentence.
+- ``title_only_points`` / ``num_title_only_points``: points whose expansion says
+  nothing but (some of) the point's own title.
+- ``list_points`` / ``num_list_points``: points whose expansion runs a numbered or
+  bulleted list of its own (``1. ... 2. ...``, a line starting with ``-`` or ``*``).
 - ``truncated``: the answer, or any of its points, stopped at the token limit.
 - ``repetitive`` / ``repetition``: ``repetition`` is the share of word 4-grams that
   repeat a 4-gram seen earlier in the answer; the answer is ``repetitive`` when that
@@ -103,6 +110,38 @@ def duplicate_point_indices(points: Sequence[PointRecord]) -> list[int]:
     return dups
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*$")
+_LIST = re.compile(r"(?:^|\s)1[.)]\s+\S.*?\s2[.)]\s+\S|(?:^|\n)\s*[-*•]\s+\S", re.S)
+
+
+def mid_sentence_point_indices(points: Sequence[PointRecord]) -> list[int]:
+    """Indices of the non-blank points that do not end at a sentence end (title-only
+    points are counted apart)."""
+    title_only = set(title_only_point_indices(points))
+    return [
+        p.index
+        for p in points
+        if not is_blank(p.text)
+        and not _SENTENCE_END.search(p.text.strip())
+        and p.index not in title_only
+    ]
+
+
+def title_only_point_indices(points: Sequence[PointRecord]) -> list[int]:
+    """Indices of the non-blank points whose words are all words of their title."""
+    out = []
+    for p in points:
+        text = set(words(p.text))
+        if text and text <= set(words(p.title)):
+            out.append(p.index)
+    return out
+
+
+def list_point_indices(points: Sequence[PointRecord]) -> list[int]:
+    """Indices of the points that run a list of their own."""
+    return [p.index for p in points if _LIST.search(p.text)]
+
+
 def is_truncated(record: RunRecord) -> bool:
     """The answer or any point stopped because it reached its token limit."""
     return record.finish_reason == "length" or any(
@@ -122,12 +161,21 @@ def auto_checks(record: RunRecord) -> dict[str, Any]:
     empty = empty_point_indices(record.points)
     dups = duplicate_point_indices(record.points)
     ratio, num_words = repetition_ratio(answer_segments(record))
+    mid = mid_sentence_point_indices(record.points)
+    title_only = title_only_point_indices(record.points)
+    lists = list_point_indices(record.points)
     return {
         "empty_answer": is_blank(record.answer),
         "empty_points": bool(empty),
         "num_empty_points": len(empty),
         "duplicate_points": bool(dups),
         "num_duplicate_points": len(dups),
+        "mid_sentence_points": bool(mid),
+        "num_mid_sentence_points": len(mid),
+        "title_only_points": bool(title_only),
+        "num_title_only_points": len(title_only),
+        "list_points": bool(lists),
+        "num_list_points": len(lists),
         "truncated": is_truncated(record),
         "repetitive": num_words >= MIN_REPETITION_WORDS and ratio > REPETITION_THRESHOLD,
         "repetition": round(ratio, 4),

@@ -14,9 +14,12 @@ import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+if TYPE_CHECKING:  # the engine (and torch) load only for a local target
+    from engine import AsyncEngine
 
 from evals.records import AnswerTick, PointRecord, Question, RunRecord, Span
 from sotserve.schemas import (
@@ -63,12 +66,20 @@ class Target(ABC):
 class LocalTarget(Target):
     """The planner on an :class:`engine.AsyncEngine` in this process."""
 
-    def __init__(self, model: str | None, dtype: str = "auto", device: str = "auto") -> None:
+    def __init__(
+        self,
+        model: str | None,
+        dtype: str = "auto",
+        device: str = "auto",
+        engine: AsyncEngine | None = None,
+    ) -> None:
+        """``engine``: one already made (``python -m evals.latency`` makes it with its
+        step loop on the main thread, as the servers run); else one with a step thread."""
         from engine import AsyncEngine
         from sotserve.backends.local import LocalBackend
         from sotserve.planner import Planner
 
-        self.engine = AsyncEngine(model, dtype=dtype, device=device)
+        self.engine = engine or AsyncEngine(model, dtype=dtype, device=device)
         self.planner = Planner(LocalBackend(self.engine))
         cfg = self.engine.engine.config
         self.description = (

@@ -62,8 +62,9 @@ def _add_ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
-        "--no-pipeline", action="store_true",
-        help="start the points after the whole skeleton, not as each line completes",
+        "--pipeline", action=argparse.BooleanOptionalAction, default=None,
+        help="start each point as soon as its skeleton line completes (default: after "
+        "the whole skeleton, which is faster on a small CPU)",
     )  # fmt: skip
     p.add_argument(
         "--timeout", type=float, default=None,
@@ -85,7 +86,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "point_max_tokens": args.point_max_tokens,
         "temperature": args.temperature,
         "seed": args.seed,
-        "pipeline": False if args.no_pipeline else None,
+        "pipeline": args.pipeline,
     }
     return {k: v for k, v in values.items() if v is not None}
 

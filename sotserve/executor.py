@@ -31,6 +31,10 @@ from sotserve.backends.base import Backend, CompletionParams
 from sotserve.point_text import PointWriter
 from sotserve.schemas import PlanPoint
 
+# Times a point that its writer cut before any text is tried again, each time with its
+# opening token barred (see PointExecutor._run).
+_RETRIES = 2
+
 PromptBuilder = Callable[[PlanPoint, list[tuple[PlanPoint, str]]], "str | list[int]"]
 
 
@@ -171,36 +175,53 @@ class PointExecutor:
     async def _run(
         self, point: PlanPoint, parents: list[tuple[PlanPoint, str]], reserved: int
     ) -> None:
-        writer = PointWriter(point.title, self.soft_tokens)
         used = 0
         prompt_tokens = 0
         cached_tokens: int | None = None
         finish: str | None = "length"
+        writer = PointWriter(point.title, self.soft_tokens)
         try:
             if reserved > 0:
                 prompt = self.build_prompt(point, parents)
                 n_prompt = len(prompt) if isinstance(prompt, list) else 0  # text: let it judge
                 prompt_tokens = n_prompt
-                room = self.backend.room(n_prompt, reserved)
-                params = dataclasses.replace(
-                    self.params, max_tokens=room, min_tokens=min(self.params.min_tokens, room)
-                )
-                # aclosing: a cancel that lands on our own await, or the writer ending
-                # the point, must still close the backend stream (aborting the request).
-                async with contextlib.aclosing(self.backend.complete(prompt, params)) as stream:
-                    async for chunk in stream:
-                        n = len(chunk.token_ids) if chunk.token_ids is not None else 1
-                        used += n
-                        if chunk.cached_tokens is not None:
-                            cached_tokens = chunk.cached_tokens
-                        if chunk.finish_reason is not None:
-                            finish = chunk.finish_reason
-                            prompt_tokens = chunk.prompt_tokens or prompt_tokens
-                        await self._show(point.index, writer.feed(chunk.text, n))
-                        if writer.stopped:
-                            finish = "stop"
-                            break
-                await self._show(point.index, writer.finish(natural=finish == "stop"))
+                banned: dict[int, float] = {}
+                for _ in range(1 + _RETRIES):
+                    if reserved - used < 1:
+                        break  # a retry only spends what is left of the reservation
+                    room = self.backend.room(n_prompt, reserved - used)
+                    params = dataclasses.replace(
+                        self.params, max_tokens=room,
+                        min_tokens=min(self.params.min_tokens, room),
+                        logit_bias={**self.params.logit_bias, **banned},
+                    )  # fmt: skip
+                    writer = PointWriter(point.title, self.soft_tokens)
+                    opening: list[int] = []
+                    # aclosing: a cancel that lands on our own await, or the writer
+                    # ending the point, must still close the backend stream (aborting
+                    # the request).
+                    stream = self.backend.complete(prompt, params)
+                    async with contextlib.aclosing(stream):
+                        async for chunk in stream:
+                            n = len(chunk.token_ids) if chunk.token_ids is not None else 1
+                            used += n
+                            opening += chunk.token_ids or []
+                            if chunk.cached_tokens is not None:
+                                cached_tokens = chunk.cached_tokens
+                            if chunk.finish_reason is not None:
+                                finish = chunk.finish_reason
+                                prompt_tokens = chunk.prompt_tokens or prompt_tokens
+                            await self._show(point.index, writer.feed(chunk.text, n))
+                            if writer.stopped:
+                                finish = "stop"
+                                break
+                    await self._show(point.index, writer.finish(natural=finish == "stop"))
+                    if writer.text or not writer.stopped or not opening:
+                        break
+                    # The writer cut the point before it said anything (it opened a
+                    # list, say " 1."): try again with that opening token barred. The
+                    # prompt is in the prefix cache by now, so a retry costs a few steps.
+                    banned[opening[0]] = -100.0
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reported to the planner, which ends the answer

@@ -389,6 +389,7 @@ class _Plan:
             run._params(
                 opts.point_max_tokens,
                 min_tokens=min(opts.point_min_tokens, opts.point_max_tokens),
+                repetition_penalty=opts.point_repetition_penalty or opts.repetition_penalty,
                 logit_bias={
                     **dict.fromkeys(newline_token_ids(run.renderer.tokenizer), -100.0),
                     **opts.logit_bias,
@@ -401,6 +402,7 @@ class _Plan:
         )
         self.skeleton_task: asyncio.Task[None] | None = None
         self.pending: list[PlanPoint] = []  # parsed, not yet launched (not pipelining)
+        self.announced: set[int] = set()  # points whose heading the merger has
         self.points: list[PlanPoint] | None = None  # the final plan, once the skeleton ended
         self.budget_cut = False
         self.result: Done | None = None
@@ -457,6 +459,11 @@ class _Plan:
         self.pending.extend(new)
         if self.run.opts.pipeline:
             events += self._start_pending()
+        else:
+            # the points wait for the whole skeleton, but the answer need not: it
+            # starts with point 1's heading as soon as its line is parsed
+            for point in new:
+                events += self._announce(point)
         return events
 
     def on_skeleton_ended(self, item: _SkeletonEnded) -> list[Event]:
@@ -500,11 +507,17 @@ class _Plan:
         for point in self.pending:
             self.executor.add(point)
             events.append(PointStart(point=point))
-            # due now if every point before this one is already done
-            due = self.merger.add_point(point.index, point.title) + self.merger.release()
-            events += self._answer(due)
+            events += self._announce(point)
         self.pending.clear()
         return events
+
+    def _announce(self, point: PlanPoint) -> list[Event]:
+        """Give the merger ``point``'s heading (once): it shows now if every point
+        before it is done (point 1 at once)."""
+        if point.index in self.announced:
+            return []
+        self.announced.add(point.index)
+        return self._answer(self.merger.add_point(point.index, point.title) + self.merger.release())
 
     def _answer(self, text: str) -> list[Event]:
         delta = self.run._answer_delta(text)

@@ -33,6 +33,8 @@ _ABBREVIATIONS = ("e.g.", "i.e.", "vs.", "mr.", "mrs.", "ms.", "dr.", "st.", "et
 # A numbered list starting inside the paragraph: "1." or "1)" after the start, a
 # colon, a semicolon or a space, followed by a word.
 _LIST_START = re.compile(r"(?:^|[\s:;,])1[.)]\s+\w")
+# The next item of a list run into the paragraph: "... etc. 7. Seek support".
+_NEXT_ITEM = re.compile(r"(?<=[.!?:;])\s+\d{1,2}[.)]\s+[A-Z*]")
 _WORD = re.compile(r"\w+")
 # A phrase of this many words said twice in one point is a loop.
 _LOOP_WORDS = 5
@@ -143,9 +145,10 @@ class PointWriter:
         newline = body.find("\n")
         if newline >= 0:
             cuts.append((newline, "line"))
-        m = _LIST_START.search(body)
-        if m is not None:
-            cuts.append((m.start(), "list"))
+        for pattern in (_LIST_START, _NEXT_ITEM):
+            m = pattern.search(body)
+            if m is not None:
+                cuts.append((m.start(), "list"))
         m = self._heading.search(body) if self._heading is not None else None
         if m is not None:
             cuts.append((m.start(), "title"))

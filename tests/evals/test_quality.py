@@ -92,6 +92,12 @@ def test_healthy_sequential_answer_passes_everything():
         "num_empty_points": 0,
         "duplicate_points": False,
         "num_duplicate_points": 0,
+        "mid_sentence_points": False,
+        "num_mid_sentence_points": 0,
+        "title_only_points": False,
+        "num_title_only_points": 0,
+        "list_points": False,
+        "num_list_points": 0,
         "truncated": False,
         "repetitive": False,
         "repetition": 0.0,
@@ -168,3 +174,22 @@ def test_empty_answer():
     checks = auto_checks(failed_run)
     assert checks["empty_answer"] is True
     assert checks["repetitive"] is False and checks["repetition"] == 0.0
+
+
+def test_points_cut_mid_sentence_title_only_or_running_a_list():
+    rec = skeleton(
+        [
+            GOOD_POINTS[0],
+            ("Bedroom", "Keep the room dark, quiet and"),  # cut off
+            ("Get enough sleep", "Get enough sleep:"),  # only its title
+            ("Diet", "Eat well: 1. Vegetables; 2. Fruit; 3. Fish."),  # a list of its own
+            ("Screens", "Put phones away.\n- Read a book instead."),  # a bulleted one
+            ("Quotes", 'He said "sleep is key."'),  # ends at a sentence end
+        ]
+    )
+    checks = auto_checks(rec)
+    assert checks["num_mid_sentence_points"] == 1 and checks["mid_sentence_points"] is True
+    assert checks["num_title_only_points"] == 1
+    assert checks["num_list_points"] == 2
+    clean = auto_checks(skeleton(GOOD_POINTS))
+    assert not (clean["mid_sentence_points"] or clean["title_only_points"] or clean["list_points"])

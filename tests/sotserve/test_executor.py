@@ -184,3 +184,31 @@ async def test_cancel_aborts_every_request_in_flight(tokenizer):
     assert all(c.closed_early and c.ended is not None for c in backend.calls)
     # the 3 x 2000 reserved tokens went back, less the few that were generated
     assert ex.budget.remaining >= 10_000 - 100
+
+
+async def test_a_point_cut_before_any_text_is_retried_with_its_opening_barred(tokenizer):
+    """A point that opens its own list (" 1. ...") shows nothing; the executor asks
+    again with the opening token barred, and the prose of the retry is the point."""
+    attempts: dict[int, int] = {}
+
+    def script(call):
+        attempts[call.point] = attempts.get(call.point, 0) + 1
+        if call.point == 1 and attempts[1] == 1:
+            return [" 1.", " Sleep", " well"]
+        return [" Sleep restores", " the body.", " It"]
+
+    ex, backend, queue, _ = make(tokenizer, script, point_max=40)
+    ex.add(P(1))
+    ex.add(P(2))
+    ex.close()
+    events = await drain(ex, queue)
+    finished = {e.index: e for e in events if isinstance(e, PointFinished)}
+    assert finished[1].text == finished[2].text == "Sleep restores the body. It"
+    calls = [c for c in backend.calls if c.point == 1]
+    assert len(calls) == 2 and calls[0].closed_early
+    opening = tokenizer.encode(" 1.", add_special_tokens=False)[0]
+    assert calls[0].params.logit_bias.get(opening) is None
+    assert calls[1].params.logit_bias[opening] == -100.0
+    assert [c.params.logit_bias for c in backend.calls if c.point == 2] == [{}]
+    # the tokens of both attempts count, and they fit the point's reservation
+    assert finished[1].completion_tokens > finished[2].completion_tokens

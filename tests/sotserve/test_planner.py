@@ -69,7 +69,7 @@ async def test_point_parsed_after_earlier_points_finished_still_gets_its_header(
         return 0.05 if call.kind == "skeleton" else 0.001
 
     backend = ScriptedBackend(tokenizer, script_for(), delay=delay)
-    events = await collect(Planner(backend), "Q?", mode="sot")
+    events = await collect(Planner(backend, pipeline=True), "Q?", mode="sot")
     done = events[-1]
     first_start3 = next(
         i for i, e in enumerate(events) if isinstance(e, PointStart) and e.point.index == 3

@@ -60,6 +60,7 @@ def test_abbreviations_are_not_sentence_ends():
         # its own numbered list, inline or as the next item
         ([" Habits matter.", " 1. Regular", " exercise; 2. Diet"], "list", "Habits matter."),
         ([" 2.", " Quantum"], "list", ""),
+        ([" Yoga and tai chi help.", " 7. Seek support"], "list", "Yoga and tai chi help."),
         # the title said again as a heading restarts the point
         ([" Set boundaries:", " \n", "Set boundaries:", " more"], "title", ""),
         ([" Keep limits. Set boundaries: again"], "title", "Keep limits."),
