@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -12,6 +12,8 @@ from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.stats import EngineStats
+
+T = TypeVar("T")
 
 
 class LLM:
@@ -55,22 +57,8 @@ class LLM:
             prompts = [prompts]
         if not prompts:
             raise InvalidRequestError("no prompts given (an empty list is not a prompt)", "prompt")
-        if isinstance(params, list):
-            if len(params) != len(prompts):
-                raise InvalidRequestError(
-                    f"{len(prompts)} prompts but {len(params)} sampling params", "params"
-                )
-            plist = params
-        else:
-            plist = [params or SamplingParams()] * len(prompts)
-        if isinstance(priority, list):
-            if len(priority) != len(prompts):
-                raise InvalidRequestError(
-                    f"{len(prompts)} prompts but {len(priority)} priorities", "priority"
-                )
-            prios = priority
-        else:
-            prios = [0 if priority is None else priority] * len(prompts)
+        plist = _per_prompt(params or SamplingParams(), len(prompts), "params")
+        prios = _per_prompt(0 if priority is None else priority, len(prompts), "priority")
         engine = self.engine
         reqs = [
             engine.make_request(p, sp, priority=pr)
@@ -107,3 +95,12 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     if hasattr(out, "keys") and "input_ids" in out:  # transformers 5 returns a BatchEncoding
         out = out["input_ids"]
     return list(out)
+
+
+def _per_prompt(value: T | list[T], n: int, name: str) -> list[T]:
+    """One ``value`` for each of ``n`` prompts: a list must have one per prompt."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise InvalidRequestError(f"{n} prompts but {len(value)} {name}", name)
+        return value
+    return [value] * n

@@ -53,6 +53,7 @@ class PointFinished:
     prompt_tokens: int
     cached_tokens: int | None
     budget_cut: bool  # stopped by the answer's overall budget, not the point's own cap
+    requests: int = 1  # a point retried after an empty start made more than one
 
 
 @dataclass
@@ -176,15 +177,16 @@ class PointExecutor:
         self, point: PlanPoint, parents: list[tuple[PlanPoint, str]], reserved: int
     ) -> None:
         used = 0
+        # summed over attempts (a retry is a request of its own, for the usage)
         prompt_tokens = 0
         cached_tokens: int | None = None
+        requests = 0
         finish: str | None = "length"
         writer = PointWriter(point.title, self.soft_tokens)
         try:
             if reserved > 0:
                 prompt = self.build_prompt(point, parents)
                 n_prompt = len(prompt) if isinstance(prompt, list) else 0  # text: let it judge
-                prompt_tokens = n_prompt
                 banned: dict[int, float] = {}
                 for _ in range(1 + _RETRIES):
                     if reserved - used < 1:
@@ -197,6 +199,9 @@ class PointExecutor:
                     )  # fmt: skip
                     writer = PointWriter(point.title, self.soft_tokens)
                     opening: list[int] = []
+                    requests += 1
+                    prompt_tokens += n_prompt
+                    cached: int | None = None
                     # aclosing: a cancel that lands on our own await, or the writer
                     # ending the point, must still close the backend stream (aborting
                     # the request).
@@ -207,15 +212,18 @@ class PointExecutor:
                             used += n
                             opening += chunk.token_ids or []
                             if chunk.cached_tokens is not None:
-                                cached_tokens = chunk.cached_tokens
+                                cached = chunk.cached_tokens
                             if chunk.finish_reason is not None:
                                 finish = chunk.finish_reason
-                                prompt_tokens = chunk.prompt_tokens or prompt_tokens
+                                if chunk.prompt_tokens:  # the backend's count wins
+                                    prompt_tokens += chunk.prompt_tokens - n_prompt
                             await self._show(point.index, writer.feed(chunk.text, n))
                             if writer.stopped:
                                 finish = "stop"
                                 break
                     await self._show(point.index, writer.finish(natural=finish == "stop"))
+                    if cached is not None:
+                        cached_tokens = (cached_tokens or 0) + cached
                     if writer.text or not writer.stopped or not opening:
                         break
                     # The writer cut the point before it said anything (it opened a
@@ -231,7 +239,9 @@ class PointExecutor:
             self.budget.refund(reserved, used)
         cut = finish == "length" and reserved < self.params.max_tokens
         await self.queue.put(
-            PointFinished(point.index, writer.text, finish, used, prompt_tokens, cached_tokens, cut)
+            PointFinished(
+                point.index, writer.text, finish, used, prompt_tokens, cached_tokens, cut, requests
+            )
         )
 
     async def _show(self, index: int, text: str) -> None:

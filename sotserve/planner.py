@@ -303,11 +303,13 @@ class _AnswerRun:
         )  # fmt: skip
         return dataclasses.replace(params, **extra)
 
-    def _count(self, prompt: int, completion: int, cached: int | None = None) -> None:
+    def _count(
+        self, prompt: int, completion: int, cached: int | None = None, requests: int = 1
+    ) -> None:
         self.usage.prompt_tokens += prompt
         self.usage.completion_tokens += completion
         self.usage.cached_tokens += cached or 0
-        self.usage.requests += 1
+        self.usage.requests += requests
 
     # -- sot and graph -------------------------------------------------------------------
     async def _planned(self, mode: ResolvedMode) -> AsyncIterator[Event]:
@@ -489,7 +491,9 @@ class _Plan:
         return events + self._answer(self.merger.delta(item.index, item.text))
 
     def on_point_finished(self, item: PointFinished) -> list[Event]:
-        self.run._count(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
+        self.run._count(
+            item.prompt_tokens, item.completion_tokens, item.cached_tokens, item.requests
+        )
         self.budget_cut |= item.budget_cut
         done = PointDone(
             index=item.index, text=item.text, finish_reason=item.finish_reason,

@@ -13,7 +13,8 @@ point's text as it streams and
   title, and at a repeated phrase;
 - after ``soft_tokens`` tokens, stops at the next sentence end;
 - at the end keeps only the complete sentences, unless the model itself ended
-  the text (a stop or end of turn): then all of it stands, full stop or not.
+  the text (a stop or end of turn): then all of it stands, full stop or not; a cap
+  too small for even one sentence keeps the fragment rather than nothing.
 
 This works on text, in the planner, so it holds for every backend (a remote server
 may take only 4 stop strings) and the engine needs no special stop rules.
@@ -116,10 +117,13 @@ class PointWriter:
     def finish(self, natural: bool) -> str:
         """The rest of the text once the request ended; ``natural``: the model stopped
         by itself (a stop string or end of turn), not at a token cap."""
-        if natural and not self.stopped:
-            # the model ended the point itself, full stop or not: all of it stands
+        whole = self._complete_upto(final=True)
+        if (natural and not self.stopped) or whole <= self._body_start():
+            # The model ended the point itself, full stop or not: all of it stands.
+            # And a cap too small for one whole sentence keeps its fragment: a point
+            # cut mid-sentence says more than an empty one.
             return self._release(len(self._raw.rstrip()))
-        return self._release(self._complete_upto(final=True))
+        return self._release(whole)
 
     def _body_start(self) -> int:
         """Where the point's own text begins: past leading blanks, and past the title

@@ -247,6 +247,18 @@ async def test_concurrent_requests_each_match_the_engine(client, aengine):
     assert len({body["id"] for _, body in got}) == 3
 
 
+async def _ids_and_text(client, body):
+    """``(token ids, text)`` of a completion, streamed or not as ``body`` says."""
+    if body.get("stream"):
+        async with client.post("/v1/completions", json=body) as resp:
+            chunks = (await _sse(resp))[:-1]
+        ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+        return ids, "".join(c["choices"][0]["text"] for c in chunks)
+    status, out = await _post(client, body)
+    assert status == 200, out
+    return out["choices"][0]["token_ids"], out["choices"][0]["text"]
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -264,16 +276,7 @@ async def test_penalties_reach_the_engine(client, aengine, extra):
     assert want_ids != plain_ids
     for stream in (False, True):
         body = {"prompt": prompt, "return_token_ids": True, "stream": stream, **GREEDY, **extra}
-        if stream:
-            async with client.post("/v1/completions", json=body) as resp:
-                chunks = (await _sse(resp))[:-1]
-            ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
-            text = "".join(c["choices"][0]["text"] for c in chunks)
-        else:
-            status, out = await _post(client, body)
-            assert status == 200, out
-            ids, text = out["choices"][0]["token_ids"], out["choices"][0]["text"]
-        assert (ids, text) == (want_ids, want_text)
+        assert await _ids_and_text(client, body) == (want_ids, want_text)
 
 
 async def test_logit_bias_reaches_the_engine(client, aengine):
@@ -293,15 +296,7 @@ async def test_logit_bias_reaches_the_engine(client, aengine):
         for stream in (False, True):
             body = {"prompt": prompt, "return_token_ids": True, "stream": stream, **GREEDY}
             body["logit_bias"] = bias
-            if stream:
-                async with client.post("/v1/completions", json=body) as resp:
-                    chunks = (await _sse(resp))[:-1]
-                ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
-                text = "".join(c["choices"][0]["text"] for c in chunks)
-            else:
-                status, out = await _post(client, body)
-                assert status == 200, out
-                ids, text = out["choices"][0]["token_ids"], out["choices"][0]["text"]
+            ids, text = await _ids_and_text(client, body)
             assert ids == ids_want, bias
             if text_want is not None:
                 assert text == text_want

@@ -224,7 +224,11 @@ async def test_closing_the_stream_aborts_every_request(tokenizer):
 
 
 async def test_max_tokens_caps_the_whole_answer(tokenizer):
-    backend = ScriptedBackend(tokenizer, script_for(point_text=lambda c: [" w"] * 100), delay=0.0)
+    # distinct one-token words: a repeated one would be a loop, which the point writer
+    # ends early
+    vocab = (tokenizer.decode([t]) for t in range(2000, 20000))
+    words = [w for w in vocab if w.startswith(" ") and w[1:].isalpha()][:100]
+    backend = ScriptedBackend(tokenizer, script_for(point_text=lambda c: words), delay=0.0)
     done = await Planner(backend, max_tokens=30, point_max_tokens=20).answer("Q?", mode="sot")
     assert done.usage.completion_tokens <= 30
     assert done.finish_reason == "length"

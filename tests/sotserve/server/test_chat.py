@@ -72,7 +72,8 @@ async def test_non_streaming_chat(http, mode):
     if mode in ("sot", "graph"):
         assert info.mode == mode
         assert len(info.points) >= 2
-        assert info.usage.requests == len(info.points) + 1
+        # the skeleton, each point, and any retry of a point that opened badly (2 at most)
+        assert len(info.points) + 1 <= info.usage.requests <= 3 * len(info.points) + 1
         check_points_in_answer(answer, [p.title for p in info.points])
         for p in info.points:
             assert p.text.strip() in answer
