@@ -202,6 +202,7 @@ class PointExecutor:
                     requests += 1
                     prompt_tokens += n_prompt
                     cached: int | None = None
+                    finish = "length"
                     # aclosing: a cancel that lands on our own await, or the writer
                     # ending the point, must still close the backend stream (aborting
                     # the request).
