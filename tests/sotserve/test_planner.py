@@ -145,7 +145,7 @@ async def test_point_prompts_continue_the_skeleton_tokens(tokenizer):
     for call in (c for c in backend.calls if c.kind == "point"):
         assert call.prompt.startswith(skeleton.prompt + " Alpha\n2. Beta\n3. Gamma")
         assert call.prompt.endswith(f'Now write point {call.point} ("' + ["Alpha", "Beta",
-            "Gamma"][call.point - 1] + '") as two or three plain sentences that explain it. '
+            "Gamma"][call.point - 1] + '") as one or two plain sentences that explain it. '
             "Do not use a list. Do not repeat the other points.<|im_end|>\n"
             f"<|im_start|>assistant\n{call.point}. " + ["Alpha", "Beta", "Gamma"][call.point - 1]
             + ":")  # fmt: skip
