@@ -119,6 +119,9 @@ class ChatCompletionRequest(BaseModel):
             return "tool_choice", "tools are not supported"
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             return "response_format", "only the text response format is supported"
+        limit = self.max_completion_tokens or self.max_tokens
+        if self.min_tokens and limit is not None and self.min_tokens > limit:
+            return "min_tokens", f"min_tokens={self.min_tokens} is more than max_tokens={limit}"
         if self.logit_bias and not all(k.isdecimal() for k in self.logit_bias):
             return "logit_bias", "logit_bias keys must be token ids"
         if self.logit_bias and not all(-100 <= b <= 100 for b in self.logit_bias.values()):

@@ -85,6 +85,7 @@ BAD_BODIES: list[tuple[str, Any, str | None]] = [
     ("presence_penalty a string", {"messages": Q, "presence_penalty": "x"}, "presence_penalty"),
     ("repetition_penalty 0", {"messages": Q, "repetition_penalty": 0}, "repetition_penalty"),
     ("min_tokens -1", {"messages": Q, "min_tokens": -1}, "min_tokens"),
+    ("min_tokens > max_tokens", {"messages": Q, "min_tokens": 9, "max_tokens": 8}, "min_tokens"),
     ("logit_bias word key", {"messages": Q, "logit_bias": {"hello": 5}}, "logit_bias"),
     ("logit_bias 101", {"messages": Q, "logit_bias": {"5": 101}}, "logit_bias"),
 ]
