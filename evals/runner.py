@@ -123,8 +123,8 @@ class HTTPTarget(Target):
         if tokenizer is not None:
             from engine.loader import resolve_model
 
-            self._tokenizer = resolve_model(None if tokenizer == "embedded" else tokenizer)
-            self._tokenizer = self._tokenizer.tokenizer()
+            files = resolve_model(None if tokenizer == "embedded" else tokenizer)
+            self._tokenizer = files.tokenizer()
         self.url = url.rstrip("/").removesuffix("/v1")
         self.timeout = timeout
         self.client = AsyncClient(self.url, timeout=timeout, model=model)

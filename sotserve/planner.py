@@ -89,6 +89,9 @@ class Planner:
         self.backend = backend
         self.options = PlanOptions(**options)
         self.renderer = ChatRenderer(backend.tokenizer)
+        # every point request bars line breaks (a point is one paragraph); found once
+        # here, at start-up, not on the first answer's critical path
+        self.line_break_bans = dict.fromkeys(newline_token_ids(backend.tokenizer), -100.0)
 
     def resolve_options(self, mode: Mode | None = None, **overrides: Any) -> PlanOptions:
         """These defaults with per-call overrides, validated."""
@@ -195,6 +198,7 @@ class _AnswerRun:
     def __init__(self, planner: Planner, messages: list[Message], opts: PlanOptions) -> None:
         self.backend = planner.backend
         self.renderer = planner.renderer
+        self.line_break_bans = planner.line_break_bans
         self.messages = messages
         self.opts = opts
         self.t0 = time.perf_counter()
@@ -393,7 +397,7 @@ class _Plan:
                 min_tokens=min(opts.point_min_tokens, opts.point_max_tokens),
                 repetition_penalty=opts.point_repetition_penalty or opts.repetition_penalty,
                 logit_bias={
-                    **dict.fromkeys(newline_token_ids(run.renderer.tokenizer), -100.0),
+                    **run.line_break_bans,
                     **opts.logit_bias,
                 },
             ),
