@@ -15,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -297,6 +298,9 @@ class CompletionHandlers:
         self.engine = engine
         self.model_name = model_name or engine.model_name
         self.created = int(time.time())
+        # Called after ``/reset_prefix_cache`` emptied the cache, with the request; what
+        # it returns is added to the reply (sotserve re-caches its fixed prompt heads).
+        self.after_reset: Callable[[web.Request], Awaitable[dict[str, int]]] | None = None
 
     async def health(self, request: web.Request) -> web.Response:
         """200 ``{"status": "ok"}`` while the engine loop runs, else 503."""
@@ -310,7 +314,8 @@ class CompletionHandlers:
         if not engine_alive(self.engine):
             return APIError.dead().response()
         freed = await self.engine.reset_prefix_cache()
-        return web.json_response({"status": "ok", "freed_tokens": freed})
+        extra = await self.after_reset(request) if self.after_reset is not None else {}
+        return web.json_response({"status": "ok", "freed_tokens": freed, **extra})
 
     async def models(self, request: web.Request) -> web.Response:
         """The served model in OpenAI's list shape, with vLLM's ``max_model_len``."""

@@ -67,8 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument(
-        "--cache", choices=["cold", "warm"], default="cold",
-        help="cold: empty the prefix cache before every run (default); warm: never",
+        "--cache", choices=["cold", "cold-all", "warm"], default="cold",
+        help="cold: empty the prefix cache before every run, then cache the service's "
+        "fixed prompt heads (system turn, skeleton instructions and examples) again, as "
+        "a running server has them: nothing of the question is cached (default); "
+        "cold-all: nothing at all is cached; warm: never empty it",
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per answer over HTTP")
     p.add_argument(
@@ -125,11 +128,12 @@ async def run_all(
     """Every question in every mode, ``args.repeats`` times, interleaved."""
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
     options.update(args.plan_option)
-    cold = args.cache == "cold"
+    cold = args.cache in ("cold", "cold-all")
+    heads = args.cache == "cold"
     # Warm-up: first calls pay for lazy initialisation (allocator, kernels, sockets).
     for mode in args.modes:
         await run_one(target, WARMUP_QUESTION, mode, {**options, "max_tokens": 32})
-    if cold and not await target.reset_cache():
+    if cold and not await target.reset_cache(heads):
         log(f"warning: {target.description} cannot empty its prefix cache; runs are warm")
         cold = False
 
@@ -142,7 +146,7 @@ async def run_all(
             for b, batch in enumerate(batches):
                 for mode in rotated(args.modes, b + repeat):
                     if cold:
-                        await target.reset_cache()
+                        await target.reset_cache(heads)
                     cached = [await target.question_cached(q.question) for q in batch]
                     runs = [
                         run_one(

@@ -48,8 +48,11 @@ class Target(ABC):
         """The planner's events for one answer, ending with ``Done``."""
 
     @abstractmethod
-    async def reset_cache(self) -> bool:
-        """Empty the prefix cache; False if this target cannot."""
+    async def reset_cache(self, prompt_heads: bool = True) -> bool:
+        """Empty the prefix cache; False if this target cannot. With ``prompt_heads``
+        a sotserve target then caches its fixed prompt heads again (system turn,
+        skeleton instructions and examples: :mod:`sotserve.prompt_heads`), as a
+        running server has them, so that only the question is cold."""
 
     async def question_cached(self, question: str) -> int | None:
         """Tokens of the question's plain chat prompt the cache holds (None: unknown)."""
@@ -89,8 +92,10 @@ class LocalTarget(Target):
     def stream(self, question: str, mode: str, **options: Any) -> AsyncIterator[Event]:
         return self.planner.stream(question, mode, **options)  # type: ignore[arg-type]
 
-    async def reset_cache(self) -> bool:
+    async def reset_cache(self, prompt_heads: bool = True) -> bool:
         await self.engine.reset_prefix_cache()
+        if prompt_heads:
+            await self.planner.warm_up()
         return True
 
     async def question_cached(self, question: str) -> int | None:
@@ -170,10 +175,13 @@ class HTTPTarget(Target):
             return self.client.stream(question, None, **options)
         return self.client.stream(question, mode, **options)  # type: ignore[arg-type]
 
-    async def reset_cache(self) -> bool:
-        # vLLM and sotserve: POST /reset_prefix_cache; SGLang: POST /flush_cache
+    async def reset_cache(self, prompt_heads: bool = True) -> bool:
+        # vLLM and sotserve: POST /reset_prefix_cache; SGLang: POST /flush_cache. A
+        # sotserve server caches its prompt heads again unless told not to; other
+        # servers know no heads (they answer sequential only, their system turn cold).
+        query = "" if prompt_heads or not self.sotserve else "?prompt_heads=false"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-            for path in ("/reset_prefix_cache", "/flush_cache"):
+            for path in (f"/reset_prefix_cache{query}", "/flush_cache"):
                 try:
                     async with s.post(self.url + path) as resp:
                         if resp.status == 200:

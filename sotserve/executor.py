@@ -31,7 +31,7 @@ from sotserve.backends.base import Backend, CompletionParams
 from sotserve.point_text import PointWriter
 from sotserve.schemas import PlanPoint
 
-# Times a point that its writer cut before any text is tried again, each time with its
+# Times a point that its writer cut before one whole sentence is tried again, each with its
 # opening token barred (see PointExecutor._run).
 _RETRIES = 2
 
@@ -188,7 +188,7 @@ class PointExecutor:
                 prompt = self.build_prompt(point, parents)
                 n_prompt = len(prompt) if isinstance(prompt, list) else 0  # text: let it judge
                 banned: dict[int, float] = {}
-                for _ in range(1 + _RETRIES):
+                for attempt in range(1 + _RETRIES):
                     if reserved - used < 1:
                         break  # a retry only spends what is left of the reservation
                     room = self.backend.room(n_prompt, reserved - used)
@@ -222,15 +222,19 @@ class PointExecutor:
                             if writer.stopped:
                                 finish = "stop"
                                 break
-                    await self._show(point.index, writer.finish(natural=finish == "stop"))
                     if cached is not None:
                         cached_tokens = (cached_tokens or 0) + cached
-                    if writer.text or not writer.stopped or not opening:
-                        break
-                    # The writer cut the point before it said anything (it opened a
-                    # list, say " 1."): try again with that opening token barred. The
-                    # prompt is in the prefix cache by now, so a retry costs a few steps.
-                    banned[opening[0]] = -100.0
+                    # The writer cut the point before it said one whole sentence (it
+                    # opened a list, say " 1.", or looped inside its first sentence):
+                    # try again with the opening token barred, dropping this attempt's
+                    # text. The prompt is in the prefix cache by now, so a retry costs
+                    # the steps it decodes. The last attempt keeps what it has.
+                    retry = attempt < _RETRIES and reserved - used >= 1
+                    if retry and writer.stopped and not writer.text and opening:
+                        banned[opening[0]] = -100.0
+                        continue
+                    await self._show(point.index, writer.finish(natural=finish == "stop"))
+                    break
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # reported to the planner, which ends the answer

@@ -16,6 +16,10 @@ def point_header(index: int, title: str) -> str:
     return f"{index}. **{title}**"
 
 
+class PreviewMismatchError(ValueError):
+    """Point 1's final heading does not continue the preview already shown."""
+
+
 @dataclass
 class _Slot:
     header: str
@@ -34,9 +38,33 @@ class InOrderMerger:
     held: bool = True  # emit nothing until release(): the plan may still be abandoned
     answer: str = ""
 
+    def preview(self, title: str) -> str:
+        """Show point 1's heading up to ``title``, the start of its title, while its
+        skeleton line is still being written; returns the answer text now due. Once
+        point 1 is added its heading must continue what was shown (see
+        :meth:`add_point`). A preview that does not extend the shown text is ignored."""
+        if self._slots or not title:
+            return ""
+        self.held = False
+        text = f"1. **{title}"
+        if not text.startswith(self.answer) or len(text) <= len(self.answer):
+            return ""
+        new = text[len(self.answer) :]
+        self.answer = text
+        self._emitted = len(text)
+        return new
+
     def add_point(self, index: int, title: str) -> str:
-        """Register point ``index`` (1-based, in order); returns the answer text now due."""
-        self._slots[index] = _Slot(point_header(index, title))
+        """Register point ``index`` (1-based, in order); returns the answer text now due.
+
+        Raises :class:`PreviewMismatchError` if point 1's heading does not start with
+        the preview shown (nothing of it is emitted then)."""
+        header = point_header(index, title)
+        if index == 1 and not header.startswith(self.answer):
+            raise PreviewMismatchError(
+                f"point 1's heading {header!r} does not continue the shown {self.answer!r}"
+            )
+        self._slots[index] = _Slot(header)
         return self._flush()
 
     def delta(self, index: int, text: str) -> str:

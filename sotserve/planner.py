@@ -34,8 +34,9 @@ from sotserve.executor import (
     PointText,
     TokenBudget,
 )
-from sotserve.merge import InOrderMerger
+from sotserve.merge import InOrderMerger, PreviewMismatchError
 from sotserve.point_text import newline_token_ids
+from sotserve.prompt_heads import prompt_heads, warm_prompt_heads
 from sotserve.router import route_by_model, route_by_rules
 from sotserve.schemas import (
     AnswerDelta,
@@ -55,7 +56,7 @@ from sotserve.schemas import (
     Timings,
     Usage,
 )
-from sotserve.skeleton_parser import SkeletonParser
+from sotserve.skeleton_parser import SkeletonParser, title_preview
 
 # A point's soft length: past this share of its cap (point_max_tokens) it ends at the
 # next sentence end (sotserve.point_text.PointWriter), so the cap itself is rarely hit.
@@ -92,6 +93,13 @@ class Planner:
         # every point request bars line breaks (a point is one paragraph); found once
         # here, at start-up, not on the first answer's critical path
         self.line_break_bans = dict.fromkeys(newline_token_ids(backend.tokenizer), -100.0)
+        self.prompt_heads = prompt_heads(self.renderer)
+
+    async def warm_up(self) -> int:
+        """Have the backend cache the fixed heads of this planner's prompts (see
+        :mod:`sotserve.prompt_heads`); returns the head tokens sent. Servers call it at
+        start-up and after emptying the prefix cache."""
+        return await warm_prompt_heads(self.backend, self.prompt_heads)
 
     def resolve_options(self, mode: Mode | None = None, **overrides: Any) -> PlanOptions:
         """These defaults with per-call overrides, validated."""
@@ -333,6 +341,9 @@ class _AnswerRun:
         if plan.result is not None:
             yield plan.result
             return
+        if plan.skeleton_task is not None:  # a fallback before the skeleton ended
+            plan.skeleton_task.cancel()
+            await asyncio.gather(plan.skeleton_task, return_exceptions=True)
         await plan.executor.cancel()
         self.executor = None
         fallback = self._sequential(plan.fallback, shown=plan.merger.answer)
@@ -470,6 +481,12 @@ class _Plan:
             # starts with point 1's heading as soon as its line is parsed
             for point in new:
                 events += self._announce(point)
+        if not self.announced:
+            # Before that, the heading's first words as the skeleton writes them: the
+            # first answer token comes a decode step or two after sequential's. They
+            # are true whatever follows: point 1's heading continues them, and a plan
+            # that falls back continues them in its sequential reply.
+            events += self._answer(self.merger.preview(title_preview(self.parser.open_line)))
         return events
 
     def on_skeleton_ended(self, item: _SkeletonEnded) -> list[Event]:
@@ -479,16 +496,17 @@ class _Plan:
         self.run.skeleton_s = self.run._elapsed()
         self.executor.expected_points = len(self.parser.points)
         if len(self.parser.points) < 2:
-            self.fallback = (
-                f"the skeleton had {len(self.parser.points)} usable point(s); "
-                "answered with sequential decoding"
-            )
-            return [PlanReady(mode="sequential", points=[], route=self.run.route,
-                              fallback=self.fallback)]  # fmt: skip
+            return self._fall_back(f"the skeleton had {len(self.parser.points)} usable point(s)")
         events = self._start_pending()
         self.points = self.executor.close()
         events.append(PlanReady(mode=self.mode, points=self.points, route=self.run.route))
         return events + self._answer(self.merger.close())
+
+    def _fall_back(self, why: str) -> list[Event]:
+        """Give up the plan: the answer goes on with sequential decoding."""
+        self.fallback = f"{why}; answered with sequential decoding"
+        return [PlanReady(mode="sequential", points=[], route=self.run.route,
+                          fallback=self.fallback)]  # fmt: skip
 
     def on_point_text(self, item: PointText) -> list[Event]:
         events: list[Event] = [PointDelta(index=item.index, text=item.text)]
@@ -525,7 +543,12 @@ class _Plan:
         if point.index in self.announced:
             return []
         self.announced.add(point.index)
-        return self._answer(self.merger.add_point(point.index, point.title) + self.merger.release())
+        try:
+            text = self.merger.add_point(point.index, point.title)
+        except PreviewMismatchError:
+            # the skeleton's first line became something else than its preview
+            return self._fall_back("point 1's heading did not continue its preview")
+        return self._answer(text + self.merger.release())
 
     def _answer(self, text: str) -> list[Event]:
         delta = self.run._answer_delta(text)

@@ -7,8 +7,9 @@ with ``[depends on 1, 2]`` (or ``(depends on: 1 and 2)``, ``[after 1]``).
 Small models pad skeletons with junk, so the parser is strict about where the list
 ends: once points have started, a numbered line that does not count upwards
 (``1.`` again: the model started a new list) or a non-indented line of prose ends
-the skeleton. Indented or bulleted lines under a point are ignored. Empty and
-duplicate titles are dropped and the count is capped; points are renumbered
+the skeleton, and so does a title that repeats an earlier one (the model going
+round). Indented or bulleted lines under a point are ignored. Empty titles are
+dropped and the count is capped; points are renumbered
 1..n, and dependencies are mapped from the skeleton's numbers to the new ones;
 only points above a line can be named, so a parsed plan has no cycles.
 """
@@ -54,6 +55,28 @@ def parse_line(line: str) -> _Raw | None:
     return _Raw(int(m.group("num")), title, refs)
 
 
+# Characters a title preview may hold: words, spaces and the joiners of a phrase;
+# nothing parse_line would strip or read as markup or a dependency, and no comma or
+# apostrophe, which open prose ("Sorry, I can't...") more often than titles.
+_PLAIN = re.compile(r"[\w\s&/+-]*")
+
+
+def title_preview(line: str) -> str:
+    """The start of the title an unfinished point line is writing: its whole words so
+    far (the last word may still grow), as long as they are plain text. What the
+    finished line's title will start with, unless the line turns out not to be a
+    point; "" when nothing can be said yet."""
+    m = _POINT.match(line)
+    if m is None:
+        return ""
+    title = m.group("title")
+    cut = max(title.rfind(" "), title.rfind("\t"))
+    words = title[:cut].rstrip() if cut > 0 else ""
+    if not _PLAIN.fullmatch(words) or _MARKUP.sub("", words) != words:
+        return ""
+    return words if re.search(r"[A-Za-z]", words) else ""
+
+
 def _norm(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", title.lower()).strip()
 
@@ -88,6 +111,11 @@ class SkeletonParser:
                 out.append(point)
         return out
 
+    @property
+    def open_line(self) -> str:
+        """The line being written: text after the last line break."""
+        return "" if self.finished else self._buffer
+
     def close(self, truncated: bool = False) -> list[PlanPoint]:
         """The text is over: the last line counts even without a newline, unless the
         text was ``truncated`` (cut by a token limit), which leaves that line unfinished."""
@@ -113,7 +141,12 @@ class SkeletonParser:
             return None
         self._last_number = raw.number
         key = _norm(raw.title)
-        if not key or key in self._seen or not re.search(r"[a-z]", key):
+        if key in self._seen:
+            # the model is going round: what follows repeats the list, so stop paying
+            # for it (the planner ends the skeleton request when the parser finishes)
+            self.finished = True
+            return None
+        if not key or not re.search(r"[a-z]", key):
             return None
         self._seen.add(key)
         # Only points above can be named: a reference to a later or unknown number is

@@ -32,6 +32,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
 PLANNER_KEY = web.AppKey("planner", Planner)
+WARM_UP_KEY = web.AppKey("warm_up", asyncio.Task)
 
 
 def _endpoint(request: web.Request) -> str:
@@ -70,10 +71,16 @@ def build_app(
     engine: AsyncEngine,
     model_name: str | None = None,
     limits: ServerLimits | None = None,
+    warm_up: bool = False,
     **plan_defaults: Any,
 ) -> web.Application:
     """An app serving ``engine``; ``plan_defaults`` are :class:`PlanOptions` defaults
-    (a request's ``sot`` field overrides them)."""
+    (a request's ``sot`` field overrides them). With ``warm_up`` the planner's fixed
+    prompt heads are cached as the server starts (:meth:`Planner.warm_up`).
+
+    ``POST /reset_prefix_cache`` empties the engine's prefix cache and then caches
+    those heads again, as any running server has them; ``?prompt_heads=false``
+    leaves the cache empty."""
     limits = limits or ServerLimits()
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware],
@@ -84,6 +91,28 @@ def build_app(
     app[METRICS_KEY] = metrics
     app[PLANNER_KEY] = planner
     handlers = add_completion_routes(app, engine, model_name)
+
+    async def rewarm(request: web.Request) -> dict[str, int]:
+        if WARM_UP_KEY in app:  # the start-up warm-up may still run: nothing may after this
+            await asyncio.gather(app[WARM_UP_KEY], return_exceptions=True)
+        if request.query.get("prompt_heads", "true").lower() in ("false", "0", "no"):
+            return {"prompt_head_tokens": 0}
+        return {"prompt_head_tokens": await planner.warm_up()}
+
+    handlers.after_reset = rewarm
+    if warm_up:
+
+        async def start_warm_up(app: web.Application) -> None:
+            # a task, not awaited: the engine's step loop starts after the app does
+            app[WARM_UP_KEY] = asyncio.create_task(_warm_up(planner))
+
+        async def stop_warm_up(app: web.Application) -> None:
+            task = app[WARM_UP_KEY]
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        app.on_startup.append(start_warm_up)
+        app.on_cleanup.append(stop_warm_up)
     gate = AdmissionGate(limits.max_concurrency, limits.max_queue)
     chat = ChatHandler(planner, handlers.model_name, limits, gate, metrics)
     app.router.add_post("/v1/chat/completions", chat.handle)
@@ -98,6 +127,15 @@ def build_app(
     app.router.add_get("/", index)
     app.router.add_static("/static", STATIC_DIR)
     return app
+
+
+async def _warm_up(planner: Planner) -> None:
+    try:
+        tokens = await planner.warm_up()
+    except Exception:  # only a cache left cold: the first answers pay for the heads
+        logger.exception("caching the prompt heads failed")
+    else:
+        logger.info("cached %d tokens of fixed prompt heads", tokens)
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -149,7 +187,7 @@ def serve(args: argparse.Namespace) -> None:
         args.model, dtype=args.dtype, device=args.device, step_thread=False,
         **engine_kwargs(args),
     )  # fmt: skip
-    app = build_app(engine, args.served_model_name, limits, **plan)
+    app = build_app(engine, args.served_model_name, limits, warm_up=True, **plan)
     ready = f"sotserve: serving {engine.model_name} at http://{args.host}:{args.port}/"
     # The line is printed once the socket listens, so scripts can wait for it.
     serve_app(engine, app, args.host, args.port, on_ready=lambda: print(ready, flush=True))

@@ -212,3 +212,35 @@ async def test_a_point_cut_before_any_text_is_retried_with_its_opening_barred(to
     assert [c.params.logit_bias for c in backend.calls if c.point == 2] == [{}]
     # the tokens of both attempts count, and they fit the point's reservation
     assert finished[1].completion_tokens > finished[2].completion_tokens
+
+
+async def test_a_point_cut_inside_its_first_sentence_is_retried_and_the_last_try_kept(tokenizer):
+    """A point that loops before it ends one sentence would show a fragment: it is
+    asked again (opening barred) and the fragment dropped. When every retry loops,
+    the last attempt's fragment stands rather than nothing."""
+    loop = [" Set", " limits", " on", " your", " work", " hours,", " set", " limits", " on",
+            " your", " work", " hours,", " set"]  # fmt: skip
+    attempts: dict[int, int] = {}
+
+    def script(call):
+        attempts[call.point] = attempts.get(call.point, 0) + 1
+        if call.point == 1 and attempts[1] == 1:
+            return loop
+        if call.point == 1:
+            return [" Breaks", " keep", " you", " fresh."]
+        return loop  # point 2 loops every time
+
+    ex, backend, queue, _ = make(tokenizer, script, point_max=60)
+    ex.add(P(1))
+    ex.add(P(2))
+    ex.close()
+    events = await drain(ex, queue)
+    finished = {e.index: e for e in events if isinstance(e, PointFinished)}
+    shown = {}
+    for e in events:
+        if isinstance(e, PointText):
+            shown[e.index] = shown.get(e.index, "") + e.text
+    assert finished[1].text == shown[1] == "Breaks keep you fresh."
+    assert len([c for c in backend.calls if c.point == 1]) == 2
+    assert len([c for c in backend.calls if c.point == 2]) == 3  # 1 + 2 retries
+    assert finished[2].text == shown[2] == "Set limits on your work hours,"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sotserve.merge import InOrderMerger
+import pytest
+
+from sotserve.merge import InOrderMerger, PreviewMismatchError
 
 
 def test_head_point_streams_live_and_later_points_flush_in_order():
@@ -34,3 +36,23 @@ def test_held_until_released_and_whitespace_is_trimmed():
     assert m.done(2) == ""
     assert m.close() == ""
     assert m.answer == "1. **A** text\n\n2. **B**"
+
+
+def test_a_preview_of_point_1_is_continued_by_its_heading():
+    m = InOrderMerger()
+    assert m.preview("Set") == "1. **Set"
+    assert m.preview("Set") == ""  # nothing new
+    assert m.preview("Set clear") == " clear"
+    assert m.preview("Other") == ""  # does not extend what is shown: ignored
+    assert m.add_point(1, "Set clear goals") == " goals**"
+    assert m.delta(1, " Start small.") == " Start small."
+    assert m.answer == "1. **Set clear goals** Start small."
+    assert m.preview("Set clear goals and more") == ""  # point 1 is known now
+
+
+def test_a_heading_that_does_not_continue_the_preview_is_refused():
+    m = InOrderMerger()
+    m.preview("Set clear")
+    with pytest.raises(PreviewMismatchError):
+        m.add_point(1, "Something else")
+    assert m.answer == "1. **Set clear"  # nothing more was emitted

@@ -178,7 +178,11 @@ async def test_unparseable_skeleton_falls_back_to_sequential(tokenizer, skeleton
     assert plan.mode == "sequential" and plan.fallback and "usable point" in plan.fallback
     done = events[-1]
     assert isinstance(done, Done) and done.mode == "sequential" and done.fallback
-    assert done.answer == " A plain answer."
+    # A line that reads as prose shows nothing before it is parsed; a lone point line
+    # showed the start of its heading while it was written, and the sequential reply
+    # continues that (nothing shown is taken back).
+    shown = "" if "Sorry" in skeleton[0] else "1. **Only one"
+    assert done.answer == shown + " A plain answer."
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == done.answer
     assert not any(isinstance(e, PointStart) and e.point.index > 1 for e in events)
     assert all(c.closed_early or c.ended for c in backend.calls)  # nothing left running
@@ -278,3 +282,21 @@ async def test_requests_carry_the_answers_sampling_and_the_point_policy(tokenize
         # a point is one paragraph: every line-break token is banned, nothing else
         banned = {t for t, b in call.params.logit_bias.items() if b == -100.0}
         assert banned == newline and len(newline) > 10
+
+
+async def test_point_1s_heading_streams_while_its_skeleton_line_is_written(tokenizer):
+    # The first answer token must not wait for the whole first line: the heading's
+    # words show as the skeleton writes them, and the parsed heading continues them.
+    skeleton = [" Set", " clear", " goals", "\n2.", " Beta", "\n3.", " Gamma", "\n"]
+    backend = ScriptedBackend(tokenizer, script_for(skeleton), delay=0.02)
+    events = await collect(Planner(backend), "Q?", mode="sot")
+    answer = [(i, e.text) for i, e in enumerate(events) if isinstance(e, AnswerDelta)]
+    pieces = [i for i, e in enumerate(events) if isinstance(e, SkeletonDelta)]
+    clear = next(i for i in pieces if events[i].text == " clear")
+    goals = next(i for i in pieces if events[i].text == " goals")
+    assert answer[0] == (clear + 1, "1. **Set")  # once " clear" shows "Set" is a word
+    assert answer[1][0] == goals + 1 and answer[1][1] == " clear"
+    done = events[-1]
+    assert isinstance(done, Done) and done.mode == "sot"
+    assert done.answer.startswith("1. **Set clear goals** about 1.")
+    assert "".join(text for _, text in answer) == done.answer

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sotserve.skeleton_parser import SkeletonParser
+from sotserve.skeleton_parser import SkeletonParser, parse_line, title_preview
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -62,9 +62,15 @@ def test_a_point_is_ready_when_its_line_ends():
     ]
 
 
-def test_drops_duplicates_and_empty_points_and_renumbers():
-    pts = parse("1. Alpha\n2. alpha!\n3.\n4. 1. 2. 3.\n5. Beta")
+def test_drops_empty_points_and_renumbers():
+    pts = parse("1. Alpha\n2.\n3. 1. 2. 3.\n4. Beta")
     assert [(p.index, p.title) for p in pts] == [(1, "Alpha"), (2, "Beta")]
+
+
+def test_a_repeated_title_ends_the_skeleton():
+    # a small model that repeats a point is going round: the rest is more of the same
+    p, _ = stream("1. Alpha\n2. Beta\n3. alpha!\n4. Gamma\n")
+    assert titles(p.points) == ["Alpha", "Beta"] and p.finished
 
 
 def test_caps_the_count_and_stops_reading():
@@ -100,7 +106,7 @@ def test_fewer_than_two_points_is_visible_to_the_caller():
 def test_dependencies_map_to_new_numbers_and_only_point_upwards():
     pts = parse(
         "1. Costs of renting\n"
-        "2. Costs of renting\n"  # duplicate: dropped, so skeleton 3 becomes point 2
+        "2.\n"  # empty: dropped, so skeleton 3 becomes point 2
         "3. Costs of buying [depends on 1]\n"
         "4. Compare costs (depends on: 1 and 3)\n"
         "5. Decide [depends on 4, 6, 99]\n"  # 6 comes later, 99 never exists
@@ -147,12 +153,8 @@ EXPECTED = {
     43: ["Lightning strikes occur every day"],  # one point: the planner falls back
     73: ["Professionalism and integrity"],
     # cut off by max_tokens mid-line: the unfinished last line is not a point
-    70: [
-        "Length of the segment = 2 + 4 = 6",
-        "Length of the segment = 2 + 10 = 12",
-        "Length of the segment = 2 + 12 = 14",
-        "Length of the segment = 2 + 14 = 16",
-    ],
+    # going round: line 3 repeats line 2, which ends the list
+    70: ["Length of the segment = 2 + 4 = 6", "Length of the segment = 2 + 10 = 12"],
 }
 
 
@@ -163,3 +165,25 @@ def test_messy_real_skeletons(qid):
         titles(parse(row["skeleton"], truncated=row["finish_reason"] == "length"))
         == (EXPECTED[qid])
     )
+
+
+@pytest.mark.parametrize(
+    ("line", "preview"),
+    [
+        ("1.", ""),
+        ("1. Set", ""),  # the word may still grow ("Settle")
+        ("1. Set clear", "Set"),
+        ("1. Set clear goals", "Set clear"),
+        ("1. **Set clear goals", "Set clear"),  # bold markers are not the title
+        ("1. Set clear: goals", ""),  # a colon would be stripped or read as markup
+        ("1. Sorry, I can not", ""),  # prose, more often than a title
+        ("1. 12 34 5", ""),  # no letter: not a title the parser keeps
+        ("1. Self-care and rest now", "Self-care and rest"),
+    ],
+)
+def test_title_preview_is_what_the_finished_title_starts_with(line, preview):
+    assert title_preview(line) == preview
+    if preview:  # however the line ends, the parsed title continues the preview
+        for end in (" goals", " [depends on 1]", "**", " -"):
+            raw = parse_line(line + end)
+            assert raw is not None and raw.title.startswith(preview)

@@ -209,3 +209,32 @@ async def test_metrics_count_answers_tokens_and_cache(http):
     assert after["sotserve_engine_waiting_requests"] == 0
     assert after["sotserve_kv_slots_used"] == 0
     assert after["sotserve_kv_slots_total"] > 0
+
+
+async def test_reset_caches_the_prompt_heads_again_unless_told_not_to(http, tokenizer):
+    # A skeleton prompt for a question never asked: after a reset the server holds
+    # its fixed head (instructions and examples) again, so only the question is cold;
+    # with ?prompt_heads=false nothing is cached at all.
+    import prompts
+    from prompts import ChatRenderer
+    from sotserve.prompt_heads import prompt_heads
+
+    renderer = ChatRenderer(tokenizer)
+    messages = prompts.load("skeleton").messages(question="Why is the sea salty, Xq17?")
+    ids = renderer.render(messages)
+    head = max((h for h in prompt_heads(renderer) if ids[: len(h)] == h), key=len)
+
+    async def cached_tokens_of_the_skeleton_prompt() -> int:
+        body = {"prompt": ids, "max_tokens": 1, "temperature": 0}
+        async with http.post("/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            return (await resp.json())["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    async with http.post("/reset_prefix_cache") as resp:
+        out = await resp.json()
+    assert resp.status == 200 and out["prompt_head_tokens"] >= len(head)
+    assert await cached_tokens_of_the_skeleton_prompt() == len(head)
+    async with http.post("/reset_prefix_cache?prompt_heads=false") as resp:
+        out = await resp.json()
+    assert resp.status == 200 and out["prompt_head_tokens"] == 0
+    assert await cached_tokens_of_the_skeleton_prompt() == 0
