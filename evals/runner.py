@@ -55,7 +55,8 @@ class Target(ABC):
         running server has them, so that only the question is cold."""
 
     async def question_cached(self, question: str) -> int | None:
-        """Tokens of the question's plain chat prompt the cache holds (None: unknown)."""
+        """Tokens of the question's plain chat prompt the cache holds past the prompt's
+        fixed head (the system turn), i.e. of the question itself (None: unknown)."""
         return None
 
     def count_tokens(self, text: str) -> int | None:
@@ -100,7 +101,8 @@ class LocalTarget(Target):
 
     async def question_cached(self, question: str) -> int | None:
         ids = self.engine.apply_chat_template([{"role": "user", "content": question}])
-        return await self.engine.cached_prefix_len(ids)
+        head = max((len(h) for h in self.planner.prompt_heads if ids[: len(h)] == h), default=0)
+        return max(await self.engine.cached_prefix_len(ids) - head, 0)
 
     def count_tokens(self, text: str) -> int | None:
         return len(self.engine.tokenizer.encode(text, add_special_tokens=False))
