@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,9 +32,11 @@ from sotserve.backends.base import Backend, CompletionParams
 from sotserve.point_text import PointWriter
 from sotserve.schemas import PlanPoint
 
-# Times a point that its writer cut before one whole sentence is tried again, each with its
-# opening token barred (see PointExecutor._run).
+# Times a point that its writer cut before one whole sentence (or that said nothing but
+# its title) is tried again, each time barring the token where it went wrong (see
+# PointExecutor._run).
 _RETRIES = 2
+_WORD = re.compile(r"\w")
 
 PromptBuilder = Callable[[PlanPoint, list[tuple[PlanPoint, str]]], "str | list[int]"]
 
@@ -188,52 +191,62 @@ class PointExecutor:
                 prompt = self.build_prompt(point, parents)
                 n_prompt = len(prompt) if isinstance(prompt, list) else 0  # text: let it judge
                 banned: dict[int, float] = {}
+                kept: _Kept | None = None  # the start a retry continues, if any
                 for attempt in range(1 + _RETRIES):
                     if reserved - used < 1:
                         break  # a retry only spends what is left of the reservation
-                    room = self.backend.room(n_prompt, reserved - used)
+                    ask = prompt if kept is None else [*prompt, *kept.token_ids]
+                    n_ask = n_prompt + (0 if kept is None else len(kept.token_ids))
+                    room = self.backend.room(n_ask, reserved - used)
+                    floor = self.params.min_tokens - (0 if kept is None else len(kept.token_ids))
                     params = dataclasses.replace(
-                        self.params, max_tokens=room,
-                        min_tokens=min(self.params.min_tokens, room),
+                        self.params, max_tokens=room, min_tokens=min(max(floor, 0), room),
                         logit_bias={**self.params.logit_bias, **banned},
                     )  # fmt: skip
                     writer = PointWriter(point.title, self.soft_tokens)
-                    opening: list[int] = []
+                    pieces: list[tuple[str, list[int] | None]] = []
+                    if kept is not None:  # a fragment: nothing of it is shown yet
+                        writer.feed(kept.text, len(kept.token_ids))
+                        pieces.append((kept.text, kept.token_ids))
                     requests += 1
-                    prompt_tokens += n_prompt
+                    prompt_tokens += n_ask
                     cached: int | None = None
                     finish = "length"
                     # aclosing: a cancel that lands on our own await, or the writer
                     # ending the point, must still close the backend stream (aborting
                     # the request).
-                    stream = self.backend.complete(prompt, params)
+                    stream = self.backend.complete(ask, params)
                     async with contextlib.aclosing(stream):
                         async for chunk in stream:
                             n = len(chunk.token_ids) if chunk.token_ids is not None else 1
                             used += n
-                            opening += chunk.token_ids or []
+                            pieces.append((chunk.text, chunk.token_ids))
                             if chunk.cached_tokens is not None:
                                 cached = chunk.cached_tokens
                             if chunk.finish_reason is not None:
                                 finish = chunk.finish_reason
                                 if chunk.prompt_tokens:  # the backend's count wins
-                                    prompt_tokens += chunk.prompt_tokens - n_prompt
+                                    prompt_tokens += chunk.prompt_tokens - n_ask
                             await self._show(point.index, writer.feed(chunk.text, n))
                             if writer.stopped:
                                 finish = "stop"
                                 break
                     if cached is not None:
                         cached_tokens = (cached_tokens or 0) + cached
-                    # The writer cut the point before it said one whole sentence (it
-                    # opened a list, say " 1.", or looped inside its first sentence):
-                    # try again with the opening token barred, dropping this attempt's
-                    # text. The prompt is in the prefix cache by now, so a retry costs
-                    # the steps it decodes. The last attempt keeps what it has.
                     retry = attempt < _RETRIES and reserved - used >= 1
-                    if retry and writer.stopped and not writer.text and opening:
-                        banned[opening[0]] = -100.0
+                    if retry and (writer.unfinished or writer.says_nothing):
+                        # Cut before one whole sentence (a list opened, a loop inside
+                        # the first sentence), ended by the model mid-sentence, or
+                        # nothing but the title: ask again,
+                        # barring the token where it went wrong. A fragment is
+                        # continued (its tokens end the prompt, which is cached by now,
+                        # so a retry costs only what it decodes); a point that said
+                        # nothing starts over. The last attempt keeps what it has.
+                        kept, wrong = _split_at_cut(pieces, writer, isinstance(prompt, list))
+                        if wrong is not None:
+                            banned[wrong] = -100.0
                         continue
-                    await self._show(point.index, writer.finish(natural=finish == "stop"))
+                    await self._show(point.index, writer.finish())
                     break
         except asyncio.CancelledError:
             raise
@@ -252,6 +265,39 @@ class PointExecutor:
     async def _show(self, index: int, text: str) -> None:
         if text:
             await self.queue.put(PointText(index, text))
+
+
+@dataclass
+class _Kept:
+    """The start of a point that a retry continues: its text and token ids."""
+
+    text: str
+    token_ids: list[int]
+
+
+def _split_at_cut(
+    pieces: list[tuple[str, list[int] | None]], writer: PointWriter, ids_prompt: bool
+) -> tuple[_Kept | None, int | None]:
+    """Where a retry of a point starts, and the token to bar.
+
+    ``pieces`` are the attempt's ``(text, token ids)`` chunks, the writer's ``kept``
+    text their cut prefix. A fragment that holds a word is kept whole chunks at a
+    time and the first token past it is barred; otherwise (or when the backend gave
+    no ids, or the prompt is text) the point starts over with its first token barred.
+    """
+    first = next((ids[0] for _, ids in pieces if ids), None)
+    kept_len = len(writer.kept)
+    if not ids_prompt or any(ids is None for _, ids in pieces) or not _WORD.search(writer.kept):
+        return None, first
+    text, ids, at = "", [], 0
+    for piece_text, piece_ids in pieces:
+        if at + len(piece_text) > kept_len:
+            return _Kept(text, ids), piece_ids[0] if piece_ids else None
+        text += piece_text
+        ids += piece_ids or []
+        at += len(piece_text)
+    # the cut fell at the very end (the model ended or hit the cap): start over
+    return None, first
 
 
 def _back_edges(pending: dict[int, set[int]]) -> list[tuple[int, int]]:

@@ -12,9 +12,10 @@ point's text as it streams and
   point), at a numbered list starting inside the paragraph, at a repeat of the
   title, and at a repeated phrase;
 - after ``soft_tokens`` tokens, stops at the next sentence end;
-- at the end keeps only the complete sentences, unless the model itself ended
-  the text (a stop or end of turn): then all of it stands, full stop or not; a cap
-  too small for even one sentence keeps the fragment rather than nothing.
+- at the end keeps only the complete sentences, however the text ended (a cap, a
+  cut, or the model stopping mid-sentence); text without one whole sentence is kept
+  as a fragment rather than nothing, and :attr:`PointWriter.unfinished` tells the
+  executor so, which asks again (:mod:`sotserve.executor`) before settling for it.
 
 This works on text, in the planner, so it holds for every backend (a remote server
 may take only 4 stop strings) and the engine needs no special stop rules.
@@ -78,6 +79,7 @@ class PointWriter:
     def __init__(self, title: str, soft_tokens: int) -> None:
         self.soft_tokens = soft_tokens
         # the title used as a heading ("Title:" or "**Title**:"): the point restarting
+        self._title_words = {w.lower() for w in _WORD.findall(title)}
         title_words = r"\W*".join(re.escape(w) for w in _WORD.findall(title))
         self._heading = re.compile(rf"\**{title_words}\**\s*:", re.I) if title_words else None
         self._raw = ""  # everything received, up to the cut once stopped
@@ -114,16 +116,36 @@ class PointWriter:
             self.stopped, self.reason = True, "soft cap"
         return self._release(self._complete_upto())
 
-    def finish(self, natural: bool) -> str:
-        """The rest of the text once the request ended; ``natural``: the model stopped
-        by itself (a stop string or end of turn), not at a token cap."""
+    @property
+    def kept(self) -> str:
+        """All the text received up to the cut (or so far), for a retry to continue."""
+        return self._raw
+
+    @property
+    def unfinished(self) -> bool:
+        """What :meth:`finish` would leave is a fragment: text that does not end at a
+        sentence end (cut before one whole sentence, or ended so by the model)."""
+        end = self._final_end()
+        body = self._body_start()
+        return end > body and end not in _sentence_ends(self._raw[:end], final=True)
+
+    @property
+    def says_nothing(self) -> bool:
+        """What :meth:`finish` would leave has no word but the title's own."""
+        said = self._raw[self._body_start() : self._final_end()]
+        return {w.lower() for w in _WORD.findall(said)} <= self._title_words
+
+    def finish(self) -> str:
+        """The rest of the text once the request ended."""
+        return self._release(self._final_end())
+
+    def _final_end(self) -> int:
+        """Where the point's text ends once the request ended: after its last whole
+        sentence, however it ended (a cap, a cut, or the model stopping mid-sentence).
+        Text without one whole sentence stands as it is: a fragment says more than
+        nothing (the executor asks again before it settles for one)."""
         whole = self._complete_upto(final=True)
-        if (natural and not self.stopped) or whole <= self._body_start():
-            # The model ended the point itself, full stop or not: all of it stands.
-            # And a cap too small for one whole sentence keeps its fragment: a point
-            # cut mid-sentence says more than an empty one.
-            return self._release(len(self._raw.rstrip()))
-        return self._release(whole)
+        return whole if whole > self._body_start() else len(self._raw.rstrip())
 
     def _body_start(self) -> int:
         """Where the point's own text begins: past leading blanks, and past the title

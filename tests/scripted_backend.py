@@ -30,6 +30,7 @@ class Call:
     started: float
     ended: float | None = None
     closed_early: bool = False
+    prompt_ids: list[int] | None = None  # the prompt as sent, when it was token ids
 
 
 @dataclass
@@ -69,7 +70,8 @@ class ScriptedBackend(Backend):
         text = prompt if isinstance(prompt, str) else self.tok.decode(prompt)
         kind, point = self.classify(text)
         loop = asyncio.get_running_loop()
-        call = Call(kind, point, text, params, loop.time())
+        ids = None if isinstance(prompt, str) else list(prompt)
+        call = Call(kind, point, text, params, loop.time(), prompt_ids=ids)
         self.calls.append(call)
         reply = self.script(call)
         pieces, error = reply if isinstance(reply, tuple) else (reply, None)

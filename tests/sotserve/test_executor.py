@@ -57,7 +57,10 @@ def P(index, *deps):
 
 
 async def test_independent_points_run_in_parallel(tokenizer):
-    ex, backend, queue, _ = make(tokenizer, lambda c: [f" p{c.point}"] * 3, delay=0.02)
+    def pieces(point: int) -> list[str]:
+        return [f" P{point}", " is", " fine."]
+
+    ex, backend, queue, _ = make(tokenizer, lambda c: pieces(c.point), delay=0.02)
     for i in (1, 2, 3):
         ex.add(P(i))
     ex.close()
@@ -66,10 +69,12 @@ async def test_independent_points_run_in_parallel(tokenizer):
     ends = sorted(c.ended for c in backend.calls)
     assert starts[-1] < ends[0]  # all three were in flight at once
     finished = {e.index: e for e in events if isinstance(e, PointFinished)}
-    assert {i: f.text for i, f in finished.items()} == {i: f"p{i} p{i} p{i}" for i in (1, 2, 3)}
+    assert {i: f.text for i, f in finished.items()} == {i: f"P{i} is fine." for i in (1, 2, 3)}
     for i, f in finished.items():
         assert f.finish_reason == "stop"
-        assert f.completion_tokens == 3 * len(tokenizer.encode(f" p{i}", add_special_tokens=False))
+        n = sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in pieces(i))
+        assert f.completion_tokens == n
+        assert len([c for c in backend.calls if c.point == i]) == 1
 
 
 async def test_children_wait_for_parents_and_get_their_text(tokenizer):
@@ -203,7 +208,7 @@ async def test_a_point_cut_before_any_text_is_retried_with_its_opening_barred(to
     ex.close()
     events = await drain(ex, queue)
     finished = {e.index: e for e in events if isinstance(e, PointFinished)}
-    assert finished[1].text == finished[2].text == "Sleep restores the body. It"
+    assert finished[1].text == finished[2].text == "Sleep restores the body."
     calls = [c for c in backend.calls if c.point == 1]
     assert len(calls) == 2 and calls[0].closed_early
     opening = tokenizer.encode(" 1.", add_special_tokens=False)[0]
@@ -214,21 +219,20 @@ async def test_a_point_cut_before_any_text_is_retried_with_its_opening_barred(to
     assert finished[1].completion_tokens > finished[2].completion_tokens
 
 
-async def test_a_point_cut_inside_its_first_sentence_is_retried_and_the_last_try_kept(tokenizer):
+async def test_a_point_cut_inside_its_first_sentence_is_continued_past_the_cut(tokenizer):
     """A point that loops before it ends one sentence would show a fragment: it is
-    asked again (opening barred) and the fragment dropped. When every retry loops,
-    the last attempt's fragment stands rather than nothing."""
+    asked again with the fragment's tokens ending its prompt and the token that
+    started the loop barred, so the sentence goes on another way. When every retry
+    loops, the last attempt's fragment stands rather than nothing."""
     loop = [" Set", " limits", " on", " your", " work", " hours,", " set", " limits", " on",
             " your", " work", " hours,", " set"]  # fmt: skip
     attempts: dict[int, int] = {}
 
     def script(call):
         attempts[call.point] = attempts.get(call.point, 0) + 1
-        if call.point == 1 and attempts[1] == 1:
-            return loop
-        if call.point == 1:
-            return [" Breaks", " keep", " you", " fresh."]
-        return loop  # point 2 loops every time
+        if call.point == 1 and attempts[1] > 1:
+            return [" and", " take", " breaks."]
+        return loop  # point 1 once, point 2 every time
 
     ex, backend, queue, _ = make(tokenizer, script, point_max=60)
     ex.add(P(1))
@@ -236,11 +240,34 @@ async def test_a_point_cut_inside_its_first_sentence_is_retried_and_the_last_try
     ex.close()
     events = await drain(ex, queue)
     finished = {e.index: e for e in events if isinstance(e, PointFinished)}
-    shown = {}
+    shown: dict[int, str] = {}
     for e in events:
         if isinstance(e, PointText):
             shown[e.index] = shown.get(e.index, "") + e.text
-    assert finished[1].text == shown[1] == "Breaks keep you fresh."
-    assert len([c for c in backend.calls if c.point == 1]) == 2
+    assert finished[1].text == shown[1] == "Set limits on your work hours, and take breaks."
+    first, second = [c for c in backend.calls if c.point == 1]
+    fragment = tokenizer.encode(" Set limits on your work hours,", add_special_tokens=False)
+    assert second.prompt_ids[: len(first.prompt_ids)] == first.prompt_ids
+    assert second.prompt_ids[len(first.prompt_ids) :] == fragment
+    loop_start = tokenizer.encode(" set", add_special_tokens=False)[0]
+    assert second.params.logit_bias[loop_start] == -100.0
     assert len([c for c in backend.calls if c.point == 2]) == 3  # 1 + 2 retries
     assert finished[2].text == shown[2] == "Set limits on your work hours,"
+
+
+async def test_a_point_that_only_repeats_its_title_starts_over(tokenizer):
+    attempts: dict[int, int] = {}
+
+    def script(call):
+        attempts[call.point] = attempts.get(call.point, 0) + 1
+        return [" Good", " sleep."] if attempts[call.point] == 1 else [" Rest", " heals."]
+
+    ex, backend, queue, _ = make(tokenizer, script, point_max=40)
+    ex.add(PlanPoint(index=1, title="Good sleep", depends_on=[]))
+    ex.close()
+    events = await drain(ex, queue)
+    finished = [e for e in events if isinstance(e, PointFinished)]
+    assert finished[0].text == "Rest heals."
+    first, second = backend.calls
+    assert second.prompt_ids == first.prompt_ids  # nothing of the first try is kept
+    assert second.params.logit_bias[tokenizer.encode(" Good", add_special_tokens=False)[0]] == -100

@@ -7,7 +7,7 @@ import pytest
 from sotserve.point_text import PointWriter
 
 
-def write(title, chunks, natural=True, soft=1000):
+def write(title, chunks, soft=1000):
     """Feed ``chunks`` (one token each) until the writer stops; return (shown, writer)."""
     w = PointWriter(title, soft)
     shown = []
@@ -15,7 +15,7 @@ def write(title, chunks, natural=True, soft=1000):
         shown.append(w.feed(c))
         if w.stopped:
             break
-    shown.append(w.finish(natural))
+    shown.append(w.finish())
     text = "".join(shown)
     assert text == w.text  # what was streamed is exactly the final text
     return text, w
@@ -29,28 +29,35 @@ def test_only_whole_sentences_are_shown_while_streaming():
     # "3." could still become "3.5": not an end until a space follows
     assert w.feed(" helps in 3.") == ""
     assert w.feed("5 ways. Yes") == " It also helps in 3.5 ways."
-    assert w.finish(natural=True) == " Yes"
+    assert w.finish() == ""  # "Yes" never became a sentence, however the text ended
+    assert not w.unfinished
 
 
 def test_cut_at_the_cap_keeps_the_last_complete_sentence():
-    text, w = write("Tasks", [" Plan your day.", " Then set dea"], natural=False)
+    text, w = write("Tasks", [" Plan your day.", " Then set dea"])
     assert text == "Plan your day."
     assert not w.stopped  # the backend's cap ended it, not the writer
 
 
-def test_without_a_complete_sentence_the_fragment_is_kept():
-    # the model ended it without a full stop
-    text, _ = write("Relaxation", [" mindfulness,", " yoga, tai chi"], natural=True)
+def test_without_a_complete_sentence_the_fragment_is_kept_and_flagged():
+    # ended without a full stop (by the model or a cap too small for one sentence):
+    # the fragment says more than nothing, and the executor is told to ask again
+    text, w = write("Relaxation", [" mindfulness,", " yoga, tai chi"])
     assert text == "mindfulness, yoga, tai chi"
-    # a cap too small for one sentence: the fragment says more than nothing
-    text, _ = write("Relaxation", [" mindfulness,", " yoga, tai chi"], natural=False)
-    assert text == "mindfulness, yoga, tai chi"
+    assert w.unfinished and not w.says_nothing
+
+
+def test_a_point_of_only_its_title_says_nothing():
+    _, w = write("Good sleep", [" Good", " sleep."])
+    assert w.says_nothing and not w.unfinished
+    _, w = write("Good sleep", [" Good", " sleep", " restores", " you."])
+    assert not w.says_nothing
 
 
 def test_abbreviations_are_not_sentence_ends():
-    text, _ = write("Python", [" Python is good for scripts, e.g. glue", " code. It"], False)
+    text, _ = write("Python", [" Python is good for scripts, e.g. glue", " code. It"])
     assert text == "Python is good for scripts, e.g. glue code."
-    text, _ = write("Python", [" Great for tools, e.g. glue code. More"], natural=False)
+    text, _ = write("Python", [" Great for tools, e.g. glue code. More"])
     assert text == "Great for tools, e.g. glue code."
 
 
