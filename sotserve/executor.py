@@ -237,12 +237,13 @@ class PointExecutor:
                     if retry and (writer.unfinished or writer.says_nothing):
                         # Cut before one whole sentence (a list opened, a loop inside
                         # the first sentence), ended by the model mid-sentence, or
-                        # nothing but the title: ask again,
-                        # barring the token where it went wrong. A fragment is
-                        # continued (its tokens end the prompt, which is cached by now,
-                        # so a retry costs only what it decodes); a point that said
-                        # nothing starts over. The last attempt keeps what it has.
-                        kept, wrong = _split_at_cut(pieces, writer, isinstance(prompt, list))
+                        # nothing but the title: ask again, barring the token where it
+                        # went wrong. The first retry continues a fragment (its tokens
+                        # end the prompt, which is cached by now, so it costs only what
+                        # it decodes); the next starts over, as does a point that said
+                        # nothing. The last attempt keeps what it has.
+                        steer = attempt == 0 and isinstance(prompt, list)
+                        kept, wrong = _split_at_cut(pieces, writer, steer)
                         if wrong is not None:
                             banned[wrong] = -100.0
                         continue
@@ -276,18 +277,18 @@ class _Kept:
 
 
 def _split_at_cut(
-    pieces: list[tuple[str, list[int] | None]], writer: PointWriter, ids_prompt: bool
+    pieces: list[tuple[str, list[int] | None]], writer: PointWriter, steer: bool
 ) -> tuple[_Kept | None, int | None]:
     """Where a retry of a point starts, and the token to bar.
 
     ``pieces`` are the attempt's ``(text, token ids)`` chunks, the writer's ``kept``
     text their cut prefix. A fragment that holds a word is kept whole chunks at a
-    time and the first token past it is barred; otherwise (or when the backend gave
-    no ids, or the prompt is text) the point starts over with its first token barred.
+    time and the first token past it is barred, if ``steer``; otherwise (or when the
+    backend gave no ids) the point starts over with its first token barred.
     """
     first = next((ids[0] for _, ids in pieces if ids), None)
     kept_len = len(writer.kept)
-    if not ids_prompt or any(ids is None for _, ids in pieces) or not _WORD.search(writer.kept):
+    if not steer or any(ids is None for _, ids in pieces) or not _WORD.search(writer.kept):
         return None, first
     text, ids, at = "", [], 0
     for piece_text, piece_ids in pieces:

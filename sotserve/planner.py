@@ -35,7 +35,7 @@ from sotserve.executor import (
     TokenBudget,
 )
 from sotserve.merge import InOrderMerger, PreviewMismatchError
-from sotserve.point_text import newline_token_ids
+from sotserve.point_text import barred_point_token_ids
 from sotserve.prompt_heads import prompt_heads, warm_prompt_heads
 from sotserve.router import route_by_model, route_by_rules
 from sotserve.schemas import (
@@ -90,9 +90,9 @@ class Planner:
         self.backend = backend
         self.options = PlanOptions(**options)
         self.renderer = ChatRenderer(backend.tokenizer)
-        # every point request bars line breaks (a point is one paragraph); found once
-        # here, at start-up, not on the first answer's critical path
-        self.line_break_bans = dict.fromkeys(newline_token_ids(backend.tokenizer), -100.0)
+        # every point request bars line breaks and colons (a point is one paragraph of
+        # prose); found once here, at start-up, not on the first answer's critical path
+        self.point_bans = dict.fromkeys(barred_point_token_ids(backend.tokenizer), -100.0)
         self.prompt_heads = prompt_heads(self.renderer)
 
     async def warm_up(self) -> int:
@@ -206,7 +206,7 @@ class _AnswerRun:
     def __init__(self, planner: Planner, messages: list[Message], opts: PlanOptions) -> None:
         self.backend = planner.backend
         self.renderer = planner.renderer
-        self.line_break_bans = planner.line_break_bans
+        self.point_bans = planner.point_bans
         self.messages = messages
         self.opts = opts
         self.t0 = time.perf_counter()
@@ -401,14 +401,15 @@ class _Plan:
             self.build_prompt,
             # No stop strings: the writer ends a point on its text (a blank line that
             # opens a point must not end it, as a stop string would). Line breaks
-            # are banned (a point is one paragraph) and a minimum length keeps the
-            # model from ending a point before it said anything.
+            # and colons are barred (a point is one paragraph of prose) and a
+            # minimum length keeps the model from ending a point before it said
+            # anything.
             run._params(
                 opts.point_max_tokens,
                 min_tokens=min(opts.point_min_tokens, opts.point_max_tokens),
                 repetition_penalty=opts.point_repetition_penalty or opts.repetition_penalty,
                 logit_bias={
-                    **run.line_break_bans,
+                    **run.point_bans,
                     **opts.logit_bias,
                 },
             ),

@@ -274,14 +274,17 @@ async def test_requests_carry_the_answers_sampling_and_the_point_policy(tokenize
         assert call.params.frequency_penalty == 0.5 and call.params.repetition_penalty == 1.2
         assert call.params.logit_bias[7] == 3.0
     assert skeleton.params.priority < 0 and skeleton.params.min_tokens == 0
-    newline = {t for t in range(len(tokenizer)) if "\n" in tokenizer.decode([t])}
-    newline -= set(tokenizer.all_special_ids)
+    texts = {t: tokenizer.decode([t]) for t in range(len(tokenizer))}
+    barred = {t for t, text in texts.items() if "\n" in text or ":" in text}
+    barred -= set(tokenizer.all_special_ids)
     for call in points:
         assert call.params.priority == 0 and call.params.min_tokens == 10
         assert call.params.max_tokens == 40 and call.params.stop == []
-        # a point is one paragraph: every line-break token is banned, nothing else
+        # a point is one paragraph of prose: every token holding a line break or a
+        # colon is banned, nothing else
         banned = {t for t, b in call.params.logit_bias.items() if b == -100.0}
-        assert banned == newline and len(newline) > 10
+        assert banned == barred
+        assert any("\n" in texts[t] for t in banned) and any(":" in texts[t] for t in banned)
 
 
 async def test_point_1s_heading_streams_while_its_skeleton_line_is_written(tokenizer):
