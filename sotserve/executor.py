@@ -205,8 +205,8 @@ class PointExecutor:
                     )  # fmt: skip
                     writer = PointWriter(point.title, self.soft_tokens)
                     pieces: list[tuple[str, list[int] | None]] = []
-                    if kept is not None:  # a fragment: nothing of it is shown yet
-                        writer.feed(kept.text, len(kept.token_ids))
+                    if kept is not None:  # the fragment goes on where it was cut
+                        await self._show(point.index, writer.feed(kept.text, len(kept.token_ids)))
                         pieces.append((kept.text, kept.token_ids))
                     requests += 1
                     prompt_tokens += n_ask

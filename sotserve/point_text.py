@@ -78,8 +78,8 @@ class PointWriter:
 
     def __init__(self, title: str, soft_tokens: int) -> None:
         self.soft_tokens = soft_tokens
+        self._title_words = {w.lower() for w in _WORD.findall(title)}  # for says_nothing
         # the title used as a heading ("Title:" or "**Title**:"): the point restarting
-        self._title_words = {w.lower() for w in _WORD.findall(title)}
         title_words = r"\W*".join(re.escape(w) for w in _WORD.findall(title))
         self._heading = re.compile(rf"\**{title_words}\**\s*:", re.I) if title_words else None
         self._raw = ""  # everything received, up to the cut once stopped
