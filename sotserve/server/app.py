@@ -93,7 +93,9 @@ def build_app(
     handlers = add_completion_routes(app, engine, model_name)
 
     async def rewarm(request: web.Request) -> dict[str, int]:
-        if WARM_UP_KEY in app:  # the start-up warm-up may still run: nothing may after this
+        if WARM_UP_KEY in app:
+            # a start-up warm-up still in flight would cache its heads after the reset
+            # returned; let it end, so nothing runs once the caller hears back
             await asyncio.gather(app[WARM_UP_KEY], return_exceptions=True)
         if request.query.get("prompt_heads", "true").lower() in ("false", "0", "no"):
             return {"prompt_head_tokens": 0}
