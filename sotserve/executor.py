@@ -12,7 +12,10 @@ reserves a fair share of what is left; unused tokens go back when it finishes.
 Each point's text goes through a :class:`~sotserve.point_text.PointWriter`: it is
 shown a sentence at a time and ends at a paragraph's end, at the next sentence end
 once ``soft_tokens`` are written, and never mid-sentence; the request's own cap
-(``params.max_tokens``) is the hard limit behind that.
+(``params.max_tokens``) is the hard limit behind that. Once ``wrap_up_share`` of
+the points has finished, the points still running end at their next sentence end:
+the answer is as late as its last point, and a point left decoding alone runs at
+batch 1, no faster than a sequential answer.
 
 Everything a point does is reported on the planner's queue as :class:`PointText`,
 :class:`PointFinished` or :class:`PointFailed`; :meth:`cancel` aborts every
@@ -94,11 +97,13 @@ class PointExecutor:
         queue: asyncio.Queue[object],
         expected_points: int,
         soft_tokens: int | None = None,
+        wrap_up_share: float = 1.0,
     ) -> None:
         self.backend = backend
         self.build_prompt = build_prompt
         self.params = params  # max_tokens here is the per-point (hard) cap
         self.soft_tokens = params.max_tokens if soft_tokens is None else soft_tokens
+        self.wrap_up_share = wrap_up_share
         self.budget = budget
         self.queue = queue
         self.expected_points = expected_points  # for fair budget shares until closed
@@ -106,6 +111,9 @@ class PointExecutor:
         self.results: dict[int, str] = {}
         self._pending: dict[int, set[int]] = {}  # index -> parents not yet done
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._writers: dict[int, PointWriter] = {}  # the current attempt's, while running
+        self._wrapping: set[int] = set()  # points told to end at their next sentence end
+        self._ended = 0  # points whose task has finished (results lag: the planner's)
         self._closed = False
 
     @property
@@ -132,6 +140,7 @@ class PointExecutor:
             for i, p in self.points.items()
         }
         self._launch_ready()
+        self._wrap_up_trailing()  # points may have ended before the plan closed
         return [self.points[i] for i in sorted(self.points)]
 
     def mark_done(self, index: int, text: str) -> None:
@@ -203,7 +212,11 @@ class PointExecutor:
                         self.params, max_tokens=room, min_tokens=min(max(floor, 0), room),
                         logit_bias={**self.params.logit_bias, **banned},
                     )  # fmt: skip
-                    writer = PointWriter(point.title, self.soft_tokens)
+                    writer = self._writers[point.index] = PointWriter(
+                        point.title, self.soft_tokens
+                    )
+                    if point.index in self._wrapping:  # a retry of a trailing point
+                        writer.wrap_up()
                     pieces: list[tuple[str, list[int] | None]] = []
                     if kept is not None:  # the fragment goes on where it was cut
                         await self._show(point.index, writer.feed(kept.text, len(kept.token_ids)))
@@ -256,12 +269,25 @@ class PointExecutor:
             return
         finally:
             self.budget.refund(reserved, used)
+            self._writers.pop(point.index, None)
+            self._ended += 1
+            self._wrap_up_trailing()
         cut = finish == "length" and reserved < self.params.max_tokens
         await self.queue.put(
             PointFinished(
                 point.index, writer.text, finish, used, prompt_tokens, cached_tokens, cut, requests
             )
         )
+
+    def _wrap_up_trailing(self) -> None:
+        """Once the plan is closed and ``wrap_up_share`` of its points have ended, the
+        points running now end at their next sentence end (points launched later, a
+        graph's children, write in full)."""
+        if not self._closed or self._ended < self.wrap_up_share * len(self.points):
+            return
+        for index, writer in self._writers.items():
+            self._wrapping.add(index)
+            writer.wrap_up()
 
     async def _show(self, index: int, text: str) -> None:
         if text:

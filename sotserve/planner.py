@@ -417,6 +417,7 @@ class _Plan:
             run.queue,
             expected_points=opts.max_points,
             soft_tokens=max(1, round(opts.point_max_tokens * POINT_SOFT_SHARE)),
+            wrap_up_share=opts.point_wrap_up,
         )
         self.skeleton_task: asyncio.Task[None] | None = None
         self.pending: list[PlanPoint] = []  # parsed, not yet launched (not pipelining)

@@ -116,6 +116,12 @@ class PointWriter:
             self.stopped, self.reason = True, "soft cap"
         return self._release(self._complete_upto())
 
+    def wrap_up(self) -> None:
+        """End at the next sentence end from here on, as if the soft cap were passed
+        now (the executor's call when the point trails the others)."""
+        if self._soft_at is None or self._soft_at > len(self._raw):
+            self._soft_at = len(self._raw)
+
     @property
     def kept(self) -> str:
         """All the text received up to the cut (or so far), for a retry to continue."""

@@ -49,7 +49,11 @@ class PlanOptions(BaseModel):
     # the least a sequential answer writes before it may end (vLLM's min_tokens)
     min_tokens: int = Field(default=0, ge=0, le=1 << 20)
     # the least each point writes before it may end: no empty or title-only points
-    point_min_tokens: int = Field(default=12, ge=0, le=4096)
+    point_min_tokens: int = Field(default=32, ge=0, le=4096)
+    # once this share of the points has finished, those still running end at their
+    # next sentence end: the answer waits for its last point, and a point left alone
+    # decodes at batch 1, no faster than sequential (1: never)
+    point_wrap_up: float = Field(default=2 / 3, gt=0.0, le=1.0)
     # points' own repetition penalty (None: the answer's)
     point_repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
 

@@ -55,8 +55,8 @@ class ScriptedBackend(Backend):
         return 8192
 
     def classify(self, prompt: str) -> tuple[str, int | None]:
-        m = re.search(r"Now write point (\d+)", prompt)
-        if m and prompt.rfind("Now write point") > prompt.rfind("skeleton of an answer"):
+        m = re.search(r"Now explain point (\d+)", prompt)
+        if m and prompt.rfind("Now explain point") > prompt.rfind("skeleton of an answer"):
             return "point", int(m.group(1))
         if prompt.rstrip().endswith("1.") and "skeleton of an answer" in prompt:
             return "skeleton", None
@@ -100,5 +100,5 @@ class ScriptedBackend(Backend):
 
 def point_prompt_parents(prompt: str) -> str:
     """The 'Points written so far' block of a graph point prompt ('' if none)."""
-    m = re.search(r"Points written so far:\n(.*?)\n\nNow write point", prompt, re.S)
+    m = re.search(r"Points written so far:\n(.*?)\n\nNow explain point", prompt, re.S)
     return m.group(1) if m else ""

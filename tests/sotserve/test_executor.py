@@ -28,7 +28,7 @@ def make(tokenizer, script, delay=0.0, budget=10_000, point_max=8, expected=4):
     def build_prompt(point, parents):
         calls.append((point.index, [(p.index, text) for p, text in parents]))
         # the prompt text only needs to be recognisable to the scripted backend
-        return tokenizer.encode(f"Now write point {point.index}", add_special_tokens=False)
+        return tokenizer.encode(f"Now explain point {point.index}", add_special_tokens=False)
 
     backend = ScriptedBackend(tokenizer, script, delay)
     queue: asyncio.Queue = asyncio.Queue()
@@ -271,3 +271,30 @@ async def test_a_point_that_only_repeats_its_title_starts_over(tokenizer):
     first, second = backend.calls
     assert second.prompt_ids == first.prompt_ids  # nothing of the first try is kept
     assert second.params.logit_bias[tokenizer.encode(" Good", add_special_tokens=False)[0]] == -100
+
+
+@pytest.mark.parametrize("share", [2 / 3, 1.0])
+async def test_points_still_running_when_most_have_ended_wrap_up(tokenizer, share):
+    # Points 1 and 2 say one sentence; point 3 would write ten, slowly. Once two of
+    # the three have ended (share 2/3), point 3 ends at its next sentence end.
+    def pieces(call):
+        if call.point == 3:
+            return [f" Sentence{k} of three." for k in range(10)]
+        return [f" Point{call.point} is short."]
+
+    ex, backend, queue, _ = make(tokenizer, pieces, delay=0.02, point_max=200)
+    ex.wrap_up_share = share
+    ex.soft_tokens = 200
+    for i in (1, 2, 3):
+        ex.add(P(i))
+    ex.close()
+    events = await drain(ex, queue)
+    third = next(e for e in events if isinstance(e, PointFinished) and e.index == 3)
+    sentences = third.text.count(" of three.")
+    if share < 1:
+        # the others ended after its first piece (same delay, one piece each): it
+        # ends at the end of its second sentence at the latest
+        assert 1 <= sentences <= 2 and third.finish_reason == "stop"
+        assert next(c for c in backend.calls if c.point == 3).closed_early
+    else:
+        assert sentences == 10

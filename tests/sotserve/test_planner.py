@@ -144,11 +144,12 @@ async def test_point_prompts_continue_the_skeleton_tokens(tokenizer):
     skeleton = next(c for c in backend.calls if c.kind == "skeleton")
     for call in (c for c in backend.calls if c.kind == "point"):
         assert call.prompt.startswith(skeleton.prompt + " Alpha\n2. Beta\n3. Gamma")
-        assert call.prompt.endswith(f'Now write point {call.point} ("' + ["Alpha", "Beta",
-            "Gamma"][call.point - 1] + '") as one or two plain sentences that explain it. '
-            "Do not use a list. Do not repeat the other points.<|im_end|>\n"
-            f"<|im_start|>assistant\n{call.point}. " + ["Alpha", "Beta", "Gamma"][call.point - 1]
-            + ":")  # fmt: skip
+        title = ["Alpha", "Beta", "Gamma"][call.point - 1]
+        assert call.prompt.endswith(
+            f'Now explain point {call.point} ("{title}") in two or three plain sentences. '
+            "Do not use a list or repeat other points.<|im_end|>\n"
+            f"<|im_start|>assistant\n{call.point}. **{title}**"
+        )
 
 
 async def test_graph_mode_runs_children_after_parents_with_their_text(tokenizer):

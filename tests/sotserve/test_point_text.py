@@ -98,3 +98,15 @@ def test_past_the_soft_cap_the_point_ends_at_the_next_sentence_end():
     # before the soft cap a sentence end does not stop it
     text, w = write("Count", chunks, soft=100)
     assert text == "One two three. Four five six. Seven eight." and not w.stopped
+
+
+def test_wrap_up_ends_the_point_at_the_next_sentence_end_from_there():
+    w = PointWriter("Count", 1000)
+    assert w.feed(" One two three.") == ""  # a mark at the very end may still go on
+    w.feed(" Four")
+    w.wrap_up()  # the sentence already ended does not count: the next one does
+    assert not w.stopped
+    w.feed(" five.")
+    w.feed(" Six")
+    assert w.stopped and w.reason == "soft cap"
+    assert w.text + w.finish() == "One two three. Four five."
