@@ -212,9 +212,7 @@ class PointExecutor:
                         self.params, max_tokens=room, min_tokens=min(max(floor, 0), room),
                         logit_bias={**self.params.logit_bias, **banned},
                     )  # fmt: skip
-                    writer = self._writers[point.index] = PointWriter(
-                        point.title, self.soft_tokens
-                    )
+                    writer = self._writers[point.index] = PointWriter(point.title, self.soft_tokens)
                     if point.index in self._wrapping:  # a retry of a trailing point
                         writer.wrap_up()
                     pieces: list[tuple[str, list[int] | None]] = []
