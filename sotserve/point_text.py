@@ -38,6 +38,9 @@ _LIST_START = re.compile(r"(?:^|[\s:;,])1[.)]\s+\w")
 # The next item of a list run into the paragraph: "... etc. 7. Seek support".
 _NEXT_ITEM = re.compile(r"(?<=[.!?:;])\s+\d{1,2}[.)]\s+[A-Z*]")
 _WORD = re.compile(r"\w+")
+# What may part the bold title the reply opens with from the text: "**Sleep** - it
+# helps..." The dash belongs to the heading, and shown it would read as a list item.
+_SEPARATOR = re.compile(r"[-–—:]+\s+")
 # A phrase of this many words said twice in one point is a loop.
 _LOOP_WORDS = 5
 
@@ -162,7 +165,8 @@ class PointWriter:
             if m is not None:
                 rest = self._raw[m.end() :]
                 start = m.end() + len(rest) - len(rest.lstrip())
-        return start
+        m = _SEPARATOR.match(self._raw, start)
+        return m.end() if m is not None else start
 
     def _cut(self) -> int | None:
         """The earliest offset where the paragraph must end, if any; sets ``reason``."""

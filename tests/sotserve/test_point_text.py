@@ -110,3 +110,13 @@ def test_wrap_up_ends_the_point_at_the_next_sentence_end_from_there():
     w.feed(" Six")
     assert w.stopped and w.reason == "soft cap"
     assert w.text + w.finish() == "One two three. Four five."
+
+
+@pytest.mark.parametrize("sep", [" -", " \u2013", ":"])
+def test_a_separator_after_the_bold_title_is_not_shown(sep):
+    # the reply opens "N. **Title**", so the model may go on "**Title** - text"
+    text, _ = write("Sleep", [sep, " It", " helps", " you", " rest.", " More", " so."])
+    assert text == "It helps you rest. More so."
+    # a dash inside the text stays
+    text, _ = write("Sleep", [" It", " helps", " -", " a", " lot."])
+    assert text == "It helps - a lot."
