@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,7 +27,13 @@ from typing import Any
 
 import prompts
 from prompts import ChatRenderer, Message
-from sotserve.backends.base import Backend, BackendRequestError, CompletionParams
+from sotserve.backends.base import (
+    Backend,
+    BackendOverloadedError,
+    BackendRequestError,
+    BackendUnavailableError,
+    CompletionParams,
+)
 from sotserve.executor import (
     PointExecutor,
     PointFailed,
@@ -57,6 +64,8 @@ from sotserve.schemas import (
     Usage,
 )
 from sotserve.skeleton_parser import SkeletonParser, title_preview
+
+logger = logging.getLogger(__name__)
 
 # A point's soft length: past this share of its cap (point_max_tokens) it ends at the
 # next sentence end (sotserve.point_text.PointWriter), so the cap itself is rarely hit.
@@ -244,6 +253,8 @@ class _AnswerRun:
 
     async def run(self) -> AsyncIterator[Event]:
         try:
+            # one replica for every request of the answer, so they share its cache
+            self.backend = self.backend.for_answer(self.renderer.render(self.messages))
             mode = self.opts.mode
             if mode == "auto":
                 question = question_text(self.messages)
@@ -260,9 +271,21 @@ class _AnswerRun:
                 async for event in events:
                     yield event
         except BackendRequestError as exc:
+            if exc.callers_fault:
+                yield ErrorEvent(
+                    message=str(exc), code="invalid_request", param=exc.param,
+                    error_code=exc.code,
+                )  # fmt: skip
+            else:
+                logger.error("the backend refused a request the planner made: %s", exc)
+                yield ErrorEvent(message=str(exc), code="backend_error")
+        except BackendOverloadedError as exc:
+            yield ErrorEvent(message=str(exc), code="overloaded")
+        except BackendUnavailableError as exc:
             yield ErrorEvent(
-                message=str(exc), code="invalid_request", param=exc.param, error_code=exc.code
-            )
+                message=str(exc), code="backend_unavailable",
+                error_code="bad_gateway" if exc.status == 502 else "backend_unavailable",
+            )  # fmt: skip
         except Exception as exc:  # any backend failure ends the answer with an event
             yield ErrorEvent(message=f"{exc.__class__.__name__}: {exc}", code="backend_error")
         finally:

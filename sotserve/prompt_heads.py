@@ -62,11 +62,12 @@ def prompt_heads(renderer: ChatRenderer, min_tokens: int = 8) -> list[list[int]]
 
 
 async def warm_prompt_heads(backend: Backend, heads: list[list[int]]) -> int:
-    """Prefill each head with a one-token request so the backend caches it; returns
-    the head tokens sent. The token sampled is thrown away."""
+    """Prefill each head with a one-token request so the backend (each of its
+    replicas) caches it; returns the head tokens sent. The token sampled is thrown away."""
     sent = 0
-    for head in heads:
-        async for _ in backend.complete(head, CompletionParams(max_tokens=1)):
-            pass
-        sent += len(head)
+    for member in backend.members():  # each replica has a cache of its own
+        for head in heads:
+            async for _ in member.complete(head, CompletionParams(max_tokens=1)):
+                pass
+            sent += len(head)
     return sent

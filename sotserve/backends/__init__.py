@@ -3,7 +3,9 @@
 from sotserve.backends.base import (
     Backend,
     BackendError,
+    BackendOverloadedError,
     BackendRequestError,
+    BackendUnavailableError,
     CompletionChunk,
     CompletionParams,
 )
@@ -13,7 +15,9 @@ from sotserve.backends.local import LocalBackend
 __all__ = [
     "Backend",
     "BackendError",
+    "BackendOverloadedError",
     "BackendRequestError",
+    "BackendUnavailableError",
     "CompletionChunk",
     "CompletionParams",
     "HTTPBackend",

@@ -20,6 +20,20 @@ class BackendError(Exception):
     """A completion request failed (engine error, HTTP error, dropped connection)."""
 
 
+class BackendOverloadedError(BackendError):
+    """The backend is at capacity (HTTP 429 upstream): try again later."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend cannot answer: unreachable, timed out, stalled, or failed upstream
+    (HTTP 5xx). ``status`` is what a gateway answers for it: 503 when it could not be
+    reached or stalled, 502 when it answered with an error."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class BackendRequestError(BackendError):
     """The backend rejected the request itself (HTTP 4xx, invalid engine input).
 
@@ -27,10 +41,25 @@ class BackendRequestError(BackendError):
     (``context_length_exceeded``...), where the backend says.
     """
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        upstream: bool = False,
+    ) -> None:
         super().__init__(message)
         self.param = param
         self.code = code
+        # a remote server refused it: past the planner's own checks, so unless the
+        # prompt was too long for it, the request the planner built was at fault
+        self.upstream = upstream
+
+    @property
+    def callers_fault(self) -> bool:
+        """The request's own input was at fault (a 400 for whoever sent it), rather
+        than what the planner made of it (a 500: our bug)."""
+        return not self.upstream or self.code == "context_length_exceeded"
 
 
 @dataclass
@@ -89,6 +118,17 @@ class Backend(ABC):
         """
         limit = self.max_model_len
         return want if limit is None else max(min(want, limit - prompt_len), 1)
+
+    def for_answer(self, prompt: list[int]) -> Backend:
+        """The backend every request of one answer goes to, ``prompt`` being its chat
+        prompt: a set of replicas picks one here (so the answer's requests share one
+        prefix cache); a single engine is itself."""
+        return self
+
+    def members(self) -> list[Backend]:
+        """The engines behind this backend, each with its own prefix cache (to warm
+        each of them); a single engine is itself."""
+        return [self]
 
     @abstractmethod
     def complete(

@@ -4,6 +4,13 @@ Prompts go out as token ids, so the server's radix cache sees exactly the ids th
 planner built. ``return_token_ids`` (a vLLM extension that sotserve's server also
 speaks) asks for the generated ids; servers that do not send them make the planner
 re-tokenize the skeleton text instead.
+
+What real servers accept is respected: OpenAI and vLLM take at most 4 ``stop``
+strings, so the rest are watched for here, on the streamed text, and the request is
+aborted when one appears. Failures come back typed: a 4xx as
+:class:`BackendRequestError`, a 429 as :class:`BackendOverloadedError`, a 5xx, a
+refused connection or a stream that stalls longer than ``read_timeout`` between
+chunks as :class:`BackendUnavailableError`, each naming the server.
 """
 
 from __future__ import annotations
@@ -17,10 +24,15 @@ import aiohttp
 from sotserve.backends.base import (
     Backend,
     BackendError,
+    BackendOverloadedError,
     BackendRequestError,
+    BackendUnavailableError,
     CompletionChunk,
     CompletionParams,
 )
+
+# The most ``stop`` strings OpenAI's API and vLLM accept in one request.
+MAX_SERVER_STOPS = 4
 
 
 class HTTPBackend(Backend):
@@ -39,6 +51,7 @@ class HTTPBackend(Backend):
         *,
         api_key: str | None = None,
         timeout: float = 600.0,
+        read_timeout: float = 120.0,
         max_model_len: int | None = None,
         send_priority: bool = False,
     ) -> None:
@@ -54,7 +67,11 @@ class HTTPBackend(Backend):
             tokenizer = _load_tokenizer(tokenizer or model)
         self._tokenizer = tokenizer
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
+        # sock_read: the longest wait for the next chunk, so a stalled stream fails
+        # instead of hanging until the total timeout
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout, sock_connect=10, sock_read=read_timeout
+        )
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -68,6 +85,33 @@ class HTTPBackend(Backend):
     @property
     def max_model_len(self) -> int | None:
         return self._max_model_len
+
+    @property
+    def url(self) -> str:
+        """The server's root URL (without ``/v1``), which names it in errors."""
+        return self.base_url.removesuffix("/v1")
+
+    async def models(self) -> list[dict[str, Any]]:
+        """``GET /v1/models``: the server's model cards; raises :class:`BackendError`.
+
+        The first card's ``max_model_len`` (vLLM's, and sotserve's) becomes this
+        backend's context length unless one was given."""
+        url = f"{self.base_url}/models"
+        try:
+            async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                if r.status >= 400:
+                    raise await _error_from(r, self.url)
+                cards = (await r.json(content_type=None)).get("data") or []
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailableError(f"{self.url}: {exc.__class__.__name__}: {exc}") from exc
+        except TimeoutError as exc:
+            raise BackendUnavailableError(f"{self.url}: timed out") from exc
+        except (ValueError, AttributeError) as exc:
+            raise BackendUnavailableError(f"{self.url}: /v1/models is not JSON", 502) from exc
+        if self._max_model_len is None and cards and isinstance(cards[0], dict):
+            limit = cards[0].get("max_model_len")
+            self._max_model_len = limit if isinstance(limit, int) and limit > 0 else None
+        return [c for c in cards if isinstance(c, dict)]
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -92,8 +136,11 @@ class HTTPBackend(Backend):
             body["model"] = self._model
         if params.seed is not None:
             body["seed"] = params.seed
+        # the server takes the first MAX_SERVER_STOPS stop strings; the rest are
+        # watched for below
+        watched = list(params.stop[MAX_SERVER_STOPS:])
         if params.stop:
-            body["stop"] = list(params.stop)
+            body["stop"] = list(params.stop[:MAX_SERVER_STOPS])
         # vLLM's and OpenAI's extra sampling fields, only when used
         defaults = CompletionParams(max_tokens=1)
         for name in ("min_tokens", "repetition_penalty", "frequency_penalty", "presence_penalty"):
@@ -105,12 +152,13 @@ class HTTPBackend(Backend):
             body["priority"] = params.priority
         url = f"{self.base_url}/completions"
         finished: CompletionChunk | None = None
+        stops = _StopWatch(watched)
         try:
             # Leaving this block early closes the connection, and the server aborts.
             async with self._client().post(url, json=body) as resp:
                 if resp.status >= 400:
-                    raise await _error_from(resp)
-                async for event in _sse_events(resp):
+                    raise await _error_from(resp, self.url)
+                async for event in _sse_events(resp, self.url):
                     usage = event.get("usage")
                     choices = event.get("choices") or []
                     if not choices:
@@ -128,16 +176,22 @@ class HTTPBackend(Backend):
                     if usage:
                         details = usage.get("prompt_tokens_details") or {}
                         chunk.cached_tokens = details.get("cached_tokens")
+                    if stops.watching:
+                        chunk = stops.feed(chunk)
+                        if chunk.finish_reason == "stop" and stops.hit:
+                            # a watched stop string: leaving the block aborts upstream
+                            yield chunk
+                            return
                     if chunk.finish_reason is None:
                         yield chunk
                     else:
                         finished = chunk  # held until the usage event that follows it
         except aiohttp.ClientError as exc:
-            raise BackendError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
+            raise BackendUnavailableError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
         except TimeoutError as exc:
-            raise BackendError(f"{url}: timed out") from exc
+            raise BackendUnavailableError(f"{url}: timed out waiting for the server") from exc
         if finished is None:
-            raise BackendError(f"{url}: the stream ended without a finish_reason")
+            raise BackendUnavailableError(f"{url}: the stream ended without a finish_reason", 502)
         yield finished
 
     async def close(self) -> None:
@@ -145,7 +199,42 @@ class HTTPBackend(Backend):
             await self._session.close()
 
 
-async def _sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+class _StopWatch:
+    """Stop strings beyond what the server takes, found in the streamed text.
+
+    Text that could be the start of a stop string is held back until the next chunk
+    tells; a chunk in which one completes is cut before it and ends the request with
+    ``finish_reason`` "stop" (its token ids are dropped: they no longer match the
+    text)."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.watching = bool(self.stops)
+        self.hit = False
+        self._held = ""
+        self._longest = max((len(s) for s in self.stops), default=0)
+
+    def feed(self, chunk: CompletionChunk) -> CompletionChunk:
+        text = self._held + chunk.text
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit = True
+            return CompletionChunk(text[: min(found)], None, "stop")
+        if chunk.finish_reason is not None:  # the end: nothing more can complete a stop
+            self._held = ""
+            return CompletionChunk(text, chunk.token_ids, chunk.finish_reason)
+        keep = next(
+            (k for k in range(min(self._longest - 1, len(text)), 0, -1)
+             if any(s.startswith(text[-k:]) for s in self.stops)),
+            0,
+        )  # fmt: skip
+        self._held = text[len(text) - keep :]
+        out = text[: len(text) - keep]
+        # ids stay with the chunk that carries them; held text shows up a chunk late
+        return CompletionChunk(out, chunk.token_ids)
+
+
+async def _sse_events(resp: aiohttp.ClientResponse, server: str) -> AsyncIterator[dict[str, Any]]:
     """JSON payloads of ``data:`` lines until ``[DONE]``."""
     async for raw in resp.content:
         line = raw.decode("utf-8").strip()
@@ -157,14 +246,17 @@ async def _sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, A
         try:
             event = json.loads(data)
         except json.JSONDecodeError as exc:
-            raise BackendError(f"malformed stream event: {data[:200]!r}") from exc
-        if "error" in event:
+            raise BackendUnavailableError(
+                f"{server}: malformed stream event: {data[:200]!r}", 502
+            ) from exc
+        if "error" in event:  # an error after the stream began: the server failed
             err = event["error"]
-            raise BackendError(err.get("message", str(err)) if isinstance(err, dict) else str(err))
+            message = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+            raise BackendUnavailableError(f"{server}: {message}", 502)
         yield event
 
 
-async def _error_from(resp: aiohttp.ClientResponse) -> BackendError:
+async def _error_from(resp: aiohttp.ClientResponse, server: str) -> BackendError:
     text = await resp.text()
     message, param, code = text[:500], None, None
     try:
@@ -176,10 +268,12 @@ async def _error_from(resp: aiohttp.ClientResponse) -> BackendError:
             message = err
     except (json.JSONDecodeError, AttributeError):
         pass
-    message = f"HTTP {resp.status}: {message}"
+    message = f"{server}: HTTP {resp.status}: {message}"
+    if resp.status == 429:
+        return BackendOverloadedError(message)
     if 400 <= resp.status < 500:
-        return BackendRequestError(message, param, code)
-    return BackendError(message)
+        return BackendRequestError(message, param, code, upstream=True)
+    return BackendUnavailableError(message, 502)
 
 
 def _load_tokenizer(name: str | None) -> Any:

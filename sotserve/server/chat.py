@@ -119,8 +119,16 @@ class _ChatResponse:
 
 
 def _error_api(event: ErrorEvent) -> APIError:
+    """The HTTP error for a failed answer, by the planner's error kind: the caller's
+    input 400, an overloaded backend 429, one that failed upstream 502, one that
+    could not be reached 503, anything else 500."""
     if event.code == "invalid_request":
         return APIError(400, event.message, param=event.param, code=event.error_code)
+    if event.code == "overloaded":
+        return APIError(429, event.message, type="rate_limit_error", code="backend_overloaded")
+    if event.code == "backend_unavailable":
+        status = 502 if event.error_code == "bad_gateway" else 503
+        return APIError(status, event.message, type="server_error", code=event.error_code)
     return APIError(500, event.message, type="server_error", code=event.code)
 
 
