@@ -278,6 +278,7 @@ SERVE_HELP = "serve the OpenAI-compatible API and the web page"
 
 def _serve_command(argv: list[str]) -> int:
     from engine import EngineError
+    from sotserve.backends.base import BackendError
     from sotserve.server.app import add_server_args, serve
 
     parser = argparse.ArgumentParser(prog="sotserve serve", description=SERVE_HELP)
@@ -286,7 +287,7 @@ def _serve_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         serve(args)
-    except (EngineError, ValueError) as exc:  # ValueError: a bad engine option or model
+    except (EngineError, BackendError, ValueError) as exc:  # a bad option, model or backend
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

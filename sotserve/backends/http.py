@@ -64,7 +64,7 @@ class HTTPBackend(Backend):
         # priority, so it is only sent when asked for (sotserve's engine takes it).
         self._send_priority = send_priority
         if tokenizer is None or isinstance(tokenizer, str):
-            tokenizer = _load_tokenizer(tokenizer or model)
+            tokenizer = load_tokenizer(tokenizer or model)
         self._tokenizer = tokenizer
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # sock_read: the longest wait for the next chunk, so a stalled stream fails
@@ -117,6 +117,19 @@ class HTTPBackend(Backend):
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
         return self._session
+
+    async def reset_prefix_cache(self) -> bool:
+        """Ask the server to empty its prefix cache: vLLM's ``/reset_prefix_cache``
+        (served with ``VLLM_SERVER_DEV_MODE=1``) and sotserve's, or SGLang's
+        ``/flush_cache``; False when it has neither or cannot be reached."""
+        for path in ("/reset_prefix_cache", "/flush_cache"):
+            try:
+                async with self._client().post(self.url + path) as resp:
+                    if resp.status == 200:
+                        return True
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+        return False
 
     async def complete(
         self, prompt: str | list[int], params: CompletionParams
@@ -276,7 +289,7 @@ async def _error_from(resp: aiohttp.ClientResponse, server: str) -> BackendError
     return BackendUnavailableError(message, 502)
 
 
-def _load_tokenizer(name: str | None) -> Any:
+def load_tokenizer(name: str | None) -> Any:
     """The tokenizer of a local directory, hub id or GGUF; None is the embedded model."""
     from engine.loader import resolve_model
 

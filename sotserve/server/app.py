@@ -1,8 +1,11 @@
 """The sotserve HTTP app: chat, raw completions, models, health, metrics, web page.
 
 ``build_app(engine)`` mounts everything on one :class:`engine.AsyncEngine`; the
-caller owns the engine. ``serve(args)`` is ``sotserve serve``: it loads the engine,
-serves until interrupted, and closes the engine.
+caller owns the engine. ``build_remote_app(replicas)`` serves the same chat API, web
+page and metrics with the planner over remote OpenAI-compatible engines (vLLM,
+SGLang, llama.cpp's server, another sotserve): no model is loaded here.
+``serve(args)`` is ``sotserve serve``: it loads the engine, or checks the
+``--backend`` engines, and serves until interrupted.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from aiohttp import web
 from engine import AsyncEngine
 from engine.cli_args import add_engine_args, engine_kwargs
 from engine.serve_loop import serve_app
-from engine.server import add_completion_routes, error_middleware
+from engine.server import APIError, add_completion_routes, error_middleware
+from sotserve.backends.base import BackendError
+from sotserve.backends.http import HTTPBackend, load_tokenizer
 from sotserve.backends.local import LocalBackend
+from sotserve.backends.replicas import ReplicaSet
 from sotserve.planner import Planner
 from sotserve.server.chat import ChatHandler
 from sotserve.server.limits import AdmissionGate, ServerLimits
-from sotserve.server.metrics import CONTENT_TYPE, Metrics
+from sotserve.server.metrics import CONTENT_TYPE, BackendCollector, Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 METRICS_KEY = web.AppKey("metrics", Metrics)
 PLANNER_KEY = web.AppKey("planner", Planner)
 WARM_UP_KEY = web.AppKey("warm_up", asyncio.Task)
+REPLICAS_KEY = web.AppKey("replicas", ReplicaSet)
 
 
 def _endpoint(request: web.Request) -> str:
@@ -86,7 +93,7 @@ def build_app(
         middlewares=[metrics_middleware, error_middleware],
         client_max_size=limits.max_request_bytes,
     )
-    metrics = Metrics(engine.stats)
+    metrics = Metrics(engine_stats=engine.stats)
     planner = Planner(LocalBackend(engine), **plan_defaults)
     app[METRICS_KEY] = metrics
     app[PLANNER_KEY] = planner
@@ -102,6 +109,92 @@ def build_app(
         return {"prompt_head_tokens": await planner.warm_up()}
 
     handlers.after_reset = rewarm
+    _mount_service(app, planner, handlers.model_name, limits, metrics, warm_up)
+    return app
+
+
+def build_remote_app(
+    replicas: ReplicaSet,
+    model_name: str | None = None,
+    limits: ServerLimits | None = None,
+    warm_up: bool = True,
+    **plan_defaults: Any,
+) -> web.Application:
+    """An app whose planner runs on ``replicas`` (remote engines); the app starts
+    their health checks (:meth:`ReplicaSet.start`: it fails if none answers) and
+    closes them.
+
+    ``GET /health`` is 200 while at least one replica is healthy (the body says which
+    are), else 503; ``/metrics`` adds per-backend requests, errors, time and cached
+    tokens; ``POST /reset_prefix_cache`` asks every replica to empty its cache
+    (vLLM's ``/reset_prefix_cache``, SGLang's ``/flush_cache``) and then caches the
+    prompt heads on each again."""
+    limits = limits or ServerLimits()
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware],
+        client_max_size=limits.max_request_bytes,
+    )
+    metrics = Metrics(backends=BackendCollector(lambda: replicas.replicas))
+    planner = Planner(replicas, **plan_defaults)
+    name = model_name or replicas.model_name
+    app[METRICS_KEY] = metrics
+    app[PLANNER_KEY] = planner
+    app[REPLICAS_KEY] = replicas
+    created = int(time.time())
+
+    async def start(app: web.Application) -> None:
+        await replicas.start()
+
+    async def stop(app: web.Application) -> None:
+        await replicas.close()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+
+    async def health(request: web.Request) -> web.Response:
+        states = {r.url: "ok" if r.healthy else "down" for r in replicas.replicas}
+        if replicas.healthy:
+            return web.json_response({"status": "ok", "backends": states})
+        names = ", ".join(states)
+        return APIError(503, f"no backend is healthy ({names})", type="server_error",
+                        code="backend_unavailable").response()  # fmt: skip
+
+    async def models(request: web.Request) -> web.Response:
+        card = {
+            "id": name, "object": "model", "created": created, "owned_by": "sotserve",
+            "root": replicas.model_name, "max_model_len": replicas.max_model_len,
+        }  # fmt: skip
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def reset_prefix_cache(request: web.Request) -> web.Response:
+        if WARM_UP_KEY in app:
+            await asyncio.gather(app[WARM_UP_KEY], return_exceptions=True)
+        done = await asyncio.gather(*(r.http.reset_prefix_cache() for r in replicas.replicas))
+        reset = {r.url: ok for r, ok in zip(replicas.replicas, done, strict=True)}
+        heads = 0
+        if request.query.get("prompt_heads", "true").lower() not in ("false", "0", "no"):
+            heads = await planner.warm_up()
+        status = 200 if any(done) else 501
+        body = {"status": "ok" if any(done) else "unsupported", "backends": reset,
+                "prompt_head_tokens": heads}  # fmt: skip
+        return web.json_response(body, status=status)
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+    _mount_service(app, planner, name, limits, metrics, warm_up)
+    return app
+
+
+def _mount_service(
+    app: web.Application,
+    planner: Planner,
+    model_name: str,
+    limits: ServerLimits,
+    metrics: Metrics,
+    warm_up: bool,
+) -> None:
+    """What both apps serve: chat, metrics, the web page, and the start-up warm-up."""
     if warm_up:
 
         async def start_warm_up(app: web.Application) -> None:
@@ -114,9 +207,9 @@ def build_app(
             await asyncio.gather(task, return_exceptions=True)
 
         app.on_startup.append(start_warm_up)
-        app.on_cleanup.append(stop_warm_up)
+        app.on_cleanup.insert(0, stop_warm_up)  # before the backends close
     gate = AdmissionGate(limits.max_concurrency, limits.max_queue)
-    chat = ChatHandler(planner, handlers.model_name, limits, gate, metrics)
+    chat = ChatHandler(planner, model_name, limits, gate, metrics)
     app.router.add_post("/v1/chat/completions", chat.handle)
 
     async def metrics_page(request: web.Request) -> web.Response:
@@ -128,7 +221,6 @@ def build_app(
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/", index)
     app.router.add_static("/static", STATIC_DIR)
-    return app
 
 
 async def _warm_up(planner: Planner) -> None:
@@ -145,6 +237,22 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id clients send")
+    g = p.add_argument_group(
+        "remote engines (instead of a local model)",
+        "With --backend the planner runs on OpenAI-compatible /v1/completions servers "
+        "(vLLM, SGLang, llama.cpp, sotserve); --model then names the model they serve "
+        "and its tokenizer (default: the first server's model).",
+    )
+    g.add_argument(
+        "--backend", action="append", default=[], metavar="URL",
+        help="a server's base URL; repeat for replicas of one model",
+    )  # fmt: skip
+    g.add_argument("--tokenizer", default=None, help="the model's tokenizer, if not --model")
+    g.add_argument("--backend-api-key", default=None, help="sent upstream as a bearer token")
+    g.add_argument(
+        "--backend-read-timeout", type=float, default=120.0,
+        help="seconds without a chunk before a stream counts as stalled (default 120)",
+    )  # fmt: skip
     add_engine_args(p)
     g = p.add_argument_group("request limits")
     d = ServerLimits()
@@ -184,6 +292,9 @@ def serve(args: argparse.Namespace) -> None:
         for k in ("mode", "max_points", "point_max_tokens", "router")
         if (v := getattr(args, k)) is not None
     }
+    if args.backend:
+        _serve_remote(args, limits, plan)
+        return
     logger.info("loading %s", args.model or "the embedded SmolLM2-135M-Instruct")
     engine = AsyncEngine(
         args.model, dtype=args.dtype, device=args.device, step_thread=False,
@@ -193,3 +304,66 @@ def serve(args: argparse.Namespace) -> None:
     ready = f"sotserve: serving {engine.model_name} at http://{args.host}:{args.port}/"
     # The line is printed once the socket listens, so scripts can wait for it.
     serve_app(engine, app, args.host, args.port, on_ready=lambda: print(ready, flush=True))
+
+
+def remote_replicas(args: argparse.Namespace) -> ReplicaSet:
+    """The ``--backend`` servers, checked: each must answer ``/v1/models`` (else
+    :class:`BackendError` naming it). The model is ``--model`` or the first server's."""
+    local = {k: v for k, v in engine_kwargs(args).items() if k != "max_model_len"}
+    local.update({k: getattr(args, k) for k in ("dtype", "device") if getattr(args, k) != "auto"})
+    if local:
+        flags = ", ".join("--" + k.replace("_", "-") for k in local)
+        raise ValueError(f"{flags}: not with --backend (the remote engines have their own)")
+
+    async def first_model() -> str:
+        probe = HTTPBackend(args.backend[0], "probe", tokenizer=object())
+        try:
+            cards = await probe.models()
+        finally:
+            await probe.close()
+        if not cards or not isinstance(cards[0].get("id"), str):
+            raise BackendError(f"{probe.url}: /v1/models lists no model")
+        return cards[0]["id"]
+
+    model = args.model or asyncio.run(first_model())
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or model)
+    except Exception as exc:  # not a local directory, GGUF or cached hub id
+        raise ValueError(
+            f"cannot load the tokenizer of {args.tokenizer or model!r} ({exc}); "
+            "pass --tokenizer with a local directory or GGUF file of the served model"
+        ) from exc
+    backends = [
+        HTTPBackend(
+            url,
+            model,
+            tokenizer,
+            api_key=args.backend_api_key,
+            read_timeout=args.backend_read_timeout,
+            max_model_len=args.max_model_len,
+        )
+        for url in args.backend
+    ]
+    replicas = ReplicaSet(backends)
+
+    async def check() -> None:
+        try:
+            await asyncio.gather(*(b.models() for b in backends))
+        finally:
+            await asyncio.gather(*(b.close() for b in backends))
+
+    asyncio.run(check())
+    return replicas
+
+
+def _serve_remote(args: argparse.Namespace, limits: ServerLimits, plan: dict[str, Any]) -> None:
+    replicas = remote_replicas(args)
+    app = build_remote_app(replicas, args.served_model_name, limits, **plan)
+    urls = ", ".join(args.backend)
+    ready = (
+        f"sotserve: serving {replicas.model_name} from {urls} at http://{args.host}:{args.port}/"
+    )
+    web.run_app(
+        app, host=args.host, port=args.port, print=lambda _: print(ready, flush=True),
+        access_log=None,
+    )  # fmt: skip

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.stats import EngineStats
+from sotserve.backends.replicas import Replica
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -66,10 +67,59 @@ class EngineCollector(Collector):
         )
 
 
-class Metrics:
-    """The server's metrics, in a registry of their own."""
+class BackendCollector(Collector):
+    """Per-backend counters and gauges of remote engines (``sotserve serve
+    --backend``), read from the replicas at each scrape, labelled by URL."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats] | None = None) -> None:
+    def __init__(self, replicas: Callable[[], list[Replica]]) -> None:
+        self._replicas = replicas
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        replicas = self._replicas()
+        counters = [
+            ("sotserve_backend_requests", "completion requests sent", "requests"),
+            ("sotserve_backend_errors", "completion requests that failed", "errors"),
+            ("sotserve_backend_request_seconds", "time spent in requests", "request_seconds"),
+            ("sotserve_backend_prompt_tokens", "prompt tokens sent", "prompt_tokens"),
+            (
+                "sotserve_backend_cached_prompt_tokens",
+                "prompt tokens the backend served from its prefix cache",
+                "cached_tokens",
+            ),
+            ("sotserve_backend_answers", "answers routed to the backend", "answers"),
+            (
+                "sotserve_backend_affinity_answers",
+                "answers routed there for the prefix it holds",
+                "affinity_hits",
+            ),
+        ]
+        for name, doc, field in counters:
+            family = CounterMetricFamily(name, doc, labels=["backend"])
+            for r in replicas:
+                family.add_metric([r.url], float(getattr(r.stats, field)))
+            yield family
+        up = GaugeMetricFamily(
+            "sotserve_backend_up", "1 while the backend is healthy", labels=["backend"]
+        )
+        busy = GaugeMetricFamily(
+            "sotserve_backend_in_flight", "requests running on the backend", labels=["backend"]
+        )
+        for r in replicas:
+            up.add_metric([r.url], 1.0 if r.healthy else 0.0)
+            busy.add_metric([r.url], float(r.in_flight))
+        yield up
+        yield busy
+
+
+class Metrics:
+    """The server's metrics, in a registry of their own: the engine's, read from
+    ``engine_stats``, or remote backends', from ``backends``."""
+
+    def __init__(
+        self,
+        engine_stats: Callable[[], EngineStats] | None = None,
+        backends: BackendCollector | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -114,6 +164,8 @@ class Metrics:
         )
         if engine_stats is not None:
             r.register(EngineCollector(engine_stats))
+        if backends is not None:
+            r.register(backends)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
