@@ -102,10 +102,10 @@ class HTTPBackend(Backend):
                 if r.status >= 400:
                     raise await _error_from(r, self.url)
                 cards = (await r.json(content_type=None)).get("data") or []
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailableError(f"{self.url}: {exc.__class__.__name__}: {exc}") from exc
         except TimeoutError as exc:
             raise BackendUnavailableError(f"{self.url}: timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailableError(f"{self.url}: {exc.__class__.__name__}: {exc}") from exc
         except (ValueError, AttributeError) as exc:
             raise BackendUnavailableError(f"{self.url}: /v1/models is not JSON", 502) from exc
         if self._max_model_len is None and cards and isinstance(cards[0], dict):
@@ -199,10 +199,10 @@ class HTTPBackend(Backend):
                         yield chunk
                     else:
                         finished = chunk  # held until the usage event that follows it
+        except TimeoutError as exc:  # aiohttp's read and connect timeouts are ones too
+            raise BackendUnavailableError(f"{url}: timed out waiting for the server") from exc
         except aiohttp.ClientError as exc:
             raise BackendUnavailableError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
-        except TimeoutError as exc:
-            raise BackendUnavailableError(f"{url}: timed out waiting for the server") from exc
         if finished is None:
             raise BackendUnavailableError(f"{url}: the stream ended without a finish_reason", 502)
         yield finished

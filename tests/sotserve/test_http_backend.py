@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
@@ -11,7 +12,9 @@ from engine import AsyncEngine
 from engine.server import build_app
 from sotserve.backends import (
     BackendError,
+    BackendOverloadedError,
     BackendRequestError,
+    BackendUnavailableError,
     CompletionParams,
     HTTPBackend,
     LocalBackend,
@@ -65,4 +68,108 @@ async def test_unreachable_server_is_a_backend_error(tokenizer):
     backend = HTTPBackend(f"http://127.0.0.1:{port}", tokenizer=tokenizer, timeout=5)
     with pytest.raises(BackendError, match=r"127\.0\.0\.1"):
         await chunks(backend, [1, 2], CompletionParams(max_tokens=2))
+    await backend.close()
+
+
+# -- failures a real engine cannot be made to produce on cue ------------------------------
+# A small aiohttp upstream stands in for vLLM here (faked: 429s, 5xx, stalls and a
+# given text stream cannot be had from a real engine on demand).
+
+
+def _sse(event: dict) -> bytes:
+    import json
+
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+@pytest.fixture
+async def upstream():
+    """Start a fake completions server with a handler; yields ``start(handler)``."""
+    runners = []
+
+    async def start(handler):
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for r in runners:
+        await r.cleanup()
+
+
+async def _streaming(request, texts, pause=0.0, finish="stop"):
+    import asyncio
+
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for t in texts:
+        await resp.write(_sse({"choices": [{"text": t, "finish_reason": None}]}))
+        await asyncio.sleep(pause)
+    await resp.write(_sse({"choices": [{"text": "", "finish_reason": finish}]}))
+    await resp.write(b"data: [DONE]\n\n")
+    return resp
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "gateway"),
+    [(429, BackendOverloadedError, None), (500, BackendUnavailableError, 502),
+     (503, BackendUnavailableError, 502)],
+)  # fmt: skip
+async def test_upstream_statuses_map_to_typed_errors(upstream, tokenizer, status, error, gateway):
+    async def handler(request):
+        return web.json_response({"error": {"message": "busy or broken"}}, status=status)
+
+    url = await upstream(handler)
+    backend = HTTPBackend(url, "m", tokenizer=tokenizer)
+    with pytest.raises(error, match=rf"127\.0\.0\.1.*HTTP {status}: busy or broken") as info:
+        await chunks(backend, [1, 2], CompletionParams(max_tokens=4))
+    if gateway is not None:
+        assert info.value.status == gateway
+    await backend.close()
+
+
+async def test_a_stalled_stream_times_out_between_chunks(upstream, tokenizer):
+    import time
+
+    async def handler(request):
+        with contextlib.suppress(ConnectionError):  # the client gave up: as it should
+            return await _streaming(request, [" one", " two"], pause=3)
+
+    url = await upstream(handler)
+    backend = HTTPBackend(url, "m", tokenizer=tokenizer, timeout=600, read_timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailableError, match="timed out") as info:
+        await chunks(backend, [1, 2], CompletionParams(max_tokens=4))
+    assert time.monotonic() - t0 < 2.5  # the read timeout, not the total one
+    assert info.value.status == 503
+    await backend.close()
+
+
+async def test_stop_strings_past_four_are_watched_here(upstream, tokenizer):
+    seen = {}
+
+    async def handler(request):
+        seen["body"] = await request.json()
+        try:
+            return await _streaming(request, [" Hello", " wo", "rld EN", "D and", " more"], 0.05)
+        except (ConnectionResetError, RuntimeError):
+            seen["aborted"] = True
+            raise
+
+    url = await upstream(handler)
+    backend = HTTPBackend(url, "m", tokenizer=tokenizer)
+    stops = ["s1", "s2", "s3", "s4", "END", "never"]
+    out = await chunks(backend, [1, 2], CompletionParams(max_tokens=50, stop=stops))
+    assert seen["body"]["stop"] == stops[:4]  # what OpenAI and vLLM accept
+    assert "".join(c.text for c in out) == " Hello world "
+    assert out[-1].finish_reason == "stop"
+    # without a watched stop in the text, everything comes through (held text too)
+    few = CompletionParams(max_tokens=50, stop=["a", "b", "c", "d", "ENDx"])
+    out = await chunks(backend, [1, 2], few)
+    assert "".join(c.text for c in out) == " Hello world END and more"
     await backend.close()
