@@ -26,6 +26,15 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(*args: str, timeout: float = 180.0) -> Iterator[str]:
     """``sotserve serve ARGS`` until the block ends; yields its base URL."""
+    with running_process(*args, timeout=timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_process(
+    *args: str, timeout: float = 180.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``sotserve serve ARGS`` until the block ends; yields its URL and process."""
     port = free_port()
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
@@ -51,7 +60,7 @@ def running_server(*args: str, timeout: float = 180.0) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"sotserve serve did not come up within {timeout} s")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.send_signal(signal.SIGINT)
         try:
