@@ -73,6 +73,7 @@ class HTTPBackend(Backend):
             total=timeout, sock_connect=10, sock_read=read_timeout
         )
         self._session: aiohttp.ClientSession | None = None
+        self._ids_accepted = True  # until the server refuses a token-id prompt
 
     @property
     def tokenizer(self) -> Any:
@@ -168,7 +169,23 @@ class HTTPBackend(Backend):
         stops = _StopWatch(watched)
         try:
             # Leaving this block early closes the connection, and the server aborts.
-            async with self._client().post(url, json=body) as resp:
+            if isinstance(prompt, list) and not self._ids_accepted:
+                body["prompt"] = self._tokenizer.decode(prompt)
+            resp = await self._client().post(url, json=body)
+            if resp.status in (400, 422, 500) and isinstance(prompt, list) and self._ids_accepted:
+                # llama.cpp's server (llama-cpp-python) takes text prompts only (and
+                # says so with a 500 naming body.prompt). Its
+                # tokenizer reads the chat template's special tokens back from the
+                # text, so the ids come out the same; ids stay the first choice, for
+                # servers that re-tokenize text differently.
+                error = await _error_from(resp, self.url)
+                if "prompt" in str(error):
+                    self._ids_accepted = False
+                    body["prompt"] = self._tokenizer.decode(prompt)
+                    resp = await self._client().post(url, json=body)
+                else:
+                    raise error
+            async with resp:
                 if resp.status >= 400:
                     raise await _error_from(resp, self.url)
                 async for event in _sse_events(resp, self.url):
@@ -281,6 +298,8 @@ async def _error_from(resp: aiohttp.ClientResponse, server: str) -> BackendError
             message = err
     except (json.JSONDecodeError, AttributeError):
         pass
+    if len(message) > 500:  # a validation error may list every token of the prompt
+        message = message[:500] + "..."
     message = f"{server}: HTTP {resp.status}: {message}"
     if resp.status == 429:
         return BackendOverloadedError(message)

@@ -116,11 +116,12 @@ class Replica(Backend):
                         self.stats.prompt_tokens += chunk.prompt_tokens or 0
                         self.stats.cached_tokens += chunk.cached_tokens or 0
                     yield chunk
-        except BackendUnavailableError:
+        except BackendUnavailableError as exc:
             self.stats.errors += 1
-            if self.healthy:
-                logger.warning("backend %s failed; skipping it until it answers", self.url)
-            self.healthy = False
+            if exc.status == 503:  # not reached, or stalled (an error reply: it is up)
+                if self.healthy:
+                    logger.warning("backend %s failed; skipping it until it answers", self.url)
+                self.healthy = False
             raise
         except BackendError:
             self.stats.errors += 1
@@ -207,7 +208,11 @@ class ReplicaSet(Backend):
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.health_interval)
-            await asyncio.gather(*(r.check() for r in self.replicas), return_exceptions=True)
+            # A replica with requests running is judged by them (a failure marks it
+            # down at once); a probe could only wait behind them on a server that
+            # takes one request at a time, such as llama-cpp-python's.
+            idle = [r for r in self.replicas if r.in_flight == 0 or not r.healthy]
+            await asyncio.gather(*(r.check() for r in idle), return_exceptions=True)
 
     def for_answer(self, prompt: list[int]) -> Backend:
         up = self.healthy
