@@ -9,6 +9,11 @@ import asyncio
 import pytest
 from scripted_backend import ScriptedBackend, point_prompt_parents
 
+from sotserve.backends import (
+    BackendOverloadedError,
+    BackendRequestError,
+    BackendUnavailableError,
+)
 from sotserve.planner import InvalidQuestionError, Planner, PlannerError
 from sotserve.schemas import (
     AnswerDelta,
@@ -213,6 +218,34 @@ async def test_backend_error_mid_stream_is_an_error_event_and_no_hang(tokenizer)
     assert all(c.ended is not None for c in backend.calls)  # every request was closed
     with pytest.raises(PlannerError, match="backend went away"):
         await planner.answer("Q?", mode="sot")
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "error_code"),
+    [
+        (BackendOverloadedError("HTTP 429: busy"), "overloaded", None),
+        (BackendUnavailableError("HTTP 500: broke", 502), "backend_unavailable", "bad_gateway"),
+        (BackendUnavailableError("refused"), "backend_unavailable", "backend_unavailable"),
+        # a remote server refusing what the planner built: our bug, not the caller's
+        (BackendRequestError("HTTP 400: bad", "logit_bias", upstream=True), "backend_error",
+         None),
+        # unless the prompt was too long for it
+        (BackendRequestError("HTTP 400: too long", None, "context_length_exceeded",
+                             upstream=True), "invalid_request", "context_length_exceeded"),
+        (BackendRequestError("engine: bad", "max_tokens"), "invalid_request", None),
+    ],
+)  # fmt: skip
+async def test_backend_failures_end_the_answer_with_their_kind(tokenizer, error, code, error_code):
+    def point_text(call):
+        if call.point == 2:
+            return [" half"], error
+        return [" fine."]
+
+    backend = ScriptedBackend(tokenizer, script_for(point_text=point_text), delay=0.0)
+    events = await asyncio.wait_for(collect(Planner(backend), "Q?", mode="sot"), 10)
+    last = events[-1]
+    assert isinstance(last, ErrorEvent)
+    assert (last.code, last.error_code) == (code, error_code)
 
 
 async def test_closing_the_stream_aborts_every_request(tokenizer):

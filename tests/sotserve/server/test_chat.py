@@ -238,3 +238,18 @@ async def test_reset_caches_the_prompt_heads_again_unless_told_not_to(http, toke
         out = await resp.json()
     assert resp.status == 200 and out["prompt_head_tokens"] == 0
     assert await cached_tokens_of_the_skeleton_prompt() == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "error_code", "status"),
+    [("invalid_request", "context_length_exceeded", 400), ("overloaded", None, 429),
+     ("backend_unavailable", "bad_gateway", 502),
+     ("backend_unavailable", "backend_unavailable", 503), ("backend_error", None, 500)],
+)  # fmt: skip
+def test_answer_error_kinds_become_gateway_statuses(code, error_code, status):
+    from sotserve.schemas import ErrorEvent
+    from sotserve.server.chat import _error_api
+
+    err = _error_api(ErrorEvent(message="m", code=code, error_code=error_code))
+    assert err.status == status
+    assert err.body()["error"]["message"] == "m"
