@@ -61,6 +61,9 @@ async def check_every_mode(front: str) -> None:
         if mode in ("sot", "graph"):
             assert info.mode == mode and len(info.points) >= 2, (mode, text)
             assert all(f"**{p.title}**" in text for p in info.points)
+            # every point says something: the peer honoured the point's bans and
+            # sampling (llama-cpp-python drops logit_bias beside min_tokens)
+            assert all(len(p.text.split()) >= 3 for p in info.points), info.points
 
 
 async def check_killed_mid_answer(front: str, peer: subprocess.Popen[bytes], peer_url: str) -> None:

@@ -119,6 +119,15 @@ class HTTPBackend(Backend):
             self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
         return self._session
 
+    def _as_text(self, body: dict[str, Any], prompt: list[int]) -> None:
+        """Make ``body`` fit a server that takes text prompts only: llama-cpp-python's.
+        Its ``min_tokens`` (0.3.36) replaces the request's ``logit_bias`` rather than
+        adding to it, so a request with both keeps the bans (a point's bar on line
+        breaks matters more than its minimum length)."""
+        body["prompt"] = self._tokenizer.decode(prompt)
+        if "logit_bias" in body:
+            body.pop("min_tokens", None)
+
     async def reset_prefix_cache(self) -> bool:
         """Ask the server to empty its prefix cache: vLLM's ``/reset_prefix_cache``
         (served with ``VLLM_SERVER_DEV_MODE=1``) and sotserve's, or SGLang's
@@ -170,7 +179,7 @@ class HTTPBackend(Backend):
         try:
             # Leaving this block early closes the connection, and the server aborts.
             if isinstance(prompt, list) and not self._ids_accepted:
-                body["prompt"] = self._tokenizer.decode(prompt)
+                self._as_text(body, prompt)
             resp = await self._client().post(url, json=body)
             if resp.status in (400, 422, 500) and isinstance(prompt, list) and self._ids_accepted:
                 # llama.cpp's server (llama-cpp-python) takes text prompts only (and
@@ -181,7 +190,7 @@ class HTTPBackend(Backend):
                 error = await _error_from(resp, self.url)
                 if "prompt" in str(error):
                     self._ids_accepted = False
-                    body["prompt"] = self._tokenizer.decode(prompt)
+                    self._as_text(body, prompt)
                     resp = await self._client().post(url, json=body)
                 else:
                     raise error

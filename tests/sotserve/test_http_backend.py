@@ -173,3 +173,32 @@ async def test_stop_strings_past_four_are_watched_here(upstream, tokenizer):
     out = await chunks(backend, [1, 2], few)
     assert "".join(c.text for c in out) == " Hello world END and more"
     await backend.close()
+
+
+async def test_a_server_that_refuses_token_ids_gets_text(upstream, tokenizer):
+    # as llama-cpp-python answers a token-id prompt: a 500 naming body.prompt
+    bodies = []
+
+    async def handler(request):
+        body = await request.json()
+        bodies.append(body)
+        if isinstance(body["prompt"], list):
+            msg = "validation errors: ('body', 'prompt', 'str') Input should be a valid string"
+            return web.json_response({"error": {"message": msg}}, status=500)
+        return await _streaming(request, [" ok"])
+
+    url = await upstream(handler)
+    backend = HTTPBackend(url, "m", tokenizer=tokenizer)
+    ids = tokenizer.encode("<|im_start|>user\nHi<|im_end|>", add_special_tokens=False)
+    params = CompletionParams(max_tokens=4, min_tokens=2, logit_bias={198: -100.0})
+    for _ in range(2):
+        out = await chunks(backend, ids, params)
+        assert "".join(c.text for c in out) == " ok"
+    assert isinstance(bodies[0]["prompt"], list)
+    # then text, with the chat template's special tokens as written, and without
+    # min_tokens, which would drop that server's logit_bias
+    for body in bodies[1:]:
+        assert body["prompt"] == "<|im_start|>user\nHi<|im_end|>"
+        assert body["logit_bias"] == {"198": -100.0} and "min_tokens" not in body
+    assert len(bodies) == 3  # the refusal is learnt once
+    await backend.close()
