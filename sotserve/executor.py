@@ -255,7 +255,11 @@ class PointExecutor:
                         # nothing. The last attempt keeps what it has.
                         steer = attempt == 0 and isinstance(prompt, list)
                         kept, wrong = _split_at_cut(pieces, writer, steer)
-                        if wrong is not None:
+                        if wrong is None and writer.says_nothing:
+                            # no token ids to bar (a text-only server): the likely
+                            # culprit of an empty point is the model ending at once
+                            wrong = getattr(self.backend.tokenizer, "eos_token_id", None)
+                        if isinstance(wrong, int):
                             banned[wrong] = -100.0
                         continue
                     await self._show(point.index, writer.finish())

@@ -298,3 +298,19 @@ async def test_points_still_running_when_most_have_ended_wrap_up(tokenizer, shar
         assert next(c for c in backend.calls if c.point == 3).closed_early
     else:
         assert sentences == 10
+
+
+async def test_a_point_that_ends_at_once_is_retried_with_the_end_barred(tokenizer):
+    # nothing at all, so no token to bar: the end of text is
+    def pieces(call):
+        return [] if len([c for c in backend.calls if c.point == 1]) == 1 else [" Now it talks."]
+
+    ex, backend, queue, _ = make(tokenizer, pieces, point_max=20)
+    ex.add(P(1))
+    ex.close()
+    events = await drain(ex, queue)
+    done = next(e for e in events if isinstance(e, PointFinished))
+    assert done.text == "Now it talks." and done.requests == 2
+    first, second = backend.calls
+    assert tokenizer.eos_token_id not in first.params.logit_bias
+    assert second.params.logit_bias[tokenizer.eos_token_id] == -100.0
