@@ -36,36 +36,49 @@ def running_process(
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``sotserve serve ARGS`` until the block ends; yields its URL and process."""
     port = free_port()
+    argv = [sys.executable, "-m", "sotserve", "serve", "--port", str(port), *args]
+    with served_process(
+        argv, port, "/health", {"HF_HUB_OFFLINE": "1"}, timeout, "sotserve serve"
+    ) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def served_process(
+    argv: list[str], port: int, ready_path: str, env: dict[str, str], timeout: float, name: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Start a server (``argv``, listening on ``port``) in a process group of its own
+    and wait until ``ready_path`` answers 200; yields its URL and process, and stops
+    the whole group (a server's workers too) afterwards."""
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sotserve", "serve", "--port", str(port), *args],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+        argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+        start_new_session=True,
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"sotserve serve exited with {proc.returncode}:\n{log.read()}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read()[-4000:]}")
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                with urllib.request.urlopen(f"{url}{ready_path}", timeout=2) as resp:
                     if resp.status == 200:
                         break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"sotserve serve did not come up within {timeout} s")
+                log.seek(0)
+                raise TimeoutError(f"{name} not ready within {timeout} s:\n{log.read()[-4000:]}")
             time.sleep(0.5)
         yield url, proc
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         log.close()

@@ -193,7 +193,7 @@ class ReplicaSet(Backend):
         return [r for r in self.replicas if r.healthy]
 
     def members(self) -> list[Backend]:
-        return [r for r in self.replicas if r.healthy]
+        return list(self.healthy)
 
     async def start(self) -> None:
         """Check every replica once (raises :class:`BackendUnavailableError` naming

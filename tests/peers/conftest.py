@@ -10,18 +10,13 @@ these tests for a quick local run, and says so.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
-import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live_server import free_port
+from live_server import free_port, served_process
 
 PEERS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sotserve" / "peers"
 VLLM_PYTHON = Path(
@@ -43,48 +38,6 @@ def _need(python: Path, what: str) -> None:
     pytest.fail(msg)
 
 
-@contextlib.contextmanager
-def peer_process(
-    argv: list[str], env: dict[str, str], port: int, timeout: float
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Start a peer server and wait until ``/v1/models`` answers; yields its URL and
-    process, and stops it afterwards."""
-    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-        start_new_session=True,  # its workers go down with it
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(
-                    f"{argv[2]} exited with {proc.returncode}:\n{log.read()[-4000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                raise TimeoutError(f"{argv[2]} not ready within {timeout} s:\n{log.read()[-4000:]}")
-            time.sleep(1)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def vllm_server(smollm2_dir) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """vLLM's CPU build serving the embedded model (its safetensors directory)."""
@@ -97,7 +50,7 @@ def vllm_server(smollm2_dir) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     ]  # fmt: skip
     # DEV_MODE: /reset_prefix_cache, which the harness uses for cold-cache runs
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_SERVER_DEV_MODE": "1"}
-    with peer_process(argv, env, port, timeout=420) as served:
+    with served_process(argv, port, "/v1/models", env, 420, "vLLM") as served:
         yield served
 
 
@@ -115,5 +68,5 @@ def llama_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         # each other off; this way they queue
         "--interrupt_requests", "False",
     ]  # fmt: skip
-    with peer_process(argv, {}, port, timeout=120) as served:
+    with served_process(argv, port, "/v1/models", {}, 120, "llama.cpp's server") as served:
         yield served

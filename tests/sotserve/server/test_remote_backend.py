@@ -114,4 +114,4 @@ async def test_a_backend_that_dies_mid_answer_fails_cleanly_and_the_front_keeps_
             "--served-model-name", "front",
         ) as front,
     ):  # fmt: skip
-        await check_killed_mid_answer(front, engine, engine_url, group=False)
+        await check_killed_mid_answer(front, engine, engine_url)
