@@ -39,7 +39,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 METRICS_KEY = web.AppKey("metrics", Metrics)
 PLANNER_KEY = web.AppKey("planner", Planner)
 WARM_UP_KEY = web.AppKey("warm_up", asyncio.Task)
-REPLICAS_KEY = web.AppKey("replicas", ReplicaSet)
 
 
 def _endpoint(request: web.Request) -> str:
@@ -100,13 +99,7 @@ def build_app(
     handlers = add_completion_routes(app, engine, model_name)
 
     async def rewarm(request: web.Request) -> dict[str, int]:
-        if WARM_UP_KEY in app:
-            # a start-up warm-up still in flight would cache its heads after the reset
-            # returned; let it end, so nothing runs once the caller hears back
-            await asyncio.gather(app[WARM_UP_KEY], return_exceptions=True)
-        if request.query.get("prompt_heads", "true").lower() in ("false", "0", "no"):
-            return {"prompt_head_tokens": 0}
-        return {"prompt_head_tokens": await planner.warm_up()}
+        return {"prompt_head_tokens": await _rewarm(app, planner, request)}
 
     handlers.after_reset = rewarm
     _mount_service(app, planner, handlers.model_name, limits, metrics, warm_up)
@@ -134,12 +127,11 @@ def build_remote_app(
         middlewares=[metrics_middleware, error_middleware],
         client_max_size=limits.max_request_bytes,
     )
-    metrics = Metrics(backends=BackendCollector(lambda: replicas.replicas))
+    metrics = Metrics(backends=BackendCollector(replicas.replicas))
     planner = Planner(replicas, **plan_defaults)
     name = model_name or replicas.model_name
     app[METRICS_KEY] = metrics
     app[PLANNER_KEY] = planner
-    app[REPLICAS_KEY] = replicas
     created = int(time.time())
 
     async def start(app: web.Application) -> None:
@@ -167,13 +159,9 @@ def build_remote_app(
         return web.json_response({"object": "list", "data": [card]})
 
     async def reset_prefix_cache(request: web.Request) -> web.Response:
-        if WARM_UP_KEY in app:
-            await asyncio.gather(app[WARM_UP_KEY], return_exceptions=True)
         done = await asyncio.gather(*(r.http.reset_prefix_cache() for r in replicas.replicas))
         reset = {r.url: ok for r, ok in zip(replicas.replicas, done, strict=True)}
-        heads = 0
-        if request.query.get("prompt_heads", "true").lower() not in ("false", "0", "no"):
-            heads = await planner.warm_up()
+        heads = await _rewarm(app, planner, request)
         status = 200 if any(done) else 501
         body = {"status": "ok" if any(done) else "unsupported", "backends": reset,
                 "prompt_head_tokens": heads}  # fmt: skip
@@ -184,6 +172,18 @@ def build_remote_app(
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     _mount_service(app, planner, name, limits, metrics, warm_up)
     return app
+
+
+async def _rewarm(app: web.Application, planner: Planner, request: web.Request) -> int:
+    """After a prefix-cache reset: cache the prompt heads again, unless the request
+    says ``?prompt_heads=false``; returns the head tokens sent."""
+    if WARM_UP_KEY in app:
+        # a start-up warm-up still in flight would cache its heads after the reset
+        # returned; let it end, so nothing runs once the caller hears back
+        await asyncio.gather(app[WARM_UP_KEY], return_exceptions=True)
+    if request.query.get("prompt_heads", "true").lower() in ("false", "0", "no"):
+        return 0
+    return await planner.warm_up()
 
 
 def _mount_service(
@@ -316,6 +316,7 @@ def remote_replicas(args: argparse.Namespace) -> ReplicaSet:
         raise ValueError(f"{flags}: not with --backend (the remote engines have their own)")
 
     async def first_model() -> str:
+        # listing models needs no tokenizer, and which one to load is what it tells
         probe = HTTPBackend(args.backend[0], "probe", tokenizer=object())
         try:
             cards = await probe.models()

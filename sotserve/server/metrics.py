@@ -9,7 +9,7 @@ several servers can live in one process (as in the tests).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -71,11 +71,11 @@ class BackendCollector(Collector):
     """Per-backend counters and gauges of remote engines (``sotserve serve
     --backend``), read from the replicas at each scrape, labelled by URL."""
 
-    def __init__(self, replicas: Callable[[], list[Replica]]) -> None:
+    def __init__(self, replicas: Sequence[Replica]) -> None:
         self._replicas = replicas
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        replicas = self._replicas()
+        replicas = self._replicas
         counters = [
             ("sotserve_backend_requests", "completion requests sent", "requests"),
             ("sotserve_backend_errors", "completion requests that failed", "errors"),
