@@ -49,7 +49,7 @@ def vllm_server(smollm2_dir) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     # DEV_MODE: /reset_prefix_cache, which the harness uses for cold-cache runs
-    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_SERVER_DEV_MODE": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_SERVER_DEV_MODE": "1", "HF_HUB_OFFLINE": "1"}
     with served_process(argv, port, "/v1/models", env, 420, "vLLM") as served:
         yield served
 
