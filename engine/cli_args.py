@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from engine.errors import DEFAULT_STEP_TIMEOUT_S
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine limits and execution options, as one argument group."""
@@ -40,10 +42,35 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--cuda-graph-max-batch", type=int, default=None,
         help="largest decode batch replayed as a CUDA graph (default 64)",
     )  # fmt: skip
+    g.add_argument(
+        "--step-timeout", type=_seconds, default=None, metavar="SECONDS",
+        help="a watchdog marks the engine dead, failing every request and turning "
+        "/health to 503, when one engine step runs longer than this (a stuck kernel, a "
+        f"deadlock); default {DEFAULT_STEP_TIMEOUT_S:g}, 0 turns the watchdog off",
+    )  # fmt: skip
+    g.add_argument(
+        "--keep-alive-on-engine-death", action="store_true",
+        help="when the engine dies, keep serving (/health 503, every request fails fast) "
+        "until SIGINT/SIGTERM instead of exiting non-zero for a supervisor to restart "
+        "the server (vLLM's flag)",
+    )  # fmt: skip
+
+
+def _seconds(text: str) -> float:
+    """A duration in seconds for argparse: a finite number, not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a positive number: {text!r}")
+    return value
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The options given on the command line, as keyword arguments of ``LLMEngine``."""
+    """The options given on the command line, as keyword arguments of ``AsyncEngine``
+    (``LLMEngine``'s, plus ``step_timeout``); an option left out keeps the engine's
+    default, so an empty dict means no engine option was given."""
     kwargs: dict[str, Any] = {
         k: v
         for k in ("max_model_len", "max_batched_tokens", "max_running", "kv_slots",
@@ -56,4 +83,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["shared_prefix_min_tokens"] = args.shared_prefix_min_tokens or None
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
+    if args.step_timeout is not None:
+        kwargs["step_timeout"] = args.step_timeout or None  # 0: no watchdog
     return kwargs
+
+
+def serve_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :func:`engine.serve_loop.serve_app` given on the command line:
+    ``serve_app(engine, app, host, port, **serve_kwargs(args))``."""
+    return {"keep_alive_on_engine_death": bool(args.keep_alive_on_engine_death)}

@@ -51,6 +51,7 @@ def aengine(tiny_llama_dir):
     yield eng
     eng.close()
     assert not eng._thread.is_alive()
+    assert not eng.is_alive
 
 
 @pytest.fixture(scope="module")
@@ -407,3 +408,32 @@ async def test_reset_keeps_the_prefix_a_running_request_locks(aengine):
     await gen.aclose()
     await aengine.reset_prefix_cache()
     assert await aengine.cached_prefix_len(prompt) == 0
+
+
+# -- liveness and tokenizing, without reaching into the engine --------------------------------
+async def test_is_alive_while_serving(aengine):
+    assert aengine.is_alive
+    assert aengine.failure is None
+
+
+async def test_tokenize_matches_what_generate_runs(aengine, tokenizer):
+    text = "héllo wörld, tokenize me"
+    assert await aengine.tokenize(text) == tokenizer.encode(text, add_special_tokens=False)
+    assert await aengine.tokenize([5, 6, 7]) == [5, 6, 7]
+    # a long prompt goes to a worker thread; same ids
+    long_text = "All work and no play makes Jack a dull boy. " * 200
+    assert len(long_text) > 4096
+    assert await aengine.tokenize(long_text) == aengine.engine.tokenize(long_text)
+    with pytest.raises(engine.InvalidRequestError):
+        await aengine.tokenize(12345)
+    messages = [{"role": "user", "content": "Hi there"}]
+    assert await aengine.tokenize_chat(messages) == aengine.apply_chat_template(messages)
+    with pytest.raises(engine.InvalidRequestError):
+        await aengine.tokenize_chat([])
+
+
+async def test_long_prompt_is_tokenized_off_the_loop_and_still_checked(aengine):
+    long_text = "word " * 2000  # over the inline limit, and far over the context
+    with pytest.raises(engine.ContextLengthExceededError):
+        await anext(aengine.generate(long_text))
+    assert aengine.is_alive

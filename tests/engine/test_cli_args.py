@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from engine.cli_args import add_engine_args, engine_kwargs
+from engine.cli_args import add_engine_args, engine_kwargs, serve_kwargs
 from engine.config import EngineConfig
 
 
@@ -38,6 +38,23 @@ def test_options_map_to_engine_kwargs():
 
 def test_zero_turns_the_shared_prefix_path_off():
     assert _parse("--shared-prefix-min-tokens", "0") == {"shared_prefix_min_tokens": None}
+
+
+def test_step_timeout_maps_to_the_engine_and_zero_turns_the_watchdog_off():
+    assert _parse("--step-timeout", "2.5") == {"step_timeout": 2.5}
+    assert _parse("--step-timeout", "0") == {"step_timeout": None}
+    for bad in ("-1", "soon", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            _parse("--step-timeout", bad)
+
+
+def test_keep_alive_on_engine_death_is_a_serve_option():
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert serve_kwargs(p.parse_args([])) == {"keep_alive_on_engine_death": False}
+    args = p.parse_args(["--keep-alive-on-engine-death"])
+    assert serve_kwargs(args) == {"keep_alive_on_engine_death": True}
+    assert engine_kwargs(args) == {}  # not the engine's business
 
 
 def test_unknown_quantization_is_refused():
