@@ -12,6 +12,18 @@
 Point prompts continue the skeleton request's exact token ids (its prompt, then
 its reply up to the last point line), so the backend's radix cache serves all but
 the point-specific tail of each point prompt.
+
+The request's system (and developer) messages hold in every mode: a plain answer
+renders the chat as it is, and every template prompt (router, skeleton, and so
+every point, which continues the skeleton request) opens with them
+(:func:`sotserve.prompt_heads.template_messages`).
+
+Everything that can be known before the first event is checked before it: a chat
+too long for the backend's context is an ``error`` event first (a 400 for the HTTP
+layer, not an error inside a 200 stream), and a question too long for a skeleton
+(its prompt and tokens, or the longest point prompt and a point's tokens) is
+answered sequentially from the start, the ``done`` event's ``fallback`` (or, in
+``auto`` mode, the route's reason) saying why.
 """
 
 from __future__ import annotations
@@ -43,7 +55,13 @@ from sotserve.executor import (
 )
 from sotserve.merge import InOrderMerger, PreviewMismatchError
 from sotserve.point_text import barred_point_token_ids
-from sotserve.prompt_heads import prompt_heads, warm_prompt_heads
+from sotserve.prompt_heads import (
+    SYSTEM_ROLES,
+    prompt_heads,
+    system_text,
+    template_messages,
+    warm_prompt_heads,
+)
 from sotserve.router import route_by_model, route_by_rules
 from sotserve.schemas import (
     AnswerDelta,
@@ -92,6 +110,16 @@ class InvalidQuestionError(PlannerError, ValueError):
         super().__init__(message, "invalid_request")
 
 
+class PointPromptTooLongError(PlannerError):
+    """A point's prompt leaves the context too little room for the point: the plan
+    falls back to sequential decoding (never an error of the answer)."""
+
+
+# The templates of each skeleton mode: the skeleton request's and its points'.
+_SKELETON_TEMPLATE: dict[ResolvedMode, str] = {"sot": "skeleton", "graph": "graph"}
+_POINT_TEMPLATE: dict[ResolvedMode, str] = {"sot": "point", "graph": "graph_point"}
+
+
 class Planner:
     """Answers questions on ``backend``; ``options`` are :class:`PlanOptions` defaults."""
 
@@ -132,6 +160,15 @@ class Planner:
             async for event in events:
                 yield event
 
+    def context_needed(
+        self, question: str | list[Message], mode: ResolvedMode = "sot", **overrides: Any
+    ) -> int:
+        """The context length a skeleton answer of ``question`` in ``mode`` needs, by
+        the estimate the planner checks before it plans: on a backend with a shorter
+        ``max_model_len`` it answers sequentially (the ``done`` event says why)."""
+        run = _AnswerRun(self, _as_messages(question), self.resolve_options(mode, **overrides))
+        return run.plan_needs(mode)[1]
+
     async def answer(
         self, question: str | list[Message], mode: Mode | None = None, **overrides: Any
     ) -> Done:
@@ -151,7 +188,11 @@ def _as_messages(question: str | list[Message]) -> list[Message]:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in question
     ):
-        messages = [{"role": m["role"], "content": m["content"]} for m in question]
+        # "developer" is OpenAI's newer name for "system"; chat templates know only that
+        messages = [
+            {"role": "system" if m["role"] in SYSTEM_ROLES else m["role"], "content": m["content"]}
+            for m in question
+        ]
     else:
         raise InvalidQuestionError("question must be a string or a list of chat messages")
     users = [m for m in messages if m["role"] == "user"]
@@ -161,7 +202,11 @@ def _as_messages(question: str | list[Message]) -> list[Message]:
 
 
 def question_text(messages: list[Message]) -> str:
-    """The question a skeleton is planned for: the last user turn, with earlier turns."""
+    """The question a skeleton is planned for: the last user turn, with earlier turns.
+
+    System messages are not part of it: they open the template prompts as system
+    text (:func:`sotserve.prompt_heads.template_messages`), and the rules router
+    reads the question's wording only."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "user")
     earlier = [m for m in messages[:last] if m["role"] in ("user", "assistant")]
     question = messages[last]["content"].strip()
@@ -217,7 +262,11 @@ class _AnswerRun:
         self.renderer = planner.renderer
         self.point_bans = planner.point_bans
         self.messages = messages
+        self.system = system_text(messages)  # opens every template prompt
+        self.chat_ids: list[int] = []  # the plain answer's prompt, rendered in run()
         self.opts = opts
+        self._skeletons: dict[ResolvedMode, _Skeleton] = {}
+        self._needs: dict[ResolvedMode, tuple[int, int]] = {}
         self.t0 = time.perf_counter()
         self.usage = Usage()
         self.budget = TokenBudget(opts.max_tokens)
@@ -253,20 +302,31 @@ class _AnswerRun:
 
     async def run(self) -> AsyncIterator[Event]:
         try:
+            self.chat_ids = self.renderer.render(self.messages)
             # one replica for every request of the answer, so they share its cache
-            self.backend = self.backend.for_answer(self.renderer.render(self.messages))
+            self.backend = self.backend.for_answer(self.chat_ids)
+            limit = self.backend.max_model_len
+            if limit is not None and len(self.chat_ids) >= limit:
+                # Said first, before any backend request: the HTTP layer can still
+                # answer 400. (Every skeleton prompt holds the chat too, and a plan
+                # may fall back to it, so this goes for every mode.)
+                yield ErrorEvent(
+                    message=f"the messages have {len(self.chat_ids)} tokens; this model's "
+                    f"context length is {limit}", code="invalid_request", param="messages",
+                    error_code="context_length_exceeded",
+                )  # fmt: skip
+                return
             mode = self.opts.mode
             if mode == "auto":
-                question = question_text(self.messages)
-                if self.opts.router == "model":
-                    self.route = await route_by_model(
-                        self.backend, self.renderer, question, self.usage
-                    )
-                else:
-                    self.route = route_by_rules(question)
+                self.route = await self._route()
                 self.route_s = self._elapsed()
                 mode = self.route.mode
-            body = self._sequential(None) if mode == "sequential" else self._planned(mode)
+            if mode == "sequential":
+                body = self._sequential(None)
+            elif (misfit := self.misfit(mode)) is not None:
+                body = self._too_long_for_a_plan(misfit)  # said before the first request
+            else:
+                body = self._planned(mode)
             async with contextlib.aclosing(body) as events:
                 async for event in events:
                     yield event
@@ -298,14 +358,104 @@ class _AnswerRun:
         if self.executor is not None:
             await self.executor.cancel()
 
+    async def _route(self) -> RouteDecision:
+        """``auto``'s choice. A question too long for either kind of skeleton is
+        answered sequentially without asking the router (whose answer could not be
+        used, and whose prompt holds the question too)."""
+        sot_misfit = self.misfit("sot")
+        if sot_misfit is not None and self.misfit("graph") is not None:
+            return RouteDecision(
+                mode="sequential", source="rules", reason=f"too long for a skeleton: {sot_misfit}"
+            )
+        question = question_text(self.messages)
+        if self.opts.router == "model":
+            return await route_by_model(
+                self.backend, self.renderer, question, self.usage, system=self.system
+            )
+        return route_by_rules(question)
+
+    # -- fitting the context -------------------------------------------------------------
+    def skeleton(self, mode: ResolvedMode) -> _Skeleton:
+        """The skeleton request of ``mode`` (rendered once: the fit check and the plan
+        both use it)."""
+        if mode not in self._skeletons:
+            messages = template_messages(
+                _SKELETON_TEMPLATE[mode], self.system, question=question_text(self.messages)
+            )
+            turns, prefill = prompts.split_prefill(messages)
+            ids = self.renderer.render(messages)
+            self._skeletons[mode] = _Skeleton(turns, ids, prefill, text=prefill)
+        return self._skeletons[mode]
+
+    def skeleton_tokens(self) -> int:
+        """What the skeleton request may generate: at most half the answer's budget
+        (the points share the rest)."""
+        return min(self.opts.skeleton_max_tokens, self.opts.max_tokens // 2)
+
+    def point_tokens(self) -> int:
+        """What one point request may generate: its cap, within the answer's budget."""
+        return min(self.opts.point_max_tokens, self.opts.max_tokens)
+
+    def plan_needs(self, mode: ResolvedMode) -> tuple[int, int]:
+        """Context tokens the skeleton request needs (its prompt and tokens) and the
+        longest point request is expected to need.
+
+        A point prompt is the skeleton prompt, the skeleton's reply (at most
+        :meth:`skeleton_tokens`) and the point's turn; the estimate renders that turn
+        for the last point with an empty title (and, in graph mode, no parents'
+        texts, which :meth:`_Plan.build_prompt` shortens to fit). The titles are in
+        the reply already; a point whose turn repeats a very long one may still not
+        fit, and the plan then falls back when that point is due.
+        """
+        if mode not in self._needs:  # auto mode asks before and after routing
+            skel = self.skeleton(mode)
+            values = {"index": self.opts.max_points, "title": "", "parents": "(none)"}
+            turn = prompts.load(_POINT_TEMPLATE[mode]).messages(**values)
+            tail = self.renderer.continuation(skel.messages, turn)
+            skeleton_need = len(skel.prompt_ids) + self.skeleton_tokens()
+            self._needs[mode] = (skeleton_need, skeleton_need + len(tail) + self.point_tokens())
+        return self._needs[mode]
+
+    def misfit(self, mode: ResolvedMode) -> str | None:
+        """Why a skeleton answer in ``mode`` cannot fit the backend's context, or None."""
+        limit = self.backend.max_model_len
+        if limit is None:
+            return None
+        skeleton_need, point_need = self.plan_needs(mode)
+        if skeleton_need > limit:
+            n = len(self.skeleton(mode).prompt_ids)
+            return (
+                f"the skeleton prompt ({n} tokens) and its {self.skeleton_tokens()} tokens "
+                f"exceed the context length ({limit})"
+            )
+        if point_need > limit:
+            return (
+                f"a point prompt ({point_need - self.point_tokens()} tokens) and its "
+                f"{self.point_tokens()} tokens exceed the context length ({limit})"
+            )
+        return None
+
+    async def _too_long_for_a_plan(self, why: str) -> AsyncIterator[Event]:
+        """Sequential decoding from the start, for a question no skeleton fits."""
+        fallback = f"{why}; answered with sequential decoding"
+        yield PlanReady(mode="sequential", points=[], route=self.route, fallback=fallback)
+        async with contextlib.aclosing(self._sequential(fallback)) as events:
+            async for event in events:
+                yield event
+
     # -- sequential ---------------------------------------------------------------------
     async def _sequential(self, fallback: str | None, shown: str = "") -> AsyncIterator[Event]:
         """Plain decoding of the chat; ``shown`` is answer text already streamed (by a
         plan that fell back), which the reply is prefilled with and continues."""
-        messages = self.messages
+        ids = self.chat_ids
         if shown:
-            messages = [*messages, {"role": "assistant", "content": shown}]
-        ids = self.renderer.render(messages)
+            ids = self.renderer.render([*self.messages, {"role": "assistant", "content": shown}])
+            limit = self.backend.max_model_len
+            if limit is not None and len(ids) >= limit:
+                # what the plan showed already fills the context: the answer ends there
+                # (the chat alone fits: run() checked it before the first event)
+                yield self._done("sequential", shown, [], fallback=fallback, finish_reason="length")
+                return
         room = self.backend.room(len(ids), max(self.budget.remaining, 1))
         params = self._params(room, min_tokens=min(self.opts.min_tokens, room))
         parts: list[str] = []
@@ -351,9 +501,7 @@ class _AnswerRun:
         """A skeleton answer: the skeleton and its points report on ``self.queue``, and
         :class:`_Plan` turns each message into answer events."""
         plan = _Plan(self, mode)
-        # The skeleton may use at most half the answer's budget; the points share the rest.
-        opts = self.opts
-        skel_reserved = self.budget.reserve(min(opts.skeleton_max_tokens, opts.max_tokens // 2))
+        skel_reserved = self.budget.reserve(self.skeleton_tokens())
         plan.skeleton_task = asyncio.create_task(self._run_skeleton(plan.skel, skel_reserved))
         self.tasks.append(plan.skeleton_task)
         yield SkeletonDelta(text=plan.skel.prefill)
@@ -411,14 +559,10 @@ class _Plan:
         self.run = run
         self.mode = mode
         opts = run.opts
-        question = question_text(run.messages)
-        template = prompts.load("graph" if mode == "graph" else "skeleton")
-        messages = template.messages(question=question)
-        turns, prefill = prompts.split_prefill(messages)
-        self.skel = _Skeleton(turns, run.renderer.render(messages), prefill, text=prefill)
+        self.skel = run.skeleton(mode)  # opens with the request's system text
         self.parser = SkeletonParser(max_points=opts.max_points)
         self.merger = InOrderMerger()
-        self.point_template = prompts.load("graph_point" if mode == "graph" else "point")
+        self.point_template = prompts.load(_POINT_TEMPLATE[mode])
         self.executor = run.executor = PointExecutor(
             run.backend,
             self.build_prompt,
@@ -451,15 +595,14 @@ class _Plan:
         self.fallback: str | None = None
 
     def build_prompt(self, point: PlanPoint, parents: list[tuple[PlanPoint, str]]) -> list[int]:
-        """A point's prompt: the skeleton request's own tokens, then the point's turn."""
-        values: dict[str, object] = {"index": point.index, "title": point.title}
-        if self.mode == "graph":
-            values["parents"] = (
-                "\n".join(f"{p.index}. {p.title}: {text.strip()}" for p, text in parents)
-                or "(none)"
-            )
-        renderer = self.run.renderer
-        tail = renderer.continuation(self.skel.messages, self.point_template.messages(**values))
+        """A point's prompt: the skeleton request's own tokens, then the point's turn.
+
+        The prompt should leave the context room for a whole point. In graph mode
+        the parents' texts are shortened until it does (down to their titles: the
+        point's own turn matters more than their wording); a prompt that still leaves
+        less than the point's minimum raises :class:`PointPromptTooLongError`, and
+        the plan falls back to sequential decoding.
+        """
         # A pipelined point sees the skeleton up to its own line, otherwise all of it;
         # either way its prompt does not depend on timing.
         upto = (
@@ -467,7 +610,39 @@ class _Plan:
             if self.run.opts.pipeline
             else self.parser.consumed_chars
         )
-        return self.skel.prompt_ids + self.skel.reply_ids(upto, renderer) + tail
+        head = self.skel.prompt_ids + self.skel.reply_ids(upto, self.run.renderer)
+
+        def prompt(cap: int | None) -> list[int]:
+            values: dict[str, object] = {"index": point.index, "title": point.title}
+            if self.mode == "graph":
+                values["parents"] = _parents_block(parents, cap)
+            turn = self.point_template.messages(**values)
+            return head + self.run.renderer.continuation(self.skel.messages, turn)
+
+        ids = prompt(None)
+        limit = self.run.backend.max_model_len
+        want = self.run.point_tokens()
+        if limit is None or len(ids) + want <= limit:
+            return ids
+        if self.mode == "graph" and parents:
+            # the longest cut of each parent's text (in characters) that fits; the
+            # prompt grows with the cut, so a binary search finds it in a few renders
+            lo, hi, best = 0, max(len(text) for _, text in parents), None
+            while lo <= hi:
+                cap = (lo + hi) // 2
+                candidate = prompt(cap)
+                if len(candidate) + want <= limit:
+                    best, lo = candidate, cap + 1
+                else:
+                    hi = cap - 1
+            ids = best if best is not None else prompt(0)
+        floor = max(1, min(self.run.opts.point_min_tokens, want))
+        if len(ids) + floor > limit:
+            raise PointPromptTooLongError(
+                f"point {point.index}'s prompt ({len(ids)} tokens) leaves less than its "
+                f"{floor} tokens of the context length ({limit})"
+            )
+        return ids  # the backend cuts the point's cap to what is left (Backend.room)
 
     def handle(self, item: object) -> list[Event]:
         """The events one queue message causes."""
@@ -480,6 +655,8 @@ class _Plan:
         elif isinstance(item, PointFinished):
             events = self.on_point_finished(item)
         elif isinstance(item, PointFailed):
+            if isinstance(item.error, PointPromptTooLongError):
+                return self._fall_back(str(item.error))
             raise item.error
         else:
             raise TypeError(f"unexpected message {item!r}")
@@ -578,3 +755,20 @@ class _Plan:
     def _answer(self, text: str) -> list[Event]:
         delta = self.run._answer_delta(text)
         return [] if delta is None else [delta]
+
+
+def _parents_block(parents: list[tuple[PlanPoint, str]], cap: int | None = None) -> str:
+    """The "points written so far" of a graph point prompt, each parent's text cut to
+    ``cap`` characters (at a word end, marked with an ellipsis) if given; a parent cut
+    to nothing is its title alone."""
+    lines = []
+    for parent, text in parents:
+        text = text.strip()
+        if cap is not None and len(text) > cap:
+            cut = text[:cap]
+            if not text[cap].isspace():  # mid-word: back to the end of the word before
+                cut = cut[: max(cut.rfind(" "), 0)]
+            text = f"{cut.rstrip()}\u2026" if cut.strip() else ""
+        lines.append(f"{parent.index}. {parent.title}: {text}" if text else
+                     f"{parent.index}. {parent.title}")  # fmt: skip
+    return "\n".join(lines) or "(none)"

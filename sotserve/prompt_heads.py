@@ -14,6 +14,11 @@ cache means "nothing of the question is cached", as in a running server.
 A head is found by rendering a prompt for two different questions and keeping the
 token ids they share, so it follows the chat template and the template files
 without knowing their layout.
+
+The request's own system (and developer) messages open every template prompt
+(:func:`template_messages`), so an operator's system prompt holds in every mode. A
+request that has one has heads of its own, cached by its first answer; the heads
+warmed here are those of requests without one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,44 @@ from __future__ import annotations
 import prompts
 from prompts import ChatRenderer, Message
 from sotserve.backends.base import Backend, CompletionParams
+
+# Roles whose messages are instructions from the operator, not turns of the chat;
+# "developer" is OpenAI's newer name for "system".
+SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+def system_text(messages: list[Message]) -> str:
+    """The request's system and developer messages, in order, a paragraph each ("" if
+    there are none)."""
+    texts = (m["content"].strip() for m in messages if m["role"] in SYSTEM_ROLES)
+    return "\n\n".join(t for t in texts if t)
+
+
+def template_messages(name: str, system: str = "", **values: object) -> list[Message]:
+    """Template ``name`` with ``values`` filled, opened by the request's ``system`` text.
+
+    The request's text and the template's own system section become one system
+    message, the request's text first:
+
+    - one message, because many chat templates take a single, leading system message
+      (Mistral's and Llama 2's raise on a second one, or on one after a turn);
+    - the request's text first, because it is the operator's policy for everything the
+      model writes, as in a plain chat prompt (which then shares its opening tokens);
+    - the template's text last, nearest the task, so its instruction (plan an outline,
+      reply with one letter) is not overridden by a persona or a house style, and the
+      user turns that follow still say exactly what to write.
+
+    A template without a system section gets the request's text as a system message
+    of its own, in front. Without ``system`` this is ``prompts.load(name).messages``.
+    """
+    messages = prompts.load(name).messages(**values)
+    if not system:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"},
+                *messages[1:]]  # fmt: skip
+    return [{"role": "system", "content": system}, *messages]
+
 
 # Two questions that share no leading word, so their renderings part where the
 # question starts.
@@ -51,8 +94,9 @@ def prompt_heads(renderer: ChatRenderer, min_tokens: int = 8) -> list[list[int]]
     a, b = _PROBES
     heads = [_head(renderer, [{"role": "user", "content": a}], [{"role": "user", "content": b}])]
     for name in _TEMPLATES:
-        template = prompts.load(name)
-        heads.append(_head(renderer, template.messages(question=a), template.messages(question=b)))
+        # built as the planner builds them (here: for requests without a system text)
+        first, second = (template_messages(name, question=q) for q in _PROBES)
+        heads.append(_head(renderer, first, second))
     heads.sort(key=len, reverse=True)
     kept: list[list[int]] = []
     for head in heads:

@@ -5,20 +5,23 @@ The end-to-end tests with the real SmolLM2 are in test_planner_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pytest
 from scripted_backend import ScriptedBackend, point_prompt_parents
 
+from prompts import ChatRenderer
 from sotserve.backends import (
     BackendOverloadedError,
     BackendRequestError,
     BackendUnavailableError,
 )
-from sotserve.planner import InvalidQuestionError, Planner, PlannerError
+from sotserve.planner import InvalidQuestionError, Planner, PlannerError, _parents_block
 from sotserve.schemas import (
     AnswerDelta,
     Done,
     ErrorEvent,
+    PlanPoint,
     PlanReady,
     PointDelta,
     PointDone,
@@ -337,3 +340,239 @@ async def test_point_1s_heading_streams_while_its_skeleton_line_is_written(token
     assert isinstance(done, Done) and done.mode == "sot"
     assert done.answer.startswith("1. **Set clear goals** about 1.")
     assert "".join(text for _, text in answer) == done.answer
+
+
+# -- system messages -----------------------------------------------------------------------
+SYSTEM = "Speak like Captain Zed of the starship Oriole."
+
+
+def system_chat(role="system", question="Q?"):
+    return [{"role": role, "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+@pytest.mark.parametrize("mode", ["sot", "graph"])
+async def test_a_system_message_opens_the_skeleton_and_every_point_prompt(tokenizer, mode, role):
+    backend = ScriptedBackend(tokenizer, script_for(), delay=0.0)
+    done = (await collect(Planner(backend), system_chat(role), mode=mode))[-1]
+    assert isinstance(done, Done) and done.mode == mode
+    skeleton = next(c for c in backend.calls if c.kind == "skeleton")
+    points = [c for c in backend.calls if c.kind == "point"]
+    assert len(points) == 3
+    for call in [skeleton, *points]:
+        text = tokenizer.decode(call.prompt_ids)
+        # one system turn: the request's text first, then the template's own
+        assert text.startswith(
+            f"<|im_start|>system\n{SYSTEM}\n\nYou are a helpful assistant who plans"
+        )
+        assert text.count("<|im_start|>system") == 1
+    for call in points:  # still the skeleton request's own tokens, token for token
+        assert call.prompt_ids[: len(skeleton.prompt_ids)] == skeleton.prompt_ids
+
+
+async def test_every_system_message_of_the_chat_reaches_the_skeleton_in_order(tokenizer):
+    messages = [
+        {"role": "system", "content": "Rule one: be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "developer", "content": "Rule two: no jokes."},
+        {"role": "user", "content": "Q?"},
+    ]
+    backend = ScriptedBackend(tokenizer, script_for(), delay=0.0)
+    await collect(Planner(backend), messages, mode="sot")
+    skeleton = next(c for c in backend.calls if c.kind == "skeleton")
+    assert skeleton.prompt.startswith(
+        "<|im_start|>system\nRule one: be brief.\n\nRule two: no jokes.\n\nYou are a helpful"
+    )
+    assert "user: Hi\nassistant: Hello!" in skeleton.prompt  # the turns stay in the question
+
+
+async def test_a_system_message_holds_in_sequential_answers_and_fallbacks(tokenizer):
+    backend = ScriptedBackend(tokenizer, script_for(["Sorry, no list."]), delay=0.0)
+    planner = Planner(backend)
+    done = await planner.answer(system_chat(), mode="sequential")
+    assert done.mode == "sequential"
+    done = await planner.answer(system_chat(), mode="sot")
+    assert done.mode == "sequential" and done.fallback
+    chats = [c for c in backend.calls if c.kind == "chat"]
+    assert len(chats) == 2
+    for call in chats:
+        assert call.prompt.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>")
+
+
+async def test_the_model_router_reads_the_system_message(tokenizer):
+    backend = ScriptedBackend(
+        tokenizer, lambda c: ["A"] if c.kind == "router" else script_for()(c), delay=0.0
+    )
+    done = await Planner(backend, router="model").answer(system_chat(), mode="auto")
+    assert done.route.source == "model" and done.mode == "sot"
+    router = next(c for c in backend.calls if c.kind == "router")
+    assert router.prompt.startswith(
+        f"<|im_start|>system\n{SYSTEM}\n\nYou classify questions by the shape"
+    )
+
+
+# -- the context length --------------------------------------------------------------------
+@dataclass
+class ShortContextBackend(ScriptedBackend):
+    """A scripted backend whose context is ``context`` tokens."""
+
+    context: int = 8192
+
+    @property
+    def max_model_len(self) -> int:
+        return self.context
+
+
+LONG_QUESTION = "What are some tips for " + "really " * 300 + "good sleep?"  # auto: sot
+
+
+def chat_tokens(tokenizer, question=LONG_QUESTION):
+    return len(ChatRenderer(tokenizer).render([{"role": "user", "content": question}]))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "sot", "graph", "auto"])
+async def test_a_chat_longer_than_the_context_is_the_first_event(tokenizer, mode):
+    backend = ShortContextBackend(tokenizer, script_for(), context=chat_tokens(tokenizer))
+    events = await collect(Planner(backend, router="model"), LONG_QUESTION, mode=mode)
+    assert len(events) == 1 and isinstance(events[0], ErrorEvent)
+    error = events[0]
+    assert (error.code, error.param, error.error_code) == (
+        "invalid_request", "messages", "context_length_exceeded"
+    )  # fmt: skip
+    assert backend.calls == []  # nothing was sent
+    with pytest.raises(PlannerError) as info:
+        await Planner(backend).answer(LONG_QUESTION, mode=mode)
+    assert info.value.code == "invalid_request"
+
+
+async def test_a_chat_that_just_fits_is_answered(tokenizer):
+    n = chat_tokens(tokenizer)
+    backend = ShortContextBackend(tokenizer, script_for(), context=n + 1)
+    done = await Planner(backend).answer(LONG_QUESTION, mode="sequential")
+    assert done.mode == "sequential" and done.answer == " A plain"  # one token of room
+    assert backend.calls[0].params.max_tokens == 1
+
+
+@pytest.mark.parametrize("mode", ["sot", "graph"])
+async def test_a_question_too_long_for_a_skeleton_is_answered_sequentially(tokenizer, mode):
+    # the chat fits; the skeleton prompt (instructions and examples) does not
+    backend = ShortContextBackend(tokenizer, script_for(), context=chat_tokens(tokenizer) + 100)
+    events = await collect(Planner(backend), LONG_QUESTION, mode=mode)
+    assert isinstance(events[0], PlanReady)  # said before any request was made
+    assert events[0].mode == "sequential" and "the skeleton prompt" in events[0].fallback
+    done = events[-1]
+    assert isinstance(done, Done) and done.mode == "sequential"
+    assert done.fallback == events[0].fallback
+    assert "exceed the context length" in done.fallback
+    assert done.answer == " A plain answer."
+    assert [c.kind for c in backend.calls] == ["chat"]
+    assert not any(isinstance(e, ErrorEvent) for e in events)
+
+
+async def test_auto_mode_routes_a_question_too_long_for_a_skeleton_to_sequential(tokenizer):
+    backend = ShortContextBackend(tokenizer, script_for(), context=chat_tokens(tokenizer) + 100)
+    done = await Planner(backend, router="model").answer(LONG_QUESTION, mode="auto")
+    assert done.mode == "sequential" and done.fallback is None
+    assert done.route.reason.startswith("too long for a skeleton: the skeleton prompt")
+    assert [c.kind for c in backend.calls] == ["chat"]  # the router was not asked
+
+
+@pytest.mark.parametrize("mode", ["sot", "graph"])
+async def test_a_plan_whose_points_would_not_fit_is_answered_sequentially(tokenizer, mode):
+    planner = Planner(ScriptedBackend(tokenizer, script_for()))
+    need = planner.context_needed(LONG_QUESTION, mode)
+    # one token short: the skeleton itself would fit, its points not
+    backend = ShortContextBackend(tokenizer, script_for(), context=need - 1)
+    done = await Planner(backend).answer(LONG_QUESTION, mode=mode)
+    assert done.mode == "sequential" and done.fallback.startswith("a point prompt")
+    assert [c.kind for c in backend.calls] == ["chat"]
+    # with the context it needs, the plan goes ahead
+    backend = ShortContextBackend(tokenizer, script_for(), context=need)
+    done = await Planner(backend).answer(LONG_QUESTION, mode=mode)
+    assert done.mode == mode and len(done.points) == 3 and done.fallback is None
+    for call in backend.calls:
+        assert len(call.prompt_ids) + call.params.max_tokens <= need
+
+
+def distinct_words(tokenizer, n, start=2000):
+    """``n`` different one-token words (a repeated word would read as a loop)."""
+    vocab = (tokenizer.decode([t]) for t in range(start, 30000))
+    return [w for w in vocab if w.startswith(" ") and w[1:].isalpha()][:n]
+
+
+async def test_a_point_prompt_that_does_not_fit_falls_back_cleanly(tokenizer):
+    # Two very long titles: the fit check counts each once (in the skeleton's reply),
+    # but a point's turn repeats its own, so point 1's prompt does not fit after all.
+    words = distinct_words(tokenizer, 30)
+    skeleton = ["".join(words[:15]), "\n2." + "".join(words[15:]), "\n"]
+    opts = {"skeleton_max_tokens": 40, "point_max_tokens": 16, "point_min_tokens": 16}
+    need = Planner(ScriptedBackend(tokenizer, script_for())).context_needed("Q?", "sot", **opts)
+    backend = ShortContextBackend(tokenizer, script_for(skeleton), context=need)
+    events = await asyncio.wait_for(collect(Planner(backend, **opts), "Q?", mode="sot"), 10)
+    assert not any(isinstance(e, ErrorEvent) for e in events)
+    done = events[-1]
+    assert isinstance(done, Done) and done.mode == "sequential"
+    assert "point 1's prompt" in done.fallback and "context length" in done.fallback
+    assert done.answer.startswith("1. **") and done.answer.endswith(" A plain answer.")
+    assert not any(c.kind == "point" for c in backend.calls)  # none was sent
+    assert all(c.ended is not None for c in backend.calls)
+
+
+async def test_graph_parents_are_shortened_until_the_point_prompt_fits(tokenizer):
+    words = distinct_words(tokenizer, 150)
+    long_text = ["".join(words) + "."]  # one sentence of 150 tokens
+
+    def point_text(call):
+        return long_text if call.point == 1 else [" short."]
+
+    skeleton = [" First\n", "2. Second [depends on 1]\n"]
+    opts = {"point_max_tokens": 24, "point_min_tokens": 4}
+    need = Planner(ScriptedBackend(tokenizer, script_for())).context_needed("Q?", "graph", **opts)
+    context = need + 60  # room for a part of point 1's text in point 2's prompt, not all
+    backend = ShortContextBackend(tokenizer, script_for(skeleton, point_text), context=context)
+    done = await Planner(backend, **opts).answer("Q?", mode="graph")
+    assert done.mode == "graph" and done.fallback is None
+    calls = {c.point: c for c in backend.calls if c.kind == "point"}
+    parents = point_prompt_parents(calls[2].prompt)
+    assert parents.startswith("1. First:" + "".join(words[:5])) and parents.endswith("\u2026")
+    assert len(parents) < len("1. First: " + long_text[0])
+    assert len(calls[2].prompt_ids) + 24 <= context  # room for a whole point
+    assert len(calls[2].prompt_ids) + 24 > context - 20  # and not much more cut than needed
+
+
+def test_parents_are_cut_at_word_ends_down_to_their_titles():
+    a, b = PlanPoint(index=1, title="Costs"), PlanPoint(index=2, title="Gains")
+    parents = [(a, " Rent is high. "), (b, "Houses grow in value.")]
+    assert _parents_block(parents) == "1. Costs: Rent is high.\n2. Gains: Houses grow in value."
+    assert _parents_block(parents, 8) == "1. Costs: Rent is\u2026\n2. Gains: Houses\u2026"
+    assert _parents_block(parents, 7) == "1. Costs: Rent is\u2026\n2. Gains: Houses\u2026"
+    assert _parents_block(parents, 3) == "1. Costs\n2. Gains"  # no whole word: the title
+    assert _parents_block(parents, 0) == "1. Costs\n2. Gains"
+    assert _parents_block([]) == "(none)"
+
+
+async def test_a_fallback_whose_shown_text_fills_the_context_ends_there(tokenizer):
+    # Pipelined: point 1 (a short title) writes a long text while the skeleton is still
+    # writing line 2, whose very long title leaves point 2 no room. The plan falls
+    # back, but the answer shown so far already fills the context: it ends as cut.
+    words = distinct_words(tokenizer, 430)
+    skeleton = [" A", "\n2." + "".join(words[:30]), "\n"]
+    text = ["".join(words[30:]) + "."]  # 400 tokens in one piece
+
+    def delay(call):  # point 1 is done long before line 2 is
+        return 0.2 if call.kind == "skeleton" else 0.0
+
+    opts = {"skeleton_max_tokens": 40, "point_max_tokens": 16, "point_min_tokens": 16,
+            "pipeline": True}  # fmt: skip
+    need = Planner(ScriptedBackend(tokenizer, script_for())).context_needed("Q?", "sot", **opts)
+    backend = ShortContextBackend(
+        tokenizer, script_for(skeleton, lambda c: text), delay=delay, context=need
+    )
+    events = await asyncio.wait_for(collect(Planner(backend, **opts), "Q?", mode="sot"), 10)
+    done = events[-1]
+    assert isinstance(done, Done) and done.mode == "sequential"
+    assert done.finish_reason == "length" and "point 2's prompt" in done.fallback
+    assert done.answer.startswith("1. **A**" + "".join(words[30:40]))
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == done.answer
+    assert not any(c.kind == "chat" for c in backend.calls)  # no room left to ask

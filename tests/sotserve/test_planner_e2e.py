@@ -82,6 +82,18 @@ async def test_sot_on_vicuna_questions(engine, qid, pipeline):
     assert after.running == 0 and after.kv_slots_used == 0
 
 
+async def test_a_system_message_keeps_the_points_on_the_skeletons_cached_prefix(engine):
+    # the request's system text opens the skeleton prompt, so every point prompt (which
+    # continues the skeleton request's ids) starts with it, and still hits the cache
+    messages = [
+        {"role": "system", "content": "You are a calm coach. Keep every answer practical."},
+        {"role": "user", "content": vicuna(2)},
+    ]
+    events, done = await run(Planner(LocalBackend(engine)), messages, mode="sot")
+    prompt, cached = check_sot_answer(events, done)
+    assert cached >= 0.7 * prompt, (cached, prompt)
+
+
 async def test_graph_mode_with_dependent_points(engine):
     # SmolLM2's graph skeleton for this question makes points 4 and 5 build on 1-3
     events, done = await run(Planner(LocalBackend(engine)), vicuna(4), mode="graph")
