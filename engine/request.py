@@ -49,6 +49,10 @@ class Request:
     cached_prompt_tokens: int | None = None
     cache_node: TreeNode | None = None  # where its cached prefix ends; locked while running
     finish_reason: str | None = None
+    # scheduler step (``Counters.steps``) at which it last joined the waiting queue:
+    # on arrival, and again after a preemption; aging counts from here
+    waiting_since: int = 0
+    preemptions: int = 0  # times it was preempted; victims are the least preempted
     _emitted_tokens: int = 0
 
     @property

@@ -7,19 +7,35 @@ Every step has a token budget. Running decodes go in first, one token each, then
 prefill chunks of partly prefilled and waiting requests fill the rest, so a long
 prompt is split across steps and never stalls decoding. Waiting requests go in
 order of their longest cached prefix; one whose uncached prefix another request is
-prefilling right now waits, and then finds it in the cache. When the KV pool
-cannot give every decode its slot, the newest request is preempted: its KV goes to
-the prefix cache (or is freed) and it is recomputed later from its prompt and the
-tokens it already produced.
+prefilling right now waits, and then finds it in the cache.
+
+Aging bounds the wait that this order alone leaves unbounded (a cold request behind
+a steady stream of cache hits): a request that has waited ``max_wait_steps`` steps
+(``EngineConfig``), counted from its arrival or its last preemption, is aged. Aged
+requests go ahead of all others, longest waiting first, cached prefix or not, and do
+not wait for a sibling's prefill either; nothing behind an aged request is admitted
+before it, so it gets in as soon as a table row, slots and budget are free.
+
+When the KV pool cannot give every decode its slot, a running request is preempted:
+its KV goes to the prefix cache (or is freed) and it is recomputed later from its
+prompt and the tokens it already produced. The victim is the one preempted the
+fewest times so far, the newest among those. Always taking the newest hits the
+request that was just readmitted again and again, each time throwing away the KV it
+had just recomputed; this way a request is preempted again only once every running
+request of its priority has been preempted at least as often.
 
 Priorities (``Request.priority``, vLLM's convention: lower is more urgent, 0 by
 default, may be negative) come before all of that:
 
 * Prefill budget goes by priority: the partly prefilled and waiting requests of the
   most urgent priority first (partly prefilled ones before waiting ones, then by
-  cached prefix and arrival as above), then the next priority, and so on.
-* Preemption takes the least urgent running request, the newest among equals, so a
-  request is only preempted for requests at least as urgent as itself.
+  aging, cached prefix and arrival as above), then the next priority, and so on.
+  Aging works within a priority only: an aged request never goes ahead of a more
+  urgent one (priorities stay strict, as vLLM's), so the bound on its wait holds
+  while no more urgent request waits.
+* Preemption takes the least urgent running request (the least preempted, then the
+  newest, among equals), so a request is only preempted for requests at least as
+  urgent as itself.
 * A waiting request more urgent than some running request does not wait for room:
   while it has no table row, or the pool cannot hold its first chunk beside the
   decodes, the least urgent running request (less urgent than it) is preempted.
@@ -91,6 +107,12 @@ def _priority(req: Request) -> int:
     return req.priority
 
 
+def _victim_key(req: Request) -> tuple[int, int, int]:
+    """Preemption takes the running request with the largest key: the least urgent, then
+    the least often preempted, then the newest."""
+    return (req.priority, -req.preemptions, req.arrival)
+
+
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -115,6 +137,7 @@ class Scheduler:
     def add(self, req: Request) -> None:
         """Queue a new request; the caller has checked that its id is not live."""
         self.requests[req.request_id] = req
+        req.waiting_since = self.counters.steps
         self.counters.prompt_tokens += len(req.prompt_ids)
         self.waiting.append(req)
 
@@ -134,12 +157,14 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
 
-    def _preempt_newest(self) -> Request:
-        """Preempt the least urgent running request (largest ``priority``), the newest
-        among equals; it goes back to the front of the waiting queue."""
-        victim = max(self.running, key=lambda r: (r.priority, r.arrival))
+    def _preempt(self) -> Request:
+        """Preempt the running request that ``_victim_key`` ranks last; it goes back to
+        the front of the waiting queue."""
+        victim = max(self.running, key=_victim_key)
         self.release(victim)
         victim.status = RequestStatus.WAITING
+        victim.preemptions += 1
+        victim.waiting_since = self.counters.steps
         self.waiting.appendleft(victim)
         self.counters.preemptions += 1
         return victim
@@ -154,7 +179,7 @@ class Scheduler:
 
         decodes = [r for r in self.running if r.is_decoding]
         while decodes and cm.available < len(decodes):
-            victim = self._preempt_newest()
+            victim = self._preempt()
             if victim in decodes:
                 decodes.remove(victim)
         if decodes:
@@ -191,8 +216,8 @@ class Scheduler:
 
         if not batch and self.running:
             # Partly prefilled requests hold every slot and none can go on: give the
-            # most urgent, oldest room by preempting the least urgent, newest.
-            self._preempt_newest()
+            # others room by preempting one (least urgent, least preempted, newest).
+            self._preempt()
             return self.schedule()
         return batch
 
@@ -208,7 +233,7 @@ class Scheduler:
         cfg, cm = self.config, self.cm
         preempted = False
         while self.running:
-            worst = max(self.running, key=lambda r: (r.priority, r.arrival))
+            worst = max(self.running, key=_victim_key)
             if worst.priority <= best.priority:
                 break
             decoding = [r for r in self.running if r.is_decoding]
@@ -223,7 +248,7 @@ class Scheduler:
             has_row = len(self.running) < cfg.max_running and cm.table.num_free_rows > 0
             if has_row and cm.available >= len(decoding) + chunk:
                 break
-            self._preempt_newest()
+            self._preempt()
             preempted = True
         return best.priority if preempted else None
 
@@ -235,9 +260,18 @@ class Scheduler:
         prefix: dict[int, int],
         inflight: list[tuple[int, list[int]]],
     ) -> bool:
-        """Admit waiting requests of one priority, longest cached prefix first; False
-        once admission has to stop for this step (no budget, row or slots)."""
-        window = sorted(window, key=lambda r: (-prefix[id(r)], r.arrival))
+        """Admit waiting requests of one priority: aged ones (waited ``max_wait_steps``)
+        longest waiting first, then the rest longest cached prefix first; False once
+        admission has to stop for this step (no budget, row or slots)."""
+        now, limit = self.counters.steps, self.config.max_wait_steps
+        aged = {id(r) for r in window if limit is not None and now - r.waiting_since >= limit}
+
+        def order(r: Request) -> tuple[int, int, int]:
+            if id(r) in aged:
+                return (0, r.waiting_since, r.arrival)
+            return (1, -prefix[id(r)], r.arrival)
+
+        window = sorted(window, key=order)
         for req in window:
             room = budget.room(req)
             if room <= 0:
@@ -245,12 +279,13 @@ class Scheduler:
             if len(self.running) >= self.config.max_running or not self.cm.table.num_free_rows:
                 return False
             tokens = req.token_slice(0, req.num_tokens)
-            if any(
+            if id(req) not in aged and any(
                 p <= req.priority and _common_prefix_len(tokens, t) > prefix[id(req)]
                 for p, t in inflight
             ):
                 # A sibling at least as urgent is computing our prefix; next step it is
-                # cached. (A less urgent one may be capped, so we do not wait for it.)
+                # cached. (A less urgent one may be capped, so we do not wait for it. An
+                # aged request does not wait: newer ones would be admitted past it.)
                 continue
             cached = self.cm.admit(req)
             if self.cm.available < min(req.num_pending, room):

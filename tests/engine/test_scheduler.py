@@ -1,8 +1,10 @@
 """Request priority in the scheduler (vLLM's ``priority``: lower is served first).
 
 Engine-level tests on the tiny random-weight Llama, driving ``LLMEngine.step()`` and
-recording every step's batch: admission order, preemption victims, urgent requests
-taking room from less urgent ones, and the prefill cap while an urgent request decodes.
+recording every step's batch: admission order, aging (the bounded wait of a cold
+request behind cache hits), preemption victims (least urgent, then least preempted,
+then newest) under KV pressure, urgent requests taking room from less urgent ones, and
+the prefill cap while an urgent request decodes.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
 
 from engine import LLM, InvalidRequestError, SamplingParams
+from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.request import Request
 from engine.scheduler import ScheduledBatch
@@ -58,13 +63,13 @@ class Steps:
 
 def record_victims(eng: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> list[Request]:
     victims: list[Request] = []
-    preempt = eng.scheduler._preempt_newest
+    preempt = eng.scheduler._preempt
 
     def recording_preempt() -> Request:
         victims.append(preempt())
         return victims[-1]
 
-    monkeypatch.setattr(eng.scheduler, "_preempt_newest", recording_preempt)
+    monkeypatch.setattr(eng.scheduler, "_preempt", recording_preempt)
     return victims
 
 
@@ -181,8 +186,6 @@ def test_cap_none_turns_it_off(tiny_llama_dir, monkeypatch):
 
 
 def test_urgent_prefill_tokens_default_and_validation():
-    from engine.config import EngineConfig
-
     assert EngineConfig().urgent_prefill_tokens == 32
     assert EngineConfig(urgent_prefill_tokens=0).urgent_prefill_tokens == 0
     with pytest.raises(ValueError, match="urgent_prefill_tokens"):
@@ -219,6 +222,112 @@ def test_priority_comes_before_the_longest_cached_prefix(tiny_llama_dir, monkeyp
     cached = add(eng, base + prompt(24, 4), 2)
     run_to_end(eng)
     assert steps.first_scheduled(cached) < steps.first_scheduled(fresh)
+
+
+# -- aging: a bounded wait behind cache hits ----------------------------------------------------
+def stream_of_cache_hits(
+    eng: LLMEngine, steps: Steps, n: int, cold_priority: int = 0, hit_priority: int = 0
+) -> tuple[Request, int]:
+    """Run ``n`` steps that each add a request continuing a cached prefix, with a cold
+    request added at the third; returns it and the index of the first step it could
+    go in. With 2 rows, each cache hit holds one for 2 steps (prefill, then its last
+    token), so every step one finishes and the next one takes its row."""
+    base = prompt(90, 48)
+    add(eng, base, 1)
+    run_to_end(eng)  # base is cached: every request below starts with a 48-token hit
+    cold, added = None, -1
+    for k in range(n):
+        add(eng, base + prompt(1000 + k, 4), 2, priority=hit_priority)
+        if k == 2:
+            cold = add(eng, prompt(91, 16), 2, priority=cold_priority)
+            added = len(steps.batches)
+        eng.step()
+    assert cold is not None
+    return cold, added
+
+
+@pytest.mark.parametrize("max_wait", [8, None])  # None: the default
+def test_cold_request_waits_at_most_max_wait_steps_behind_cache_hits(
+    tiny_llama_dir, monkeypatch, max_wait
+):
+    cfg = {} if max_wait is None else {"max_wait_steps": max_wait}
+    eng = make_engine(tiny_llama_dir, kv_slots=2048, max_running=2, **cfg)
+    bound = eng.config.max_wait_steps
+    assert bound == (max_wait or 64)
+    steps = Steps(eng, monkeypatch)
+    cold, added = stream_of_cache_hits(eng, steps, n=bound + 20)
+    assert cold.output_ids, "the cold request never got in while the stream went on"
+    wait = steps.first_scheduled(cold) - added
+    # For `bound` steps the cache hits go first (the order prefix caching wants); at
+    # the first step it is aged, the cold request takes the row a finishing hit frees.
+    assert wait == bound, wait
+    run_to_end(eng)
+    assert cold.finish_reason == "length" and eng.stats().preemptions == 0
+
+
+def test_without_aging_a_cold_request_starves_behind_cache_hits(tiny_llama_dir, monkeypatch):
+    # The same traffic with aging off: the failure aging exists for.
+    eng = make_engine(tiny_llama_dir, kv_slots=2048, max_running=2, max_wait_steps=None)
+    steps = Steps(eng, monkeypatch)
+    cold, _ = stream_of_cache_hits(eng, steps, n=100)
+    assert not cold.output_ids and cold.row is None  # 97 steps and still waiting
+    run_to_end(eng)  # the stream has ended: now it goes in
+    assert cold.finish_reason == "length"
+
+
+def test_aging_never_passes_a_more_urgent_request(tiny_llama_dir, monkeypatch):
+    # Priorities stay strict: a stream of more urgent cache hits keeps an aged request
+    # waiting for as long as it lasts.
+    eng = make_engine(tiny_llama_dir, kv_slots=2048, max_running=2, max_wait_steps=4)
+    steps = Steps(eng, monkeypatch)
+    cold, _ = stream_of_cache_hits(eng, steps, n=40, cold_priority=1, hit_priority=URGENT)
+    assert not cold.output_ids and cold.row is None  # aged for 33 steps, still waiting
+    run_to_end(eng)
+    assert cold.finish_reason == "length"
+    assert eng.stats().preemptions == 0  # it never got in only to be thrown out
+
+
+def test_aged_requests_go_longest_waiting_first_and_zero_is_first_come(tiny_llama_dir, monkeypatch):
+    # max_wait_steps=0: every request is aged at once, so at equal priority admission is
+    # first come, first served, cached prefix or not.
+    eng = make_engine(tiny_llama_dir, kv_slots=1024, max_running=1, max_wait_steps=0)
+    base = prompt(20, 40)
+    add(eng, base, 1)
+    run_to_end(eng)
+    steps = Steps(eng, monkeypatch)
+    fresh = add(eng, prompt(22, 30), 2)
+    cached = add(eng, base + prompt(21, 4), 2)
+    run_to_end(eng)
+    assert steps.first_scheduled(fresh) < steps.first_scheduled(cached)
+
+
+@pytest.mark.parametrize("max_wait", [0, None])
+def test_an_aged_request_does_not_wait_for_a_sibling_prefill(tiny_llama_dir, monkeypatch, max_wait):
+    # A waiting request lets a sibling that is prefilling its prefix finish it first, but
+    # not once aged: requests behind it would be admitted past it meanwhile.
+    eng = make_engine(
+        tiny_llama_dir, kv_slots=4096, max_batched_tokens=100, max_wait_steps=max_wait
+    )
+    steps = Steps(eng, monkeypatch)
+    shared = prompt(81, 150)
+    sibling = add(eng, shared + prompt(82, 10), 3)
+    eng.step()  # its first 100 tokens, cached at once
+    late = add(eng, shared + prompt(83, 10), 3)
+    eng.step()
+    if max_wait == 0:  # aged at once: in now, on the 100 cached tokens
+        assert steps.batches[-1][1] == [(sibling, 60), (late, 40)]
+    else:  # waits a step for the rest of the shared 150
+        assert steps.batches[-1][1] == [(sibling, 60)]
+    run_to_end(eng)
+    assert len(late.output_ids) == len(sibling.output_ids) == 3
+
+
+def test_max_wait_steps_default_and_validation():
+    assert EngineConfig().max_wait_steps == 64
+    assert EngineConfig(max_wait_steps=0).max_wait_steps == 0
+    assert EngineConfig(max_wait_steps=None).max_wait_steps is None
+    with pytest.raises(ValueError, match="max_wait_steps"):
+        EngineConfig(max_wait_steps=-1)
 
 
 # -- preemption ---------------------------------------------------------------------------------
@@ -298,6 +407,115 @@ def test_urgent_waiting_request_makes_room_in_a_full_pool(tiny_llama_dir, monkey
     run_to_end(eng)
     assert all(v in normal for v in victims)
     assert all(len(r.output_ids) == 20 for r in normal) and len(urgent.output_ids) == 4
+
+
+def drive_checking_victims(
+    eng: LLMEngine, arrivals: dict[int, list[tuple[list[int], int, int]]], limit: int = 1000
+) -> tuple[list[Request], list[Request]]:
+    """Add ``arrivals[step]`` (prompt, max_tokens, priority) before each step and run to
+    the end, checking at every preemption that the victim was the least urgent running
+    request and, among those, preempted no more often than any other. Returns the
+    requests and the victims."""
+    sched = eng.scheduler
+    preempt = sched._preempt
+    victims: list[Request] = []
+
+    def checked_preempt() -> Request:
+        before = {r: (r.priority, r.preemptions) for r in sched.running}
+        victim = preempt()
+        prio, count = before.pop(victim)
+        assert all(p <= prio for p, _ in before.values()), "a more urgent request was taken"
+        peers = [n for p, n in before.values() if p == prio]
+        assert all(count <= n for n in peers), f"preempted again ({count}) before {peers}"
+        victims.append(victim)
+        return victim
+
+    sched._preempt = checked_preempt  # type: ignore[method-assign]
+    try:
+        reqs: list[Request] = []
+        step = 0
+        while step <= max(arrivals, default=0) or eng.has_unfinished():
+            for ids, n, prio in arrivals.get(step, []):
+                reqs.append(add(eng, ids, n, priority=prio))
+            eng.step()
+            step += 1
+            assert step < limit, f"not done after {limit} steps: {eng.stats()}"
+    finally:
+        del sched._preempt
+    return reqs, victims
+
+
+def assert_outputs_as_alone(ref: LLMEngine, reqs: list[Request]) -> None:
+    """Each request produced what it produces alone in a roomy pool (greedy)."""
+    for r in reqs:
+        assert r.finish_reason == "length"
+        alone = add(ref, r.prompt_ids, r.params.max_tokens)
+        run_to_end(ref)
+        assert r.output_ids == alone.output_ids, "preemption changed a request's tokens"
+
+
+def test_preemption_goes_round_instead_of_hitting_one_request_again(tiny_llama_dir):
+    # Two long requests and a newcomer every 3 steps in an 80-slot pool: it runs short
+    # again and again. Always taking the newest preempted one newcomer 4 times here (8
+    # preemptions in all); taking the least preempted, no request is preempted twice
+    # (6 in all), and every request finishes with the tokens it has alone.
+    eng = make_engine(tiny_llama_dir, kv_slots=80, max_batched_tokens=32)
+    arrivals = {0: [(prompt(300, 4), 30, 0), (prompt(301, 4), 30, 0)]}
+    arrivals |= {3 + 3 * k: [(prompt(310 + k, 4), 14, 0)] for k in range(5)}
+    reqs, victims = drive_checking_victims(eng, arrivals)
+    assert len(victims) >= 5, "the pool was hardly short: no test of the victim choice"
+    counts = [r.preemptions for r in reqs]
+    assert max(counts) == 1, counts
+    assert_outputs_as_alone(make_engine(tiny_llama_dir, kv_slots=4096), reqs)
+
+
+@pytest.fixture(scope="module")
+def roomy(tiny_llama_dir) -> LLMEngine:
+    return make_engine(tiny_llama_dir, kv_slots=4096)
+
+
+@pytest.fixture(scope="module")
+def tight(tiny_llama_dir) -> dict[int, LLMEngine]:
+    return {kv: make_engine(tiny_llama_dir, kv_slots=kv, max_batched_tokens=32) for kv in (64, 96)}
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    kv=st.sampled_from([64, 96]),
+    requests=st.lists(
+        st.tuples(
+            st.integers(0, 10),  # arrival step
+            st.integers(2, 20),  # prompt length
+            st.integers(5, 30),  # max_tokens
+            st.sampled_from([0, 0, 0, 1]),  # priority
+        ),
+        min_size=2,
+        max_size=6,
+    ),
+)
+@example(kv=64, requests=[(0, 10, 30, 0)] * 6)  # six at once: 240 tokens in 64 slots
+@example(kv=64, requests=[(0, 10, 30, 1)] * 3 + [(4, 10, 30, 0)] * 3)  # urgent ones later
+def test_victims_are_least_urgent_then_least_preempted_under_kv_pressure(
+    tight, roomy, kv, requests
+):
+    eng = tight[kv]
+    arrivals: dict[int, list[tuple[list[int], int, int]]] = {}
+    for i, (at, n, max_tokens, prio) in enumerate(requests):
+        arrivals.setdefault(at, []).append((prompt(500 + i, n), max_tokens, prio))
+    reqs, victims = drive_checking_victims(eng, arrivals)
+    event("preempted" if victims else "no preemption")
+    assert eng.cm.available == kv  # everything released: free or evictable cache
+    # the reference runs them side by side in a roomy pool (no preemption), which
+    # gives the tokens of each alone (test_continuous_batching checks that)
+    ref = [add(roomy, r.prompt_ids, r.params.max_tokens) for r in reqs]
+    run_to_end(roomy)
+    for r, want in zip(reqs, ref, strict=True):
+        assert r.finish_reason == "length"
+        assert r.output_ids == want.output_ids, "preemption changed a request's tokens"
 
 
 # -- the API ------------------------------------------------------------------------------------
