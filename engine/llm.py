@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from engine.chat_template import ChatRenderer
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
@@ -81,7 +82,8 @@ class LLM:
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of ``messages`` through the tokenizer's chat template."""
+    """Token ids of ``messages`` through the tokenizer's chat template; control-token
+    text inside a message stays text (:class:`engine.chat_template.ChatRenderer`)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", "messages")
     for m in messages:
@@ -91,10 +93,9 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
             or not isinstance(m.get("content"), str)
         ):
             raise InvalidRequestError("each message needs string 'role' and 'content'", "messages")
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if hasattr(out, "keys") and "input_ids" in out:  # transformers 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return list(out)
+    # a trailing assistant message is a finished turn here, not a prefill
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return ChatRenderer(tokenizer).render_turns(turns)
 
 
 def _per_prompt(value: T | list[T], n: int, name: str) -> list[T]:

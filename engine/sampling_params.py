@@ -7,15 +7,19 @@ from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
 
-# Above this no sane request asks for more tokens; caught before the context check
-# so the message says what is wrong.
-MAX_TOKENS_LIMIT = 1 << 20
+# The bounds the HTTP protocol documents (one set for every layer); MAX_TOKENS_LIMIT is
+# caught before the context check so the message says what is wrong, and the logit
+# bias cap keeps a request's per-step bias cost bounded (OpenAI documents none).
+from engine.protocol import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    MAX_TOKENS_LIMIT,
+)
+
 _MAX_STOP_STRINGS = 16
-MAX_REPETITION_PENALTY = 10.0
-# OpenAI documents no limit on logit_bias entries (300 work in practice) and vLLM sets
-# none; 1024 keeps a request's per-step bias cost bounded.
-MAX_LOGIT_BIAS_ENTRIES = 1024
-MAX_LOGIT_BIAS = 100.0
 
 
 def _is_number(value: object) -> bool:
@@ -106,9 +110,11 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"max_tokens={self.max_tokens} is absurd (limit {MAX_TOKENS_LIMIT})", "max_tokens"
             )
-        if not isinstance(self.temperature, int | float) or not 0.0 <= self.temperature <= 100.0:
+        temperature = self.temperature
+        if not isinstance(temperature, int | float) or not 0.0 <= temperature <= MAX_TEMPERATURE:
             raise InvalidRequestError(
-                f"temperature must be in [0, 100], got {self.temperature}", "temperature"
+                f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}",
+                "temperature",
             )
         if not isinstance(self.top_p, int | float) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
@@ -144,8 +150,10 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value):
                 raise InvalidRequestError(f"{name} must be a number", name)
-            if not -2.0 <= value <= 2.0:
-                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}", name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise InvalidRequestError(
+                    f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}", name
+                )
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int):
             raise InvalidRequestError("min_tokens must be an integer", "min_tokens")
         if not 0 <= self.min_tokens <= self.max_tokens:

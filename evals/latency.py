@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import time
@@ -57,6 +58,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--api-key", default=os.environ.get("SOTSERVE_API_KEY"),
+        help="URL: the server's API key (default: $SOTSERVE_API_KEY)",
+    )  # fmt: skip
+    p.add_argument(
+        "--admin-api-key", default=os.environ.get("SOTSERVE_ADMIN_API_KEY"),
+        help="URL: the key of its admin routes, to reset its cache between runs "
+        "(default: $SOTSERVE_ADMIN_API_KEY, else --api-key)",
+    )  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="first N questions (after filters)")
     p.add_argument("--categories", default=None, help="comma-separated categories")
     p.add_argument("--per-category", type=int, default=None, help="first N of each category")
@@ -113,7 +123,10 @@ def make_target(args: argparse.Namespace, engine: AsyncEngine | None = None) -> 
         return LocalTarget(args.model, args.dtype, args.device, engine)
     if not args.backend.startswith(("http://", "https://")):
         raise TargetError(f"--backend must be 'local' or an http(s) URL, not {args.backend!r}")
-    return HTTPTarget(args.backend, args.model, args.timeout, tokenizer=args.tokenizer)
+    return HTTPTarget(
+        args.backend, args.model, args.timeout, tokenizer=args.tokenizer,
+        api_key=args.api_key, admin_api_key=args.admin_api_key,
+    )  # fmt: skip
 
 
 def rotated(modes: list[str], k: int) -> list[str]:
@@ -134,7 +147,10 @@ async def run_all(
     for mode in args.modes:
         await run_one(target, WARMUP_QUESTION, mode, {**options, "max_tokens": 32})
     if cold and not await target.reset_cache(heads):
-        log(f"warning: {target.description} cannot empty its prefix cache; runs are warm")
+        log(
+            f"warning: {target.description} cannot empty its prefix cache (a sotserve "
+            "server needs --admin-api-key for it); runs are warm"
+        )
         cold = False
 
     records: list[RunRecord] = []

@@ -121,9 +121,13 @@ class HTTPTarget(Target):
         model: str | None = None,
         timeout: float = 600.0,
         tokenizer: str | None = None,
+        api_key: str | None = None,
+        admin_api_key: str | None = None,
     ) -> None:
         """``tokenizer``: the served model's (a local directory, GGUF, or "embedded"),
-        to count a streamed answer's tokens; without one each delta counts as one."""
+        to count a streamed answer's tokens; without one each delta counts as one.
+        ``api_key`` is sent on every request, ``admin_api_key`` (else ``api_key``) on
+        cache resets, which a sotserve server serves only to its admin key."""
         from sotserve.client import AsyncClient
 
         self._tokenizer: Any = None
@@ -134,17 +138,21 @@ class HTTPTarget(Target):
             self._tokenizer = files.tokenizer()
         self.url = url.rstrip("/").removesuffix("/v1")
         self.timeout = timeout
-        self.client = AsyncClient(self.url, timeout=timeout, model=model)
+        self.api_key = api_key
+        admin = admin_api_key or api_key
+        self._admin_headers = {"Authorization": f"Bearer {admin}"} if admin else {}
+        self.client = AsyncClient(self.url, timeout=timeout, model=model, api_key=api_key)
         self.model = model
         self.sotserve = False
         self.description = url
 
     async def start(self) -> None:
         """Find out what the server is; raises :class:`TargetError` if unreachable."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
-                s.get(f"{self.url}/v1/models") as resp,
+                s.get(f"{self.url}/v1/models", headers=headers) as resp,
             ):
                 cards = (await resp.json())["data"]
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
@@ -157,7 +165,9 @@ class HTTPTarget(Target):
 
             self.model = card.get("id")
             await self.client.close()
-            self.client = AsyncClient(self.url, timeout=self.timeout, model=self.model)
+            self.client = AsyncClient(
+                self.url, timeout=self.timeout, model=self.model, api_key=self.api_key
+            )
         self.sotserve = card.get("owned_by") == "sotserve"
         kind = "sotserve server" if self.sotserve else "OpenAI-compatible server"
         self.description = f"{self.model} at {self.url} ({kind})"
@@ -185,7 +195,7 @@ class HTTPTarget(Target):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
             for path in (f"/reset_prefix_cache{query}", "/flush_cache"):
                 try:
-                    async with s.post(self.url + path) as resp:
+                    async with s.post(self.url + path, headers=self._admin_headers) as resp:
                         if resp.status == 200:
                             return True
                 except aiohttp.ClientError:

@@ -36,14 +36,6 @@ class CLIError(Exception):
     """A failure reported as ``error: <message>`` with exit status 2."""
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="HF directory, hub id or .gguf (default: embedded SmolLM2)"
-    )
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto")
-    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
-
-
 def _add_ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("question")
     p.add_argument(
@@ -278,11 +270,12 @@ SERVE_HELP = "serve the OpenAI-compatible API and the web page"
 
 def _serve_command(argv: list[str]) -> int:
     from engine import EngineError
+    from engine.serving import add_model_args
     from sotserve.backends.base import BackendError
     from sotserve.server.app import add_server_args, serve
 
     parser = argparse.ArgumentParser(prog="sotserve serve", description=SERVE_HELP)
-    _add_model_args(parser)
+    add_model_args(parser)
     add_server_args(parser)
     args = parser.parse_args(argv)
     try:

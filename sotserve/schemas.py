@@ -12,6 +12,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from engine.protocol import (
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    MAX_TOKENS_LIMIT,
+)
+
 Mode = Literal["sequential", "sot", "graph", "auto"]
 ResolvedMode = Literal["sequential", "sot", "graph"]
 
@@ -33,21 +40,21 @@ class PlanOptions(BaseModel):
     max_points: int = Field(default=6, ge=2, le=16)
     point_max_tokens: int = Field(default=96, ge=1, le=4096)
     skeleton_max_tokens: int = Field(default=96, ge=8, le=1024)
-    max_tokens: int = Field(default=1024, ge=1, le=1 << 20)
+    max_tokens: int = Field(default=1024, ge=1, le=MAX_TOKENS_LIMIT)
     # Off by default: on a 2-core CPU each point decoded beside the skeleton slows it
     # (10 vicuna80 questions: skeleton 2.37 s pipelined, 1.38 s not; see README)
     pipeline: bool = False
     router: Literal["model", "rules"] = "rules"
-    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    temperature: float = Field(default=0.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     # OpenAI's and vLLM's penalties, for every request of the answer
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    frequency_penalty: float = Field(default=0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    presence_penalty: float = Field(default=0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
     logit_bias: dict[int, float] = Field(default_factory=dict)
     # the least a sequential answer writes before it may end (vLLM's min_tokens)
-    min_tokens: int = Field(default=0, ge=0, le=1 << 20)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
     # the least each point writes before it may end: no empty or title-only points
     point_min_tokens: int = Field(default=32, ge=0, le=4096)
     # once this share of the points has finished, those still running end at their
@@ -55,7 +62,7 @@ class PlanOptions(BaseModel):
     # decodes at batch 1, no faster than sequential (1: never)
     point_wrap_up: float = Field(default=2 / 3, gt=0.0, le=1.0)
     # points' own repetition penalty (None: the answer's)
-    point_repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    point_repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
 
 
 class PlanPoint(BaseModel):

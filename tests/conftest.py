@@ -113,7 +113,7 @@ def tiny_llama_dir(tiny_model_dirs) -> Path:
 def sotserve_url() -> str:
     """A real ``sotserve serve`` process with the embedded SmolLM2, shared by the
     server, client, CLI and web page tests; its base URL."""
-    from live_server import running_server
+    from live_server import ADMIN_KEY, running_server
 
-    with running_server() as url:
+    with running_server("--admin-api-key", ADMIN_KEY) as url:
         yield url

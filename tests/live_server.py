@@ -23,6 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The shared server's admin key: its admin routes (a cache reset) need it.
+ADMIN_KEY = "test-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 @contextlib.contextmanager
 def running_server(*args: str, timeout: float = 180.0) -> Iterator[str]:
     """``sotserve serve ARGS`` until the block ends; yields its base URL."""

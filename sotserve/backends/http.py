@@ -50,6 +50,7 @@ class HTTPBackend(Backend):
         tokenizer: Any = None,
         *,
         api_key: str | None = None,
+        admin_api_key: str | None = None,
         timeout: float = 600.0,
         read_timeout: float = 120.0,
         max_model_len: int | None = None,
@@ -67,6 +68,9 @@ class HTTPBackend(Backend):
             tokenizer = load_tokenizer(tokenizer or model)
         self._tokenizer = tokenizer
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # admin routes (a cache reset) take their own key on sotserve's servers
+        admin = admin_api_key or api_key
+        self._admin_headers = {"Authorization": f"Bearer {admin}"} if admin else {}
         # sock_read: the longest wait for the next chunk, so a stalled stream fails
         # instead of hanging until the total timeout
         self._timeout = aiohttp.ClientTimeout(
@@ -131,10 +135,13 @@ class HTTPBackend(Backend):
     async def reset_prefix_cache(self) -> bool:
         """Ask the server to empty its prefix cache: vLLM's ``/reset_prefix_cache``
         (served with ``VLLM_SERVER_DEV_MODE=1``) and sotserve's, or SGLang's
-        ``/flush_cache``; False when it has neither or cannot be reached."""
+        ``/flush_cache``; False when it has neither or cannot be reached. The admin
+        key is sent (sotserve serves the route only to it), else the API key."""
         for path in ("/reset_prefix_cache", "/flush_cache"):
             try:
-                async with self._client().post(self.url + path) as resp:
+                async with self._client().post(
+                    self.url + path, headers=self._admin_headers
+                ) as resp:
                     if resp.status == 200:
                         return True
             except (aiohttp.ClientError, TimeoutError):

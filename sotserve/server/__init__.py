@@ -1,6 +1,6 @@
 """sotserve's HTTP server: OpenAI-compatible chat and completions, metrics, web page."""
 
+from engine.serving import Security, ServerLimits
 from sotserve.server.app import add_server_args, build_app, serve
-from sotserve.server.limits import ServerLimits
 
-__all__ = ["ServerLimits", "add_server_args", "build_app", "serve"]
+__all__ = ["Security", "ServerLimits", "add_server_args", "build_app", "serve"]

@@ -20,16 +20,27 @@ from typing import Any
 from aiohttp import web
 
 from engine import AsyncEngine
-from engine.cli_args import add_engine_args, engine_kwargs
+from engine.cli_args import add_engine_args, engine_kwargs, serve_kwargs
+from engine.protocol import APIError, ModelCard, ModelList
 from engine.serve_loop import serve_app
-from engine.server import APIError, add_completion_routes, error_middleware
+from engine.server import add_completion_routes
+from engine.serving import (
+    AdmissionGate,
+    Security,
+    ServerLimits,
+    add_http_args,
+    error_response,
+    http_options,
+    make_app,
+    public_model_name,
+)
 from sotserve.backends.base import BackendError
 from sotserve.backends.http import HTTPBackend, load_tokenizer
 from sotserve.backends.local import LocalBackend
 from sotserve.backends.replicas import ReplicaSet
 from sotserve.planner import Planner
 from sotserve.server.chat import ChatHandler
-from sotserve.server.limits import AdmissionGate, ServerLimits
+from sotserve.server.limits import AdmittedBackend
 from sotserve.server.metrics import CONTENT_TYPE, BackendCollector, Metrics
 
 logger = logging.getLogger(__name__)
@@ -78,32 +89,45 @@ def build_app(
     model_name: str | None = None,
     limits: ServerLimits | None = None,
     warm_up: bool = False,
+    security: Security | None = None,
     **plan_defaults: Any,
 ) -> web.Application:
     """An app serving ``engine``; ``plan_defaults`` are :class:`PlanOptions` defaults
     (a request's ``sot`` field overrides them). With ``warm_up`` the planner's fixed
     prompt heads are cached as the server starts (:meth:`Planner.warm_up`).
+    ``security`` defaults to a loopback server's (:class:`Security`): no keys, so no
+    admin routes.
 
-    ``POST /reset_prefix_cache`` empties the engine's prefix cache and then caches
-    those heads again, as any running server has them; ``?prompt_heads=false``
-    leaves the cache empty."""
+    ``POST /reset_prefix_cache`` (an admin route) empties the engine's prefix cache
+    and then caches those heads again, as any running server has them;
+    ``?prompt_heads=false`` leaves the cache empty."""
     limits = limits or ServerLimits()
-    app = web.Application(
-        middlewares=[metrics_middleware, error_middleware],
-        client_max_size=limits.max_request_bytes,
-    )
+    app = make_app(limits, security or Security.for_bind("127.0.0.1"), metrics_middleware)
     metrics = Metrics(engine_stats=engine.stats)
-    planner = Planner(LocalBackend(engine), **plan_defaults)
+    gate = _gate(limits, metrics)
+    planner = Planner(AdmittedBackend(LocalBackend(engine)), **plan_defaults)
     app[METRICS_KEY] = metrics
     app[PLANNER_KEY] = planner
-    handlers = add_completion_routes(app, engine, model_name)
+    # /v1/completions shares the chat's gate: both spend the same engine
+    handlers = add_completion_routes(app, engine, model_name, limits, gate)
 
     async def rewarm(request: web.Request) -> dict[str, int]:
         return {"prompt_head_tokens": await _rewarm(app, planner, request)}
 
     handlers.after_reset = rewarm
-    _mount_service(app, planner, handlers.model_name, limits, metrics, warm_up)
+    _mount_service(app, planner, handlers.model_names, limits, gate, metrics, warm_up)
     return app
+
+
+def _gate(limits: ServerLimits, metrics: Metrics) -> AdmissionGate:
+    gate = AdmissionGate(limits.max_concurrency, limits.max_queue, limits.queue_timeout_s)
+
+    def gauges(g: AdmissionGate) -> None:
+        metrics.in_flight.set(g.running)
+        metrics.queued.set(g.waiting)
+
+    gate.on_change = gauges
+    return gate
 
 
 def build_remote_app(
@@ -111,6 +135,7 @@ def build_remote_app(
     model_name: str | None = None,
     limits: ServerLimits | None = None,
     warm_up: bool = True,
+    security: Security | None = None,
     **plan_defaults: Any,
 ) -> web.Application:
     """An app whose planner runs on ``replicas`` (remote engines); the app starts
@@ -123,13 +148,11 @@ def build_remote_app(
     (vLLM's ``/reset_prefix_cache``, SGLang's ``/flush_cache``) and then caches the
     prompt heads on each again."""
     limits = limits or ServerLimits()
-    app = web.Application(
-        middlewares=[metrics_middleware, error_middleware],
-        client_max_size=limits.max_request_bytes,
-    )
+    app = make_app(limits, security or Security.for_bind("127.0.0.1"), metrics_middleware)
     metrics = Metrics(backends=BackendCollector(replicas.replicas))
-    planner = Planner(replicas, **plan_defaults)
-    name = model_name or replicas.model_name
+    gate = _gate(limits, metrics)
+    planner = Planner(AdmittedBackend(replicas), **plan_defaults)
+    name = model_name or public_model_name(replicas.model_name)
     app[METRICS_KEY] = metrics
     app[PLANNER_KEY] = planner
     created = int(time.time())
@@ -148,15 +171,13 @@ def build_remote_app(
         if replicas.healthy:
             return web.json_response({"status": "ok", "backends": states})
         names = ", ".join(states)
-        return APIError(503, f"no backend is healthy ({names})", type="server_error",
-                        code="backend_unavailable").response()  # fmt: skip
+        return error_response(APIError(503, f"no backend is healthy ({names})",
+                              type="server_error", code="backend_unavailable"))  # fmt: skip
 
     async def models(request: web.Request) -> web.Response:
-        card = {
-            "id": name, "object": "model", "created": created, "owned_by": "sotserve",
-            "root": replicas.model_name, "max_model_len": replicas.max_model_len,
-        }  # fmt: skip
-        return web.json_response({"object": "list", "data": [card]})
+        card = ModelCard(id=name, created=created, root=name,
+                         max_model_len=replicas.max_model_len)  # fmt: skip
+        return web.json_response(ModelList(data=[card]).model_dump())
 
     async def reset_prefix_cache(request: web.Request) -> web.Response:
         done = await asyncio.gather(*(r.http.reset_prefix_cache() for r in replicas.replicas))
@@ -170,7 +191,7 @@ def build_remote_app(
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
-    _mount_service(app, planner, name, limits, metrics, warm_up)
+    _mount_service(app, planner, (name, replicas.model_name), limits, gate, metrics, warm_up)
     return app
 
 
@@ -189,8 +210,9 @@ async def _rewarm(app: web.Application, planner: Planner, request: web.Request) 
 def _mount_service(
     app: web.Application,
     planner: Planner,
-    model_name: str,
+    model_names: tuple[str, ...],
     limits: ServerLimits,
+    gate: AdmissionGate,
     metrics: Metrics,
     warm_up: bool,
 ) -> None:
@@ -208,8 +230,7 @@ def _mount_service(
 
         app.on_startup.append(start_warm_up)
         app.on_cleanup.insert(0, stop_warm_up)  # before the backends close
-    gate = AdmissionGate(limits.max_concurrency, limits.max_queue)
-    chat = ChatHandler(planner, model_name, limits, gate, metrics)
+    chat = ChatHandler(planner, model_names, limits, gate, metrics)
     app.router.add_post("/v1/chat/completions", chat.handle)
 
     async def metrics_page(request: web.Request) -> web.Response:
@@ -233,10 +254,9 @@ async def _warm_up(planner: Planner) -> None:
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    """``sotserve serve`` options."""
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="model id clients send")
+    """``sotserve serve`` options (``--model/--dtype/--device`` come from
+    :func:`engine.serving.add_model_args`)."""
+    add_http_args(p, what="engine requests (a skeleton answer runs one per point)")
     g = p.add_argument_group(
         "remote engines (instead of a local model)",
         "With --backend the planner runs on OpenAI-compatible /v1/completions servers "
@@ -250,25 +270,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="the model's tokenizer, if not --model")
     g.add_argument("--backend-api-key", default=None, help="sent upstream as a bearer token")
     g.add_argument(
+        "--backend-admin-api-key", default=None,
+        help="sent upstream on cache resets (default: --backend-api-key)",
+    )  # fmt: skip
+    g.add_argument(
         "--backend-read-timeout", type=float, default=120.0,
         help="seconds without a chunk before a stream counts as stalled (default 120)",
     )  # fmt: skip
     add_engine_args(p)
-    g = p.add_argument_group("request limits")
-    d = ServerLimits()
-    g.add_argument(
-        "--max-concurrency", type=int, default=d.max_concurrency,
-        help=f"chat answers running at once (default {d.max_concurrency})",
-    )  # fmt: skip
-    g.add_argument(
-        "--max-queue", type=int, default=d.max_queue,
-        help=f"answers waiting for a slot before 429s start (default {d.max_queue})",
-    )  # fmt: skip
-    g.add_argument(
-        "--max-request-bytes", type=int, default=d.max_request_bytes,
-        help="largest request body; 413 above it",
-    )  # fmt: skip
-    g.add_argument("--max-messages", type=int, default=d.max_messages)
     g = p.add_argument_group("answer defaults (a request's `sot` field overrides them)")
     g.add_argument("--mode", default="auto", choices=["sequential", "sot", "graph", "auto"])
     g.add_argument("--max-points", type=int, default=None)
@@ -281,29 +290,27 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    limits = ServerLimits(
-        max_concurrency=args.max_concurrency,
-        max_queue=args.max_queue,
-        max_request_bytes=args.max_request_bytes,
-        max_messages=args.max_messages,
-    )
+    limits, security = http_options(args)
     plan = {
         k: v
         for k in ("mode", "max_points", "point_max_tokens", "router")
         if (v := getattr(args, k)) is not None
     }
     if args.backend:
-        _serve_remote(args, limits, plan)
+        _serve_remote(args, limits, security, plan)
         return
     logger.info("loading %s", args.model or "the embedded SmolLM2-135M-Instruct")
     engine = AsyncEngine(
         args.model, dtype=args.dtype, device=args.device, step_thread=False,
         **engine_kwargs(args),
     )  # fmt: skip
-    app = build_app(engine, args.served_model_name, limits, warm_up=True, **plan)
+    app = build_app(engine, args.served_model_name, limits, True, security, **plan)
     ready = f"sotserve: serving {engine.model_name} at http://{args.host}:{args.port}/"
     # The line is printed once the socket listens, so scripts can wait for it.
-    serve_app(engine, app, args.host, args.port, on_ready=lambda: print(ready, flush=True))
+    serve_app(
+        engine, app, args.host, args.port, on_ready=lambda: print(ready, flush=True),
+        **serve_kwargs(args),
+    )  # fmt: skip
 
 
 def remote_replicas(args: argparse.Namespace) -> ReplicaSet:
@@ -340,6 +347,7 @@ def remote_replicas(args: argparse.Namespace) -> ReplicaSet:
             model,
             tokenizer,
             api_key=args.backend_api_key,
+            admin_api_key=args.backend_admin_api_key,
             read_timeout=args.backend_read_timeout,
             max_model_len=args.max_model_len,
         )
@@ -357,9 +365,11 @@ def remote_replicas(args: argparse.Namespace) -> ReplicaSet:
     return replicas
 
 
-def _serve_remote(args: argparse.Namespace, limits: ServerLimits, plan: dict[str, Any]) -> None:
+def _serve_remote(
+    args: argparse.Namespace, limits: ServerLimits, security: Security, plan: dict[str, Any]
+) -> None:
     replicas = remote_replicas(args)
-    app = build_remote_app(replicas, args.served_model_name, limits, **plan)
+    app = build_remote_app(replicas, args.served_model_name, limits, True, security, **plan)
     urls = ", ".join(args.backend)
     ready = (
         f"sotserve: serving {replicas.model_name} from {urls} at http://{args.host}:{args.port}/"

@@ -22,14 +22,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from engine.server import (
-    SSE_HEADERS,
-    APIError,
-    client_gone,
-    read_json,
-    send_sse,
-    validation_error,
-)
+from engine.chat_template import fewest_tokens
+from engine.protocol import SSE_DONE, SSE_HEADERS, APIError
+from engine.server import answer_timeout, send_sse
+from engine.serving import AdmissionGate, OpenAIServing, ServerLimits, client_gone
 from sotserve.planner import InvalidQuestionError, Planner
 from sotserve.schemas import (
     AnswerDelta,
@@ -40,8 +36,7 @@ from sotserve.schemas import (
     PointDone,
     PointResult,
 )
-from sotserve.server.chat_schema import ACCEPTED, ChatCompletionRequest
-from sotserve.server.limits import AdmissionGate, ServerLimits
+from sotserve.server.chat_schema import ChatCompletionRequest
 from sotserve.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -118,6 +113,13 @@ class _ChatResponse:
         return (self.done.finish_reason if self.done else None) or "stop"
 
 
+def _too_long(tokens: str, max_model_len: int) -> APIError:
+    return APIError(
+        400, f"the messages have {tokens} tokens; this model's context length is "
+        f"{max_model_len}", param="messages", code="context_length_exceeded",
+    )  # fmt: skip
+
+
 def _error_api(event: ErrorEvent) -> APIError:
     """The HTTP error for a failed answer, by the planner's error kind: the caller's
     input 400, an overloaded backend 429, one that failed upstream 502, one that
@@ -132,52 +134,52 @@ def _error_api(event: ErrorEvent) -> APIError:
     return APIError(500, event.message, type="server_error", code=event.code)
 
 
-class ChatHandler:
+class ChatHandler(OpenAIServing):
     """Answers chat requests with ``planner``; one instance per app."""
 
     def __init__(
         self,
         planner: Planner,
-        model_name: str,
+        model_names: tuple[str, ...],
         limits: ServerLimits,
         gate: AdmissionGate,
         metrics: Metrics,
     ) -> None:
+        super().__init__(model_names, limits, gate)
         self.planner = planner
-        self.model_name = model_name
-        self.limits = limits
-        self.gate = gate
         self.metrics = metrics
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        data = await read_json(request)
-        try:
-            body = ChatCompletionRequest.model_validate(data)
-        except ValidationError as exc:
-            raise validation_error(exc, ACCEPTED) from None
+        body = await self.parse(request, ChatCompletionRequest)
         overrides = self._check(body)
         mode = overrides.pop("mode")
         answer = _ChatResponse(self.model_name, mode or self.planner.options.mode)
         outcome = "error"
         try:
-            async with self.gate.slot(self.metrics):
+            async with self.gate.admit("engine requests"):
+                await self._check_context(body)
                 events = self.planner.stream(body.turns(), mode, **overrides)
+                timeout = self.limits.request_timeout_s
+                deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
                 async with contextlib.aclosing(events):
-                    first = await self._first(events, answer)
+                    async with asyncio.timeout_at(deadline):
+                        first = await self._first(events, answer)
                     if body.stream:
-                        include_usage = bool(
-                            body.stream_options and body.stream_options.include_usage
-                        )
                         resp, outcome = await self._stream(
-                            request, answer, first, events, include_usage
+                            request, answer, first, events, body.include_usage(), deadline
                         )
                         return resp
-                    resp = await self._collect(request, answer, first, events)
+                    async with asyncio.timeout_at(deadline):
+                        resp = await self._collect(request, answer, first, events)
                     outcome = "ok"
                     return resp
         except APIError as exc:
-            outcome = "rejected" if exc.status == 429 else "error"
+            if exc.status == 429:
+                outcome = "rejected"
+                self.metrics.rejected.inc()
             raise
+        except TimeoutError:
+            raise answer_timeout() from None
         except ConnectionResetError:
             outcome = "disconnected"
             return web.Response(status=499)  # nginx's "client closed request", for the log
@@ -188,15 +190,8 @@ class ChatHandler:
             self._observe(answer, outcome)
 
     def _check(self, body: ChatCompletionRequest) -> dict[str, Any]:
-        """Reject what the planner cannot do; returns the planner overrides."""
-        if body.model is not None and body.model != self.model_name:
-            raise APIError(
-                404, f"The model `{body.model}` does not exist.", param="model",
-                code="model_not_found",
-            )  # fmt: skip
-        bad = body.unsupported()
-        if bad is not None:
-            raise APIError(400, bad[1], param=bad[0])
+        """Reject what the planner cannot do, before admission (nothing here costs
+        more than a look at the body); returns the planner overrides."""
         if len(body.messages) > self.limits.max_messages:
             raise APIError(
                 400, f"{len(body.messages)} messages; this server takes at most "
@@ -205,7 +200,7 @@ class ChatHandler:
         overrides = body.plan_overrides()
         max_model_len = self.planner.backend.max_model_len
         max_tokens = overrides["max_tokens"]
-        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        param = body.token_limit_param()
         if max_tokens is not None and max_model_len is not None and max_tokens > max_model_len:
             raise APIError(
                 400, f"{param}={max_tokens} is more than this model's context length "
@@ -218,13 +213,21 @@ class ChatHandler:
             name = str(err["loc"][0]) if err["loc"] else None
             raise APIError(400, f"{name}: {err['msg']}", param=name) from None
         if max_model_len is not None:
-            n = len(self.planner.renderer.render(body.turns()))
-            if n >= max_model_len:
-                raise APIError(
-                    400, f"the messages have {n} tokens; this model's context length is "
-                    f"{max_model_len}", param="messages", code="context_length_exceeded",
-                )  # fmt: skip
+            chars = "".join(m.text() for m in body.messages)
+            if fewest_tokens(self.planner.renderer.tokenizer, chars) >= max_model_len:
+                raise _too_long(f"more than {max_model_len}", max_model_len)
         return overrides
+
+    async def _check_context(self, body: ChatCompletionRequest) -> None:
+        """The chat prompt must leave room in the context. Tokenized in a worker
+        thread (a long prompt takes seconds, which would stall every stream); the
+        renderer keeps the result, so the planner does not tokenize it again."""
+        max_model_len = self.planner.backend.max_model_len
+        if max_model_len is None:
+            return
+        ids = await asyncio.to_thread(self.planner.renderer.render, body.turns())
+        if len(ids) >= max_model_len:
+            raise _too_long(str(len(ids)), max_model_len)
 
     async def _first(self, events: AsyncIterator[Event], answer: _ChatResponse) -> Event:
         """The first event, before any status line: bad input is still a 4xx here."""
@@ -273,6 +276,7 @@ class ChatHandler:
         first: Event,
         events: AsyncIterator[Event],
         include_usage: bool,
+        deadline: float | None,
     ) -> tuple[web.StreamResponse, str]:
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
@@ -289,28 +293,32 @@ class ChatHandler:
 
         try:
             await send_sse(resp, chunk({"role": "assistant", "content": ""}))
-            event: Event | None = first
-            while event is not None:
-                if isinstance(event, AnswerDelta):
-                    await send_sse(resp, chunk({"content": event.text}))
-                elif isinstance(event, ErrorEvent):
-                    # The status line is long gone: report in-band, as vLLM does.
-                    await send_sse(resp, _error_api(event).body())
-                    break
-                else:
-                    sot = {"events": [event.model_dump(mode="json")]}
-                    finish = answer.finish_reason if isinstance(event, Done) else None
-                    await send_sse(resp, chunk({}, finish, sot=sot))
-                    if isinstance(event, Done):
-                        break
-                event = await anext(events, None)
-                if event is not None:
-                    answer.see(event)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    event: Event | None = first
+                    while event is not None:
+                        if isinstance(event, AnswerDelta):
+                            await send_sse(resp, chunk({"content": event.text}))
+                        elif isinstance(event, ErrorEvent):
+                            # The status line is long gone: report in-band, as vLLM does.
+                            await send_sse(resp, _error_api(event).body())
+                            break
+                        else:
+                            sot = {"events": [event.model_dump(mode="json")]}
+                            finish = answer.finish_reason if isinstance(event, Done) else None
+                            await send_sse(resp, chunk({}, finish, sot=sot))
+                            if isinstance(event, Done):
+                                break
+                        event = await anext(events, None)
+                        if event is not None:
+                            answer.see(event)
+            except TimeoutError:
+                await send_sse(resp, answer_timeout().body())
             if include_usage and answer.done is not None:
                 final = answer.envelope("chat.completion.chunk", [])
                 final["usage"] = answer.usage()
                 await send_sse(resp, final)
-            await send_sse(resp, "[DONE]")
+            await send_sse(resp, SSE_DONE)
             await resp.write_eof()
         except ConnectionResetError:
             # The caller's aclosing block closes the planner stream, which aborts every

@@ -1,75 +1,62 @@
-"""Request limits and the concurrency gate of the chat endpoint."""
+"""Admission of a chat answer's engine requests: the shared gate
+(:class:`engine.serving.AdmissionGate`) counts engine requests, not answers, so a
+skeleton answer that fans out to eight points costs what it uses.
+
+:class:`AdmittedBackend` wraps the planner's backend: each completion it runs takes
+room from the lease of the answer it works for (found in the task's context, set by
+:meth:`AdmissionGate.admit`), and gives it back when it ends.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import Any
 
-from engine.server import APIError
-from sotserve.server.metrics import Metrics
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one request may ask of the server.
-
-    ``max_concurrency`` answers run at once (each fans out to several engine
-    requests); up to ``max_queue`` more wait for a slot, and beyond that a request
-    gets 429 at once. ``max_request_bytes`` caps the body (413 above it).
-    """
-
-    max_concurrency: int = 16
-    max_queue: int = 64
-    max_request_bytes: int = 8 * 2**20
-    max_messages: int = 256
-
-    def __post_init__(self) -> None:
-        if self.max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        if self.max_queue < 0 or self.max_messages < 1 or self.max_request_bytes < 1024:
-            raise ValueError("max_queue >= 0, max_messages >= 1, max_request_bytes >= 1024")
+from engine.serving import CURRENT_LEASE
+from engine.stats import EngineStats
+from sotserve.backends.base import Backend, CompletionChunk, CompletionParams
 
 
-class AdmissionGate:
-    """At most ``limit`` holders at once, ``max_queue`` waiters, 429 past that."""
+class AdmittedBackend(Backend):
+    """``inner``, with each completion admitted through the current answer's lease.
+    Outside any answer (the start-up warm-up) completions run unadmitted."""
 
-    def __init__(self, limit: int, max_queue: int) -> None:
-        self.limit = limit
-        self.max_queue = max_queue
-        self._sem = asyncio.Semaphore(limit)
-        self.running = 0
-        self.waiting = 0
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
 
-    @contextlib.asynccontextmanager
-    async def slot(self, metrics: Metrics | None = None) -> AsyncIterator[None]:
-        if self._sem.locked() and self.waiting >= self.max_queue:
-            if metrics is not None:
-                metrics.rejected.inc()
-            raise APIError(
-                429,
-                f"the server is at its limit of {self.limit} concurrent answers and "
-                f"{self.max_queue} queued; retry later",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-            )
-        self.waiting += 1
-        self._gauges(metrics)
-        try:
-            await self._sem.acquire()  # a client that leaves while queued is cancelled here
-        finally:
-            self.waiting -= 1
-        self.running += 1
-        self._gauges(metrics)
-        try:
-            yield
-        finally:
-            self.running -= 1
-            self._sem.release()
-            self._gauges(metrics)
+    @property
+    def tokenizer(self) -> Any:
+        return self.inner.tokenizer
 
-    def _gauges(self, metrics: Metrics | None) -> None:
-        if metrics is not None:
-            metrics.in_flight.set(self.running)
-            metrics.queued.set(self.waiting)
+    @property
+    def model_name(self) -> str:
+        return self.inner.model_name
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.inner.max_model_len
+
+    def for_answer(self, prompt: list[int]) -> Backend:
+        chosen = self.inner.for_answer(prompt)
+        return self if chosen is self.inner else AdmittedBackend(chosen)
+
+    def members(self) -> list[Backend]:
+        return self.inner.members()
+
+    async def complete(
+        self, prompt: str | list[int], params: CompletionParams
+    ) -> AsyncIterator[CompletionChunk]:
+        lease = CURRENT_LEASE.get()
+        if lease is None:
+            async for chunk in self.inner.complete(prompt, params):
+                yield chunk
+            return
+        async with lease.acquire():
+            async for chunk in self.inner.complete(prompt, params):
+                yield chunk
+
+    async def stats(self) -> EngineStats | None:
+        return await self.inner.stats()
+
+    async def close(self) -> None:
+        await self.inner.close()

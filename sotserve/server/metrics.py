@@ -155,9 +155,13 @@ class Metrics:
             "sotserve_fallbacks", "skeleton answers that fell back to sequential decoding",
             registry=r,
         )  # fmt: skip
-        self.in_flight = Gauge("sotserve_answers_in_flight", "chat answers running", registry=r)
+        self.in_flight = Gauge(
+            "sotserve_requests_in_flight",
+            "engine requests admitted and running (a skeleton answer runs several)",
+            registry=r,
+        )
         self.queued = Gauge(
-            "sotserve_answers_queued", "chat answers waiting for a concurrency slot", registry=r
+            "sotserve_requests_queued", "answers and completions waiting for room", registry=r
         )
         self.rejected = Counter(
             "sotserve_rejected", "requests refused at the concurrency limit (429)", registry=r

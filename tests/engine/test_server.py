@@ -28,6 +28,7 @@ from aiohttp import web
 
 from engine import AsyncEngine, SamplingParams
 from engine.server import build_app
+from engine.serving import Security
 from engine.stats import EngineStats
 
 MODEL = "tiny-llama"
@@ -67,7 +68,9 @@ async def client(aengine) -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def _post(client: aiohttp.ClientSession, body: Any) -> tuple[int, Any]:
-    kw = {"data": body} if isinstance(body, bytes) else {"json": body}
+    # raw bytes are sent as JSON too: what is wrong with them is their content
+    json_type = {"Content-Type": "application/json"}
+    kw = {"data": body, "headers": json_type} if isinstance(body, bytes) else {"json": body}
     async with client.post("/v1/completions", **kw) as resp:
         return resp.status, await resp.json()
 
@@ -130,27 +133,47 @@ async def test_models_and_health(client, aengine):
     assert card["max_model_len"] == aengine.max_model_len == 512
 
 
-async def test_reset_prefix_cache_endpoint(client, aengine):
-    body = {"prompt": "Warm the cache with this prompt", **GREEDY, "max_tokens": 4}
-    status, _ = await _post(client, body)
-    assert status == 200 and aengine.stats().cache_size > 0
+async def test_reset_prefix_cache_endpoint(aengine):
+    """An admin route: served with an admin key, to that key only."""
+    security = Security.for_bind("127.0.0.1", admin_api_key="admin-secret")
+    async with _serve(build_app(aengine, MODEL, security=security)) as client:
+        body = {"prompt": "Warm the cache with this prompt", **GREEDY, "max_tokens": 4}
+        status, _ = await _post(client, body)
+        assert status == 200 and aengine.stats().cache_size > 0
+        async with client.post("/reset_prefix_cache") as resp:
+            assert resp.status == 401
+        admin = {"Authorization": "Bearer admin-secret"}
+        async with client.post("/reset_prefix_cache", headers=admin) as resp:
+            assert resp.status == 200
+            out = await resp.json()
+        assert out["freed_tokens"] > 0 and aengine.stats().cache_size == 0
+        async with client.get("/reset_prefix_cache", headers=admin) as resp:
+            assert resp.status == 405
+
+
+async def test_reset_prefix_cache_needs_an_admin_key(client, aengine):
+    """Without --admin-api-key the route does not exist, so nobody can empty the
+    cache everyone shares."""
     async with client.post("/reset_prefix_cache") as resp:
-        assert resp.status == 200
-        out = await resp.json()
-    assert out["freed_tokens"] > 0 and aengine.stats().cache_size == 0
-    async with client.get("/reset_prefix_cache") as resp:
-        assert resp.status == 405
+        assert resp.status == 404
+        assert (await resp.json())["error"]["message"]
 
 
-async def test_default_model_name_is_the_engines(aengine):
+async def test_default_model_name_is_the_models_not_its_path(aengine, tiny_llama_dir):
+    """The model is a local directory: /v1/models names it, never shows its path;
+    requests may name the model either way."""
     async with _serve(build_app(aengine)) as client:
         async with client.get("/v1/models") as resp:
-            assert (await resp.json())["data"][0]["id"] == aengine.model_name
+            [card] = (await resp.json())["data"]
+        assert card["id"] == Path(tiny_llama_dir).name
+        assert str(tiny_llama_dir) not in json.dumps(card)
+        status, body = await _post(client, {"model": card["id"], "prompt": "hi", "max_tokens": 2})
+        assert status == 200, body
         status, body = await _post(
             client, {"model": aengine.model_name, "prompt": "hi", "max_tokens": 2}
         )
     assert status == 200
-    assert body["model"] == aengine.model_name
+    assert body["model"] == card["id"]  # the served name, not the path asked for
 
 
 # -- non-streaming ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from live_server import REPO, free_port
+from live_server import ADMIN_KEY, REPO, free_port
 
 from evals.dataset import DatasetError, load_dataset, select
 from evals.latency import main_async, parse_args, rotated
@@ -361,7 +361,8 @@ async def test_against_a_sotserve_server_over_http(tmp_path, sotserve_url):
     out = tmp_path / "out"
     args = parse_args(
         ["--dataset", str(data), "--backend", sotserve_url, "--modes", "sequential,sot",
-         "--out", str(out), "--judge", "none", "--max-tokens", "80"]
+         "--out", str(out), "--judge", "none", "--max-tokens", "80",
+         "--admin-api-key", ADMIN_KEY]
     )  # fmt: skip
     assert await main_async(args) == 0
     records = [RunRecord.model_validate_json(line) for line in (out / "results.jsonl").open()]

@@ -21,7 +21,9 @@ Q = [{"role": "user", "content": "How can I develop my critical thinking skills?
 
 
 async def post(http, body: Any) -> tuple[int, dict[str, Any]]:
-    kw = {"data": body} if isinstance(body, bytes) else {"json": body}
+    # raw bytes are sent as JSON too: what is wrong with them is their content
+    json_type = {"Content-Type": "application/json"}
+    kw = {"data": body, "headers": json_type} if isinstance(body, bytes) else {"json": body}
     async with http.post("/v1/chat/completions", **kw) as resp:
         return resp.status, await resp.json()
 

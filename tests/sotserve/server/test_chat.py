@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from live_server import ADMIN
 
 from sotserve.schemas import AnswerInfo, EventAdapter
 
@@ -174,7 +175,7 @@ async def test_metrics_count_answers_tokens_and_cache(http):
     # greedy tokens computed from cached KV can differ in the last bits from recomputed
     # ones, and an answer of another shape has been seen to report 278 fewer cached
     # tokens than the engine counted (an accounting gap left for the service issue).
-    async with http.post("/reset_prefix_cache") as resp:
+    async with http.post("/reset_prefix_cache", headers=ADMIN) as resp:
         assert resp.status == 200
     before = await metrics(http)
     async with http.post("/v1/chat/completions", json=chat_body("sot")) as resp:
@@ -230,11 +231,11 @@ async def test_reset_caches_the_prompt_heads_again_unless_told_not_to(http, toke
             assert resp.status == 200
             return (await resp.json())["usage"]["prompt_tokens_details"]["cached_tokens"]
 
-    async with http.post("/reset_prefix_cache") as resp:
+    async with http.post("/reset_prefix_cache", headers=ADMIN) as resp:
         out = await resp.json()
     assert resp.status == 200 and out["prompt_head_tokens"] >= len(head)
     assert await cached_tokens_of_the_skeleton_prompt() == len(head)
-    async with http.post("/reset_prefix_cache?prompt_heads=false") as resp:
+    async with http.post("/reset_prefix_cache?prompt_heads=false", headers=ADMIN) as resp:
         out = await resp.json()
     assert resp.status == 200 and out["prompt_head_tokens"] == 0
     assert await cached_tokens_of_the_skeleton_prompt() == 0

@@ -1,7 +1,10 @@
-"""The concurrency limit: answers past it queue, and past the queue get 429.
+"""The admission gate: engine requests past the limit queue, past the queue get 429,
+and a queued request gives up with 503 after the queue timeout. Chat answers and raw
+completions share the gate, and a skeleton answer costs one unit per point running.
 
 Real HTTP on 127.0.0.1 against an in-process app on a tiny random-weight model, so
-answers are cheap and the limits can be set small.
+answers are cheap and the limits can be set small; the gate's own accounting is
+checked with a scripted backend (it cannot be paced on a real engine).
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
+from scripted_backend import ScriptedBackend
 
 from engine import AsyncEngine
+from engine.protocol import APIError
+from engine.serving import AdmissionGate
+from sotserve.backends.base import CompletionParams
 from sotserve.server import ServerLimits, build_app
-from sotserve.server.limits import AdmissionGate
+from sotserve.server.limits import AdmittedBackend
 
 # sequential: one engine request per answer; the tiny model rarely hits its EOS
 BODY = {
@@ -89,11 +96,11 @@ async def test_queued_answer_runs_when_the_slot_frees(engine):
         await first_chunk(first)
         second = asyncio.create_task(http.post("/v1/chat/completions", json=BODY))
         for _ in range(100):  # until the second request sits in the queue
-            if await gauge(http, "sotserve_answers_queued") == 1:
+            if await gauge(http, "sotserve_requests_queued") == 1:
                 break
             await asyncio.sleep(0.02)
-        assert await gauge(http, "sotserve_answers_queued") == 1
-        assert await gauge(http, "sotserve_answers_in_flight") == 1
+        assert await gauge(http, "sotserve_requests_queued") == 1
+        assert await gauge(http, "sotserve_requests_in_flight") == 1
         async with http.post("/v1/chat/completions", json=BODY) as third:
             assert third.status == 429  # one running, one queued: full
         first.close()  # the first client hangs up, so the queued answer gets the slot
@@ -102,7 +109,7 @@ async def test_queued_answer_runs_when_the_slot_frees(engine):
         text = await resp.text()
         done = [json.loads(x[6:]) for x in text.split("\n\n") if x.startswith("data: {")]
         assert done[-1]["sot"]["events"][-1]["type"] == "done"
-        assert await gauge(http, "sotserve_answers_queued") == 0
+        assert await gauge(http, "sotserve_requests_queued") == 0
 
 
 async def test_gate_counts_and_rejects_without_a_server():
@@ -111,15 +118,15 @@ async def test_gate_counts_and_rejects_without_a_server():
     release = asyncio.Event()
 
     async def hold() -> None:
-        async with gate.slot():
+        async with gate.admit("answers"):
             entered.set()
             await release.wait()
 
     holders = [asyncio.create_task(hold()) for _ in range(3)]
     await asyncio.sleep(0.01)
     assert (gate.running, gate.waiting) == (2, 1)
-    with pytest.raises(Exception, match="limit of 2 concurrent answers") as exc:
-        async with gate.slot():
+    with pytest.raises(APIError, match="limit of 2 concurrent answers") as exc:
+        async with gate.admit("answers"):
             pass
     assert exc.value.status == 429
     holders[2].cancel()  # a queued client that leaves gives up its queue place
@@ -128,6 +135,83 @@ async def test_gate_counts_and_rejects_without_a_server():
     release.set()
     await asyncio.gather(*holders, return_exceptions=True)
     assert (gate.running, gate.waiting) == (0, 0)
+
+
+async def test_queue_wait_times_out_with_503():
+    gate = AdmissionGate(limit=1, max_queue=4, queue_timeout_s=0.1)
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with gate.admit():
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.01)
+    with pytest.raises(APIError) as exc:
+        async with gate.admit():
+            pass
+    assert exc.value.status == 503 and exc.value.code == "queue_timeout"
+    assert (gate.running, gate.waiting) == (1, 0)  # the timed-out waiter left no trace
+    release.set()
+    await holder
+    assert gate.running == 0
+
+
+async def test_an_answer_costs_one_unit_per_request_running(tokenizer):
+    """Four points of one answer, a limit of three: the answer's first unit plus two
+    more run at once, the fourth waits for one of them, and all units come back."""
+    running = 0
+    peak = 0
+
+    backend = ScriptedBackend(tokenizer, lambda call: ["x"], delay=0.05)
+    gate = AdmissionGate(limit=3, max_queue=0)
+    admitted = AdmittedBackend(backend)
+    peaks: list[int] = []
+    gate.on_change = lambda g: peaks.append(g.running)
+
+    async def point() -> None:
+        nonlocal running, peak
+        params = CompletionParams(max_tokens=4)
+        async for _ in admitted.for_answer([1, 2, 3]).complete("Now explain point 1", params):
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.05)
+            running -= 1
+
+    async with gate.admit():
+        assert gate.running == 1
+        await asyncio.gather(*(asyncio.create_task(point()) for _ in range(4)))
+        assert gate.running == 1  # the extra units went back as the points ended
+    assert gate.running == 0
+    assert max(peaks) == 3 and peak == 3
+    # meanwhile a new answer finds no room and an empty queue allowance: 429
+    async with gate.admit():
+        tasks = [asyncio.create_task(point()) for _ in range(3)]
+        await asyncio.sleep(0.02)
+        with pytest.raises(APIError) as exc:
+            async with gate.admit():
+                pass
+        assert exc.value.status == 429
+        await asyncio.gather(*tasks)
+
+
+async def test_completions_share_the_chat_gate(engine):
+    """/v1/completions is admitted through the same gate: a running chat answer at a
+    limit of one leaves no room for a completion."""
+    async with serve(engine, ServerLimits(max_concurrency=1, max_queue=0)) as http:
+        running = await http.post("/v1/chat/completions", json=BODY)
+        await first_chunk(running)
+        body = {"prompt": "Hello", "max_tokens": 4}
+        async with http.post("/v1/completions", json=body) as resp:
+            assert resp.status == 429, await resp.text()
+            assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"
+        running.close()
+        for _ in range(100):  # the hang-up frees the unit
+            if await gauge(http, "sotserve_requests_in_flight") == 0:
+                break
+            await asyncio.sleep(0.02)
+        async with http.post("/v1/completions", json=body) as resp:
+            assert resp.status == 200
 
 
 def test_limits_reject_nonsense():
