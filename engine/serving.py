@@ -152,10 +152,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             resp.headers["Allow"] = exc.headers["Allow"]
         return resp
     except APIError as exc:
-        return error_response(exc)
+        resp = error_response(exc)
+        if isinstance(exc, UnreadableBodyError):
+            resp.force_close()
+        return resp
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(APIError(500, "internal server error", type="server_error"))
+
+
+class UnreadableBodyError(APIError):
+    """A body that could not be read to its end: the connection closes after the
+    error, since what is left of the request on it cannot be parsed."""
 
 
 def _status_type(status: int) -> str:
@@ -245,7 +253,10 @@ async def read_json(request: web.Request, limits: ServerLimits) -> dict[str, Any
     except web.HTTPException:
         raise
     except Exception as exc:  # a corrupt gzip or deflate encoding, a broken chunk
-        raise APIError(400, f"the request body could not be read: {exc}") from None
+        # The rest of the body cannot be parsed either: stop aiohttp from draining it
+        # (it would raise again, unhandled, and drop the answer) and close after it.
+        request.content.feed_eof()
+        raise UnreadableBodyError(400, f"the request body could not be read: {exc}") from None
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
     except RecursionError:
