@@ -72,7 +72,7 @@ class ChatRenderer:
         ``more`` (as :meth:`render_text`, for text-prompt servers)."""
         turns, _ = split_prefill(history)
         more_turns, prefill = split_prefill(more)
-        mark = _marker("reply")
+        mark = _marker(secrets.token_hex(8))  # unguessable, so no message holds it
         full = self._template(
             [*turns, {"role": "assistant", "content": mark}, *more_turns], generation_prompt=True
         )
