@@ -198,3 +198,56 @@ async def test_disconnect_while_waiting_for_non_streamed_answer(http, sotserve_u
                 await resp.read()
     await wait_idle(http, baseline, within=1.0)
     await assert_serving(http)
+
+
+@pytest.fixture(scope="module")
+def tiny_app_engine(tiny_llama_dir):
+    from engine import AsyncEngine
+
+    eng = AsyncEngine(str(tiny_llama_dir), dtype="float32", device="cpu", kv_slots=2048)
+    yield eng
+    eng.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_question_that_fits_the_chat_but_not_a_skeleton_is_answered_sequentially(
+    tiny_app_engine, tokenizer, stream
+):
+    """Not a 200 followed by an error inside the stream: the planner sees before its
+    first event that the skeleton prompt cannot fit, and answers sequentially. (A
+    tiny model with SmolLM2's tokenizer and a 512-token context: cheap to fill.)"""
+    from aiohttp import web
+
+    from engine.chat_template import ChatRenderer
+    from sotserve.server import build_app
+
+    limit = tiny_app_engine.max_model_len
+    renderer = ChatRenderer(tokenizer)
+    base = len(renderer.render_turns([{"role": "user", "content": "word"}]))
+    # " word" is one token: the chat leaves 40 tokens of room, a skeleton prompt
+    # (its instructions, then a skeleton of up to 96 tokens) needs far more
+    content = "word" + " word" * (limit - 40 - base)
+    assert limit - 50 < len(renderer.render_turns([{"role": "user", "content": content}])) < limit
+    runner = web.AppRunner(build_app(tiny_app_engine, "tiny"), handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "stream": stream, "sot": {"mode": "sot"}}  # fmt: skip
+    try:
+        async with (
+            aiohttp.ClientSession(url) as http,
+            http.post("/v1/chat/completions", json=body) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            if stream:
+                text = await resp.text()
+                assert '"error"' not in text and text.endswith("data: [DONE]\n\n")
+                events = [json.loads(x[6:]) for x in text.split("\n\n") if '"sot"' in x]
+                done = events[-1]["sot"]["events"][-1]
+            else:
+                done = (await resp.json())["sot"]
+    finally:
+        await runner.cleanup()
+    assert done["mode"] == "sequential" and done["fallback"], done

@@ -219,3 +219,25 @@ def test_limits_reject_nonsense():
         ServerLimits(max_concurrency=0)
     with pytest.raises(ValueError):
         ServerLimits(max_queue=-1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_past_the_request_timeout_ends_with_a_clear_error(engine, stream):
+    limits = ServerLimits(request_timeout_s=0.05)
+    body = {**BODY, "max_tokens": 400, "stream": stream}
+    async with serve(engine, limits) as http:
+        async with http.post("/v1/chat/completions", json=body) as resp:
+            if stream:  # the status line went out with the first event: in-band
+                assert resp.status == 200
+                text = await resp.text()
+                errors = [json.loads(x[6:]) for x in text.split("\n\n") if '"error"' in x]
+                assert errors and errors[0]["error"]["code"] == "request_timeout"
+                assert text.endswith("data: [DONE]\n\n")
+            else:
+                assert resp.status == 504
+                assert (await resp.json())["error"]["code"] == "request_timeout"
+        for _ in range(100):  # the timed-out answer gave its unit back
+            if await gauge(http, "sotserve_requests_in_flight") == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await gauge(http, "sotserve_requests_in_flight") == 0
