@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import functools
 import secrets
+from collections import OrderedDict
 from typing import Any
 
 Message = dict[str, str]
+
+_CACHE_ENTRIES = 16
+_CACHE_MAX_CHARS = 2**20  # a prompt this long is past any context it could be checked for
 
 
 def split_prefill(messages: list[Message]) -> tuple[list[Message], str]:
@@ -36,6 +40,10 @@ class ChatRenderer:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        # Recent whole-prompt renders: a server tokenizes a long chat in a worker
+        # thread to check its length, and the planner then finds it here instead of
+        # tokenizing it again on the event loop. Bounded in entries and in text.
+        self._recent: OrderedDict[tuple[Any, ...], list[int]] = OrderedDict()
 
     # -- tokenizing ----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -61,11 +69,23 @@ class ChatRenderer:
         """Token ids of the turns through the chat template, then any prefill; message
         text is tokenized as plain text (:meth:`encode_plain`)."""
         turns, prefill = split_prefill(messages)
-        return self._render(turns, [], prefill)
+        return self._cached(turns, prefill)
 
     def render_turns(self, turns: list[Message]) -> list[int]:
         """As :meth:`render`, with every message a finished turn (no prefill)."""
-        return self._render(turns, [], "")
+        return self._cached(turns, "")
+
+    def _cached(self, turns: list[Message], prefill: str) -> list[int]:
+        key = (prefill, *((m["role"], m["content"]) for m in turns))
+        size = len(prefill) + sum(len(m["content"]) for m in turns)
+        hit = self._recent.get(key)
+        if hit is None:
+            hit = self._render(turns, [], prefill)
+            if size <= _CACHE_MAX_CHARS:
+                self._recent[key] = hit
+                while len(self._recent) > _CACHE_ENTRIES:
+                    self._recent.popitem(last=False)
+        return list(hit)  # a copy: callers extend their prompts
 
     def continuation_text(self, history: list[Message], more: list[Message]) -> str:
         """Text that follows an assistant reply to ``history``, ending it and adding

@@ -105,3 +105,25 @@ def test_a_template_that_trims_content_is_followed(tokenizer):
 def test_fewest_tokens_is_a_lower_bound(tokenizer, text):
     n = len(ChatRenderer(tokenizer).encode_plain(text))
     assert fewest_tokens(tokenizer, text) <= n
+
+
+def test_a_prompt_rendered_again_is_not_tokenized_again(tokenizer):
+    """The server tokenizes a chat off the event loop to check its length; the
+    planner's render of the same chat must then cost nothing on the loop."""
+    renderer = ChatRenderer(tokenizer)
+    calls = 0
+    encode_plain = renderer.encode_plain
+
+    def counting(text: str) -> list[int]:
+        nonlocal calls
+        calls += 1
+        return encode_plain(text)
+
+    renderer.encode_plain = counting  # type: ignore[method-assign]
+    chat = [{"role": "user", "content": "a long question " * 50}]
+    first = renderer.render(chat)
+    n = calls
+    first.append(0)  # callers extend what they get: the cache must not see it
+    assert renderer.render(chat) == first[:-1] and calls == n
+    renderer.render([{"role": "user", "content": "another"}])
+    assert calls > n
