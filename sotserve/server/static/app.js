@@ -2,6 +2,8 @@
 // (skeleton, points growing side by side, in-order merged answer, timings, usage).
 // Plain browser JavaScript, no dependencies. Model output is only ever put in the page
 // through textContent / text nodes, never through innerHTML.
+// A server started with --api-key answers /v1/* with 401 until the page sends its key:
+// the page then asks for it once and keeps it in sessionStorage, for this tab only.
 "use strict";
 
 (() => {
@@ -42,10 +44,17 @@
     history: $("history"),
     historyEmpty: $("history-empty"),
     pointTemplate: $("point-template"),
+    keyDialog: $("key-dialog"),
+    keyForm: $("key-form"),
+    keyInput: $("key-input"),
+    keyError: $("key-error"),
+    keyCancel: $("key-cancel"),
   };
 
   const HISTORY_MAX = 20;
   let run = null; // the answer being produced, or null
+  let modelShown = false; // the model badge shows the served model
+  let modelLoading = false;
 
   // ---- small helpers -------------------------------------------------------------
 
@@ -104,6 +113,116 @@
       if (e && typeof e.message === "string") return e.message;
     }
     return fallback;
+  }
+
+  // ---- API key ------------------------------------------------------------------
+
+  // sessionStorage, not localStorage: the key survives a reload but not the tab, and
+  // other tabs never see it. Where storage is unavailable (privacy modes) the key just
+  // lives as long as the page.
+  const KEY_ITEM = "sotserve.apiKey";
+  let apiKey = readStoredKey();
+  let keyPrompt = null; // the open dialog's promise, shared by every request waiting on it
+
+  function readStoredKey() {
+    try {
+      return sessionStorage.getItem(KEY_ITEM) || "";
+    } catch {
+      return "";
+    }
+  }
+
+  function storeKey(key) {
+    apiKey = key;
+    try {
+      if (key) sessionStorage.setItem(KEY_ITEM, key);
+      else sessionStorage.removeItem(KEY_ITEM);
+    } catch {
+      /* kept in memory only */
+    }
+  }
+
+  /** Ask for the key in the dialog; resolves to the key, or null if the user cancels.
+   * Requests that fail together (the model list and a question) share one dialog. */
+  function askForKey(error) {
+    if (!keyPrompt) keyPrompt = openKeyDialog(error).finally(() => (keyPrompt = null));
+    return keyPrompt;
+  }
+
+  function openKeyDialog(error) {
+    return new Promise((resolve) => {
+      const d = el.keyDialog;
+      const returnFocus = document.activeElement;
+      const setError = (msg) => {
+        el.keyError.textContent = msg;
+        el.keyError.hidden = !msg;
+        el.keyInput.setAttribute("aria-invalid", msg ? "true" : "false");
+      };
+      const finish = (key) => {
+        el.keyForm.removeEventListener("submit", onSubmit);
+        el.keyCancel.removeEventListener("click", onCancel);
+        d.removeEventListener("cancel", onCancel);
+        el.keyInput.value = ""; // the key stays out of the DOM once used
+        setError("");
+        if (d.open) d.close();
+        if (returnFocus && typeof returnFocus.focus === "function") returnFocus.focus();
+        resolve(key);
+      };
+      const onSubmit = (e) => {
+        e.preventDefault();
+        const key = el.keyInput.value.trim();
+        // fetch() refuses header values beyond Latin-1 and the server compares UTF-8
+        // bytes, so only printable ASCII can ever match: say so rather than fail later
+        if (!key) setError("Type the server's API key.");
+        else if (!/^[\x20-\x7e]+$/.test(key)) setError("An API key is printable ASCII text.");
+        else return finish(key);
+        el.keyInput.focus();
+      };
+      const onCancel = (e) => {
+        e.preventDefault(); // Escape: close through finish(), which also cleans up
+        finish(null);
+      };
+      el.keyForm.addEventListener("submit", onSubmit);
+      el.keyCancel.addEventListener("click", onCancel);
+      d.addEventListener("cancel", onCancel);
+      el.keyInput.value = "";
+      setError(error);
+      d.showModal();
+      el.keyInput.focus();
+    });
+  }
+
+  /**
+   * fetch() for /v1/*: sends the key if the tab has one and JSON's Content-Type on
+   * bodies (the server refuses other types, its CSRF defence). On 401 it asks for the
+   * key and sends the same request again, until it gets through or the user cancels;
+   * then the 401 is returned for the caller to report. `onRetry` runs before a retry.
+   */
+  async function apiFetch(url, init = {}, onRetry = null) {
+    for (;;) {
+      const sent = apiKey;
+      const headers = new Headers(init.headers || {});
+      if (init.body != null) headers.set("Content-Type", "application/json");
+      if (sent) headers.set("Authorization", `Bearer ${sent}`);
+      const resp = await fetch(url, { ...init, headers });
+      if (resp.status !== 401) return resp;
+      // another request got a new key while this one was on its way: just use it
+      if (apiKey && apiKey !== sent) continue;
+      let error = "";
+      if (sent) {
+        // the key was refused (mistyped, or the server restarted with another one)
+        const body = await resp.clone().json().catch(() => null);
+        if (apiKey && apiKey !== sent) continue;
+        error = errorMessage(body, "incorrect API key");
+        storeKey("");
+      }
+      const key = await askForKey(error);
+      if (key === null) return resp;
+      if (key !== apiKey) storeKey(key);
+      if (init.signal && init.signal.aborted) throw new DOMException("stopped", "AbortError");
+      if (onRetry) onRetry();
+      if (!modelShown) loadModel(); // the model list failed for want of this key
+    }
   }
 
   // ---- one answer ----------------------------------------------------------------
@@ -390,11 +509,15 @@
 
     let outcome = "error";
     try {
-      const resp = await fetch("/v1/chat/completions", {
+      const init = {
         method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+        headers: { Accept: "text/event-stream" },
         body: JSON.stringify(body),
         signal: r.controller.signal,
+      };
+      // the time spent typing a key is not the answer's: restart the clock
+      const resp = await apiFetch("/v1/chat/completions", init, () => {
+        r.started = performance.now();
       });
       if (!resp.ok) {
         let parsed = null;
@@ -494,21 +617,33 @@
   });
   el.stop.addEventListener("click", stop);
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape" && run) stop();
+    // Escape in the key dialog cancels the dialog only; the request then reports 401
+    if (e.key === "Escape" && run && !el.keyDialog.open) stop();
   });
 
-  fetch("/v1/models")
-    .then((r) => (r.ok ? r.json() : Promise.reject(new Error(r.statusText))))
-    .then((j) => {
-      const m = j && Array.isArray(j.data) ? j.data[0] : null;
-      if (!m) throw new Error("no model");
-      el.model.textContent = m.max_model_len ? `${m.id} · ${m.max_model_len} ctx` : m.id;
-      el.model.classList.add("ok");
-    })
-    .catch(() => {
-      el.model.textContent = "server unreachable";
+  function loadModel() {
+    if (modelLoading) return;
+    modelLoading = true;
+    const fail = (text) => {
+      el.model.textContent = text;
       el.model.classList.add("bad");
-    });
+    };
+    apiFetch("/v1/models")
+      .then(async (r) => {
+        if (r.status === 401) return fail("API key needed"); // the dialog was cancelled
+        const j = r.ok ? await r.json() : null;
+        const m = j && Array.isArray(j.data) ? j.data[0] : null;
+        if (!m) return fail("server unreachable");
+        el.model.textContent = m.max_model_len ? `${m.id} · ${m.max_model_len} ctx` : m.id;
+        el.model.classList.remove("bad");
+        el.model.classList.add("ok");
+        modelShown = true;
+      })
+      .catch(() => fail("server unreachable"))
+      .finally(() => (modelLoading = false));
+  }
+
+  loadModel();
 
   setRunning(false);
   el.question.focus();

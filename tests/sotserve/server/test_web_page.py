@@ -1,7 +1,9 @@
 """The web page at ``/``, driven in headless Chromium against a real ``sotserve serve``.
 
 Needs Debian's ``chromium`` and ``chromedriver`` (``make browser``); set
-``SOTSERVE_SKIP_BROWSER=1`` to skip these tests on a machine without them.
+``SOTSERVE_SKIP_BROWSER=1`` to skip these tests on a machine without them. Most tests
+use the shared session server (no API key); the API-key tests start one more server,
+with ``--api-key``, for this module.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT_S = 60
 QUESTION = "How can I improve my time management skills?"
 POEM = "Write a short poem about the sea."  # the rules route writing to sequential
+API_KEY = "secret-key"
 
 
 def _need_browser() -> None:
@@ -224,6 +227,9 @@ def _post(url: str, body: dict) -> tuple[int, bytes]:
 def test_auto_routes_writing_to_sequential(page, sotserve_url: str):
     from selenium.webdriver.common.by import By
 
+    _wait_model(page)  # the model list came without a key
+    page.execute_script(_RECORD_FETCH)
+
     # what the server's router makes of the question, asked directly
     status, raw = _post(
         f"{sotserve_url}/v1/chat/completions",
@@ -242,6 +248,15 @@ def test_auto_routes_writing_to_sequential(page, sotserve_url: str):
     assert driver.find_elements(By.CSS_SELECTOR, "#points .point") == []
     assert not driver.find_element(By.ID, "points-panel").is_displayed()
     assert re.fullmatch(r"\d+\.\d+ s", _text(driver, "#timing-total"))
+
+    # a server without a key: the page never asks for one, nor sends one
+    assert not _key_dialog_open(driver)
+    assert driver.execute_script("return sessionStorage.length + localStorage.length") == 0
+    sent = driver.execute_script("return window.__fetches")
+    assert [f["url"] for f in sent] == ["/v1/chat/completions"]
+    assert sent[0]["method"] == "POST"
+    assert sent[0]["contentType"] == "application/json"
+    assert sent[0]["authorization"] is None
 
 
 def _max_model_len(url: str) -> int:
@@ -386,3 +401,206 @@ def test_stop_aborts_the_answer(page):
     assert driver.find_element(By.ID, "error").get_attribute("hidden") is not None
     assert driver.find_element(By.ID, "send").is_enabled()
     assert not driver.find_element(By.ID, "stop").is_enabled()
+
+
+# ---- a server started with --api-key -------------------------------------------------
+
+# Records every fetch() the page makes from now on, with the headers that matter here.
+_RECORD_FETCH = """
+window.__fetches = [];
+const realFetch = window.fetch;
+window.fetch = (url, init = {}) => {
+  const h = new Headers(init.headers || {});
+  window.__fetches.push({url: String(url), method: init.method || 'GET',
+    contentType: h.get('Content-Type'), authorization: h.get('Authorization')});
+  return realFetch(url, init);
+};
+"""
+
+# Records the answer's length at every change, with the status shown at that moment.
+_WATCH_ANSWER = """
+window.__answerLog = [];
+new MutationObserver(() => {
+  window.__answerLog.push({len: document.getElementById('answer').textContent.length,
+                           status: document.getElementById('status').textContent});
+}).observe(document.getElementById('answer'),
+           {childList: true, subtree: true, characterData: true});
+"""
+
+
+@pytest.fixture(scope="module")
+def keyed_url() -> Iterator[str]:
+    """One more ``sotserve serve``, with an API key, for this module's key tests."""
+    from live_server import running_server
+
+    with running_server("--api-key", API_KEY, "--mode", "sequential") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _fresh_tab(driver, shot: Path) -> Iterator:
+    """A new tab, so a new sessionStorage; closed afterwards, back in the first tab."""
+    first = driver.current_window_handle
+    driver.switch_to.new_window("tab")
+    try:
+        with _screenshot_on_failure(driver, shot):
+            yield driver
+    finally:
+        driver.close()
+        driver.switch_to.window(first)
+
+
+def _status_of(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10):
+            return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _key_dialog_open(driver) -> bool:
+    return driver.execute_script("return document.getElementById('key-dialog').open")
+
+
+def _wait_key_dialog(driver, *, error: bool = False) -> None:
+    """Until the page asks for the key (and, with ``error``, says the last one was wrong)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def asking(d) -> bool:
+        shown = d.find_element(By.ID, "key-error").is_displayed()
+        return _key_dialog_open(d) and shown == error
+
+    WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(
+        asking, message=f"the page never asked for the API key (error shown: {error})"
+    )
+
+
+def _wait_key_dialog_closed(driver) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(
+        lambda d: not _key_dialog_open(d), message="the key dialog stayed open"
+    )
+
+
+def _enter_key(driver, key: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.ID, "key-input")
+    assert driver.switch_to.active_element == box  # the dialog puts the cursor in the box
+    box.send_keys(key, Keys.ENTER)
+
+
+def _wait_model(driver) -> None:
+    """Until the model badge shows the served model (``/v1/models`` answered 200)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(
+        lambda d: "ok" in d.find_element(By.ID, "model").get_attribute("class").split(),
+        message="the model badge never showed the model",
+    )
+
+
+def _stored_keys(driver) -> tuple[list[str], list[str]]:
+    """Every value in this tab's sessionStorage and in the origin's localStorage."""
+    return driver.execute_script(
+        "return [Object.values(sessionStorage), Object.values(localStorage)]"
+    )
+
+
+def _answer_streams(driver, question: str) -> None:
+    """Ask ``question`` (sequential, short) and check the answer grew on screen."""
+    from selenium.webdriver.common.by import By
+
+    driver.execute_script(_WATCH_ANSWER)
+    _ask(driver, question, "sequential", 24)
+    assert _wait_status(driver, "done", "error", "stopped") == "done", _text(driver, "#error")
+    assert _text(driver, "#answer").strip()
+    assert driver.find_elements(By.CSS_SELECTOR, "#answer .placeholder") == []
+    log = driver.execute_script("return window.__answerLog")
+    partial = {e["len"] for e in log if e["status"] == "answering" and e["len"] > 0}
+    assert len(partial) >= 2, f"the answer did not stream: {log}"
+
+
+def test_keyed_server_asks_for_the_key_once_per_tab(driver, keyed_url: str, tmp_path: Path):
+    from selenium.webdriver.common.by import By
+
+    # the server wants the key on /v1/*, but not for the page itself
+    assert _status_of(f"{keyed_url}/v1/models") == 401
+    assert _status_of(f"{keyed_url}/v1/models", {"Authorization": f"Bearer {API_KEY}"}) == 200
+    assert _status_of(f"{keyed_url}/") == 200
+
+    with _fresh_tab(driver, tmp_path / "key-once.png"):
+        driver.get(f"{keyed_url}/")
+        _wait_key_dialog(driver)  # the model list, fetched at load, answered 401
+        dialog = driver.find_element(By.ID, "key-dialog")
+        assert dialog.is_displayed()
+        assert "API key" in dialog.text
+        assert "tab" in dialog.text  # it says where the key is kept
+        assert driver.find_element(By.ID, "key-input").get_attribute("type") == "password"
+        assert _stored_keys(driver) == [[], []]
+
+        _enter_key(driver, API_KEY)
+        _wait_key_dialog_closed(driver)
+        _wait_model(driver)  # the model list was sent again, with the key
+        assert _stored_keys(driver) == [[API_KEY], []]  # per tab, never in localStorage
+        assert driver.find_element(By.ID, "key-input").get_attribute("value") == ""
+
+        _answer_streams(driver, POEM)
+
+        # a reload in the same tab keeps the key: no second question
+        driver.refresh()
+        driver.execute_script(_RECORD_FETCH)
+        _wait_model(driver)
+        assert not _key_dialog_open(driver)
+        _answer_streams(driver, "Write a haiku about tea.")
+        assert not _key_dialog_open(driver)
+        sent = driver.execute_script("return window.__fetches")
+        assert [(f["url"], f["authorization"], f["contentType"]) for f in sent] == [
+            ("/v1/chat/completions", f"Bearer {API_KEY}", "application/json")
+        ]
+        assert driver.find_element(By.ID, "error").get_attribute("hidden") is not None
+
+
+def test_wrong_key_is_refused_and_asked_again(driver, keyed_url: str, tmp_path: Path):
+    from selenium.webdriver.common.by import By
+
+    with _fresh_tab(driver, tmp_path / "wrong-key.png"):
+        driver.get(f"{keyed_url}/")
+        # a new tab has a sessionStorage of its own: the key of the other test is not there
+        _wait_key_dialog(driver)
+        driver.find_element(By.ID, "key-cancel").click()
+        _wait_key_dialog_closed(driver)
+        assert _text(driver, "#model") == "API key needed"
+
+        # a question without a key: asked again; a wrong key is refused and asked for anew
+        _ask(driver, POEM, "sequential", 24)
+        _wait_key_dialog(driver)
+        _enter_key(driver, "wrong-key")
+        _wait_key_dialog(driver, error=True)
+        assert "incorrect API key" in driver.find_element(By.ID, "key-error").text
+        assert _stored_keys(driver) == [[], []]  # a refused key is not kept
+
+        # giving up reports the 401 as the answer's error
+        driver.find_element(By.ID, "key-cancel").click()
+        assert _wait_status(driver, "done", "error", "stopped") == "error"
+        box = driver.find_element(By.ID, "error")
+        assert "401" in box.text
+        assert "incorrect API key" in box.text
+        assert driver.find_element(By.ID, "send").is_enabled()
+
+        # asked once more: the right key sends the failed request again, no second click
+        driver.find_element(By.ID, "send").click()
+        _wait_key_dialog(driver)
+        _enter_key(driver, "wrong-key")
+        _wait_key_dialog(driver, error=True)
+        _enter_key(driver, API_KEY)
+        _wait_key_dialog_closed(driver)
+        assert _wait_status(driver, "done", "error", "stopped") == "done", _text(driver, "#error")
+        assert _text(driver, "#answer").strip()
+        assert driver.find_element(By.ID, "error").get_attribute("hidden") is not None
+        assert _stored_keys(driver) == [[API_KEY], []]
+        _wait_model(driver)  # the badge is fetched again once a key works
