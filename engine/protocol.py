@@ -110,10 +110,13 @@ def sse_event(payload: dict[str, Any] | str) -> bytes:
 
 
 def sse_data(line: str) -> str | None:
-    """The data of one SSE line, or None for comments, blank lines and other fields."""
-    if not line.startswith("data:"):
+    """The data of one SSE line (a line without its end), or None for comments, blank
+    lines and other fields. As the SSE spec says, one space after the colon is dropped
+    and nothing else, and a bare ``data`` line is empty data."""
+    name, _, value = line.partition(":")
+    if name != "data":
         return None
-    return line[5:].strip()
+    return value.removeprefix(" ")
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -214,7 +217,7 @@ class CompletionRequest(SamplingRequest):
     ignore_eos: bool = False
     return_token_ids: bool | None = None
     # vLLM's: lower is scheduled first, may be negative (engine.scheduler)
-    priority: int = 0
+    priority: int = Field(default=0, ge=-(2**63), lt=2**63)
     # accepted only at their defaults
     best_of: int | None = None
     echo: bool = False

@@ -181,7 +181,10 @@ class Sampler:
         )
         logits = logits / temps[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
+            # past the vocabulary top-k keeps everything; clamped, so a huge value
+            # cannot overflow the tensor (and kill the step loop for every request)
+            vocab = logits.shape[-1]
+            top_k = torch.tensor([min(max(p.top_k, 0), vocab) for p in params], device=device)
             top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
             logits = apply_top_k_top_p(logits, top_k, top_p)
         probs = logits.softmax(dim=-1)

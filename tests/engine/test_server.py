@@ -791,3 +791,15 @@ def test_main_stops_on_sigterm_and_refuses_a_busy_port(tiny_llama_dir):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr.read().decode()
+
+
+async def test_a_top_k_past_the_vocabulary_is_no_top_k(client, aengine):
+    """A top_k past any vocabulary (2**70) once overflowed the sampler's tensor and
+    killed the step loop for every request; it means "keep every token"."""
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 7,
+            "ignore_eos": True}  # fmt: skip
+    status, huge = await _post(client, {**body, "top_k": 2**70})
+    assert status == 200, huge
+    status, off = await _post(client, {**body, "top_k": -1})
+    assert status == 200 and huge["choices"][0]["text"] == off["choices"][0]["text"]
+    assert aengine.is_alive
