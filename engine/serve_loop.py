@@ -12,6 +12,7 @@ then the HTTP side keeps answering (``/health`` 503, requests fail fast with
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -21,12 +22,15 @@ import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from aiohttp import web
 
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineDeadError
+
+if TYPE_CHECKING:
+    from engine.serving import Security, ServerLimits
 
 logger = logging.getLogger(__name__)
 
@@ -249,3 +253,34 @@ def run_beside_step_loop(engine: AsyncEngine, main: Callable[[], Awaitable[T]]) 
     if engine.failure is not None:
         raise EngineDeadError(f"the engine died: {engine.failure}") from engine.failure
     return result[0]
+
+
+AppFactory = Callable[[AsyncEngine, "ServerLimits", "Security"], web.Application]
+
+
+def serve_from_args(
+    args: argparse.Namespace,
+    make: AppFactory,
+    announce: Callable[[AsyncEngine], str] | None = None,
+) -> None:
+    """The one start-up path of both servers: logging, the engine of ``--model`` and
+    the engine options, the limits and security of the HTTP options, ``make``'s app,
+    then :func:`serve_app` with the step loop on this thread. ``announce`` gives the
+    line printed once the socket listens (scripts wait for it). Raises ``ValueError``
+    for an option the engine refuses, before anything listens."""
+    from engine.cli_args import engine_kwargs, serve_kwargs
+    from engine.serving import http_options
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    limits, security = http_options(args)
+    logger.info("loading %s", args.model or "the embedded SmolLM2-135M-Instruct")
+    engine = AsyncEngine(
+        args.model, dtype=args.dtype, device=args.device, step_thread=False,
+        **engine_kwargs(args),
+    )  # fmt: skip
+    app = make(engine, limits, security)
+    line = announce(engine) if announce is not None else None
+    on_ready = None if line is None else (lambda: print(line, flush=True))
+    serve_app(engine, app, args.host, args.port, on_ready=on_ready, **serve_kwargs(args))

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from engine.async_engine import AsyncEngine
 from engine.chat_template import ChatRenderer, fewest_tokens
-from engine.cli_args import add_engine_args, engine_kwargs, serve_kwargs
+from engine.cli_args import add_engine_args
 from engine.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
 from engine.outputs import RequestDelta
 from engine.protocol import (
@@ -38,7 +38,7 @@ from engine.protocol import (
     sse_event,
 )
 from engine.sampling_params import SamplingParams
-from engine.serve_loop import serve_app
+from engine.serve_loop import serve_from_args
 from engine.serving import (
     AdmissionGate,
     OpenAIServing,
@@ -48,7 +48,6 @@ from engine.serving import (
     add_model_args,
     client_gone,
     error_response,
-    http_options,
     make_app,
     public_model_name,
 )
@@ -360,19 +359,14 @@ def main(argv: list[str] | None = None) -> None:
     add_http_args(p)
     add_engine_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
-        limits, security = http_options(args)
-        engine = AsyncEngine(
-            args.model, dtype=args.dtype, device=args.device, step_thread=False,
-            **engine_kwargs(args),
+        serve_from_args(
+            args, lambda engine, limits, security: build_app(
+                engine, args.served_model_name, limits, security
+            ),
         )  # fmt: skip
     except ValueError as exc:  # a bad option value, or a model this engine cannot run
         p.error(str(exc))
-    app = build_app(engine, args.served_model_name, limits, security)
-    serve_app(engine, app, args.host, args.port, **serve_kwargs(args))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from engine import AsyncEngine
-from engine.cli_args import add_engine_args, engine_kwargs, serve_kwargs
+from engine.cli_args import add_engine_args, engine_kwargs
 from engine.protocol import APIError, ModelCard, ModelList
-from engine.serve_loop import serve_app
+from engine.serve_loop import serve_from_args
 from engine.server import add_completion_routes
 from engine.serving import (
     AdmissionGate,
@@ -299,18 +299,14 @@ def serve(args: argparse.Namespace) -> None:
     if args.backend:
         _serve_remote(args, limits, security, plan)
         return
-    logger.info("loading %s", args.model or "the embedded SmolLM2-135M-Instruct")
-    engine = AsyncEngine(
-        args.model, dtype=args.dtype, device=args.device, step_thread=False,
-        **engine_kwargs(args),
-    )  # fmt: skip
-    app = build_app(engine, args.served_model_name, limits, True, security, **plan)
-    ready = f"sotserve: serving {engine.model_name} at http://{args.host}:{args.port}/"
-    # The line is printed once the socket listens, so scripts can wait for it.
-    serve_app(
-        engine, app, args.host, args.port, on_ready=lambda: print(ready, flush=True),
-        **serve_kwargs(args),
-    )  # fmt: skip
+
+    def make(engine: AsyncEngine, limits: ServerLimits, security: Security) -> web.Application:
+        return build_app(engine, args.served_model_name, limits, True, security, **plan)
+
+    def announce(engine: AsyncEngine) -> str:
+        return f"sotserve: serving {engine.model_name} at http://{args.host}:{args.port}/"
+
+    serve_from_args(args, make, announce)
 
 
 def remote_replicas(args: argparse.Namespace) -> ReplicaSet:
