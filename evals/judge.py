@@ -14,15 +14,16 @@ in-process :class:`engine.AsyncEngine`.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
-import aiohttp
 from pydantic import BaseModel
+
+from sotserve.client import APIConnectionError, APIError, AsyncClient
+from sotserve.openai_http import root_url
 
 if TYPE_CHECKING:
     from engine.async_engine import AsyncEngine
@@ -174,7 +175,8 @@ class Judge(ABC):
 
 
 class HTTPJudge(Judge):
-    """A judge behind an OpenAI-compatible ``POST /v1/chat/completions``.
+    """A judge behind an OpenAI-compatible ``POST /v1/chat/completions``, asked
+    through :class:`sotserve.client.AsyncClient`.
 
     ``base_url`` may end in ``/v1`` or not. A sotserve server (its ``/v1/models`` card
     says ``"owned_by": "sotserve"``) is sent ``"sot": {"mode": "sequential"}`` so the
@@ -190,21 +192,18 @@ class HTTPJudge(Judge):
         *,
         max_tokens: int = JUDGE_MAX_TOKENS,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        if not self.base_url.endswith("/v1"):
-            self.base_url += "/v1"
+        self.url = root_url(base_url)
         self.model = model
+        self.api_key = api_key
         self.max_tokens = max_tokens
         self.timeout = timeout
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._sotserve: bool | None = None
-        self.name = f"{model or 'default model'} @ {self.base_url}"
+        self.name = f"{model or 'default model'} @ {self.url}/v1"
 
-    def _session(self) -> aiohttp.ClientSession:
-        # One session per call: judge calls are few and slow, and a session must not
-        # outlive the event loop that made it.
-        timeout = aiohttp.ClientTimeout(total=self.timeout, sock_connect=min(10, self.timeout))
-        return aiohttp.ClientSession(headers=self._headers, timeout=timeout)
+    def _client(self) -> AsyncClient:
+        # One client (so one session) per call: judge calls are few and slow, and a
+        # session must not outlive the event loop that made it.
+        return AsyncClient(self.url, timeout=self.timeout, api_key=self.api_key, model=self.model)
 
     async def is_sotserve(self) -> bool:
         """Whether the server is sotserve's (asked once, from ``GET /v1/models``).
@@ -212,78 +211,33 @@ class HTTPJudge(Judge):
         A server without a usable ``/v1/models`` is taken for another server.
         """
         if self._sotserve is None:
-            url = f"{self.base_url}/models"
             try:
-                async with self._session() as session, session.get(url) as resp:
-                    data = await resp.json(content_type=None) if resp.status == 200 else {}
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                raise JudgeError(f"cannot reach the judge at {url}: {_describe(exc)}") from exc
-            except (aiohttp.ClientError, ValueError):
-                data = {}
-            cards = data.get("data") if isinstance(data, dict) else None
-            self._sotserve = isinstance(cards, list) and any(
-                isinstance(c, dict) and c.get("owned_by") == "sotserve" for c in cards
-            )
+                async with self._client() as client:
+                    cards = await client.model_cards()
+            except APIConnectionError as exc:
+                raise JudgeError(f"cannot reach the judge: {exc}") from exc
+            except APIError:  # an error status or a body that is no model list
+                cards = []
+            self._sotserve = any(c.get("owned_by") == "sotserve" for c in cards)
         return self._sotserve
 
-    async def request_body(
-        self, messages: list[dict[str, str]], max_tokens: int | None = None
-    ) -> dict[str, Any]:
-        """The JSON body :meth:`complete` posts."""
-        body: dict[str, Any] = {
-            "messages": messages,
-            "temperature": 0,
-            "max_tokens": max_tokens or self.max_tokens,
-        }
-        if self.model is not None:
-            body["model"] = self.model
-        if await self.is_sotserve():
-            body["sot"] = {"mode": "sequential"}
-        return body
-
     async def complete(self, messages: list[dict[str, str]], max_tokens: int | None = None) -> str:
-        body = await self.request_body(messages, max_tokens)
-        url = f"{self.base_url}/chat/completions"
+        mode = "sequential" if await self.is_sotserve() else None
         try:
-            async with self._session() as session, session.post(url, json=body) as resp:
-                if resp.status != 200:
-                    detail = _error_message(await resp.text())
-                    raise JudgeError(f"the judge at {url} answered HTTP {resp.status}: {detail}")
-                data = await resp.json(content_type=None)
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise JudgeError(f"cannot reach the judge at {url}: {_describe(exc)}") from exc
-        except (aiohttp.ClientError, ValueError) as exc:
-            raise JudgeError(f"bad answer from the judge at {url}: {_describe(exc)}") from exc
-        try:
-            content = data["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError) as exc:
+            async with self._client() as client:
+                result = await client.chat(
+                    messages, mode, temperature=0, max_tokens=max_tokens or self.max_tokens
+                )
+        except APIConnectionError as exc:
+            raise JudgeError(f"cannot reach the judge: {exc}") from exc
+        except APIError as exc:
+            if exc.status is None:  # the answer was not a chat completion (names the URL)
+                raise JudgeError(f"bad answer from the judge: {exc.message}") from exc
             raise JudgeError(
-                f"the judge at {url} sent no choices[0].message: {data!r:.300}"
+                f"the judge at {self.url}/v1/chat/completions answered HTTP {exc.status}: "
+                f"{exc.message}"
             ) from exc
-        return content or ""
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
-
-
-def _error_message(body: str) -> str:
-    """The server's message from an OpenAI-style error body, else the body's start."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body.strip()[:500] or "(empty body)"
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        if isinstance(err, dict):
-            for key in ("message", "detail"):
-                if isinstance(err.get(key), str):
-                    return err[key]
-        if isinstance(err, str):
-            return err
-    return body.strip()[:500]
+        return result.content
 
 
 class LocalJudge(Judge):

@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from sotserve.client import AsyncClient, SotserveError
+from sotserve.openai_http import reset_prefix_cache, root_url
+
 if TYPE_CHECKING:  # the engine (and torch) load only for a local target
     from engine import AsyncEngine
 
@@ -128,19 +131,15 @@ class HTTPTarget(Target):
         to count a streamed answer's tokens; without one each delta counts as one.
         ``api_key`` is sent on every request, ``admin_api_key`` (else ``api_key``) on
         cache resets, which a sotserve server serves only to its admin key."""
-        from sotserve.client import AsyncClient
-
         self._tokenizer: Any = None
         if tokenizer is not None:
             from engine.loader import resolve_model
 
             files = resolve_model(None if tokenizer == "embedded" else tokenizer)
             self._tokenizer = files.tokenizer()
-        self.url = url.rstrip("/").removesuffix("/v1")
-        self.timeout = timeout
+        self.url = root_url(url)
         self.api_key = api_key
-        admin = admin_api_key or api_key
-        self._admin_headers = {"Authorization": f"Bearer {admin}"} if admin else {}
+        self._admin_key = admin_api_key or api_key
         self.client = AsyncClient(self.url, timeout=timeout, model=model, api_key=api_key)
         self.model = model
         self.sotserve = False
@@ -148,26 +147,18 @@ class HTTPTarget(Target):
 
     async def start(self) -> None:
         """Find out what the server is; raises :class:`TargetError` if unreachable."""
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
-                s.get(f"{self.url}/v1/models", headers=headers) as resp,
-            ):
-                cards = (await resp.json())["data"]
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            # a short timeout: a server that does not list its models in 10 s is not up
+            async with AsyncClient(self.url, timeout=10, api_key=self.api_key) as probe:
+                cards = await probe.model_cards()
+        except SotserveError as exc:
             raise TargetError(
                 f"cannot reach an OpenAI-compatible server at {self.url}: {exc}"
             ) from None
         card = next((c for c in cards if c.get("id") == self.model), cards[0] if cards else {})
         if self.model is None:  # OpenAI servers want a model: the one it serves
-            from sotserve.client import AsyncClient
-
             self.model = card.get("id")
-            await self.client.close()
-            self.client = AsyncClient(
-                self.url, timeout=self.timeout, model=self.model, api_key=self.api_key
-            )
+            self.client.model = self.model
         self.sotserve = card.get("owned_by") == "sotserve"
         kind = "sotserve server" if self.sotserve else "OpenAI-compatible server"
         self.description = f"{self.model} at {self.url} ({kind})"
@@ -191,16 +182,9 @@ class HTTPTarget(Target):
         # vLLM and sotserve: POST /reset_prefix_cache; SGLang: POST /flush_cache. A
         # sotserve server caches its prompt heads again unless told not to; other
         # servers know no heads (they answer sequential only, their system turn cold).
-        query = "" if prompt_heads or not self.sotserve else "?prompt_heads=false"
+        params = None if prompt_heads or not self.sotserve else {"prompt_heads": "false"}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-            for path in (f"/reset_prefix_cache{query}", "/flush_cache"):
-                try:
-                    async with s.post(self.url + path, headers=self._admin_headers) as resp:
-                        if resp.status == 200:
-                            return True
-                except aiohttp.ClientError:
-                    return False
-        return False
+            return await reset_prefix_cache(s, self.url, self._admin_key, params=params)
 
     async def close(self) -> None:
         await self.client.close()

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+# The server's --api-key reads the same variable, so one shell serves and asks.
+API_KEY_ENV = "SOTSERVE_API_KEY"
 
 
 class CLIError(Exception):
@@ -45,6 +47,11 @@ def _add_ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--url", default=None, help="a sotserve server's base URL, e.g. http://host:8000"
     )
+    p.add_argument(
+        "--api-key", default=None,
+        help="with --url: the server's API key, sent as Authorization: Bearer "
+        f"(default: ${API_KEY_ENV})",
+    )  # fmt: skip
     p.add_argument(
         "--json", action="store_true", help="print one JSON object at the end, no live view"
     )
@@ -108,21 +115,23 @@ async def _local_events(
 
 
 async def _remote_events(
-    url: str, timeout: float | None, question: str, mode: str | None, overrides: dict[str, Any]
+    url: str,
+    api_key: str | None,
+    timeout: float | None,
+    question: str,
+    mode: str | None,
+    overrides: dict[str, Any],
 ) -> AsyncIterator[Event]:
     from sotserve import client
 
     kwargs = {} if timeout is None else {"timeout": timeout}
     try:
-        async with client.AsyncClient(url, **kwargs) as c:
-            stream = c.stream(question, mode, **overrides)
-            try:
-                async for event in stream:
-                    yield event
-            finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+        async with (
+            client.AsyncClient(url, api_key=api_key, **kwargs) as c,
+            contextlib.aclosing(c.stream(question, mode, **overrides)) as stream,
+        ):
+            async for event in stream:
+                yield event
     except client.SotserveError as exc:
         raise CLIError(_client_error(exc, url)) from None
 
@@ -136,9 +145,8 @@ def _client_error(exc: Exception, url: str) -> str:
     if isinstance(exc, client.APIConnectionError):
         return text if url in text else f"cannot connect to {url}: {text}"
     if isinstance(exc, client.APIError):
-        status = getattr(exc, "status", None)
-        message = getattr(exc, "message", None) or text
-        return f"{url} answered {status}: {message}" if status else f"{url}: {message}"
+        message = exc.message or text
+        return f"{url} answered {exc.status}: {message}" if exc.status else f"{url}: {message}"
     return text
 
 
@@ -232,7 +240,10 @@ def _ask(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     console = Console()
     if args.url is not None:
-        source = _remote_events(args.url, args.timeout, args.question, args.mode, overrides)
+        api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        source = _remote_events(
+            args.url, api_key, args.timeout, args.question, args.mode, overrides
+        )
         asyncio.run(_present(source, args, console))
         return 0
     # Check what needs no model before spending seconds on loading it.
@@ -308,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         local = [f"--{k}" for k in ("model", "dtype", "device") if getattr(args, k) is not None]
         if local:
             ask.error(f"{', '.join(local)}: not with --url (the server has its own model)")
+    elif args.api_key is not None:
+        ask.error("--api-key: only with --url (the engine in this process needs no key)")
     try:
         return _ask(args)
     except CLIError as exc:

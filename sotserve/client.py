@@ -51,17 +51,29 @@ reason, the usage chunk's counts (one request) and timings measured here.
 
 from __future__ import annotations
 
-import codecs
-import json
-import re
+import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, get_args
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
+from sotserve.openai_http import (
+    TRANSPORT_ERRORS,
+    ErrorReply,
+    InvalidResponse,
+    JSONObject,
+    ResponseError,
+    SSEStream,
+    auth_headers,
+    describe,
+    get_models,
+    json_object,
+    raise_for_status,
+    root_url,
+)
 from sotserve.schemas import (
     AnswerDelta,
     AnswerInfo,
@@ -209,37 +221,16 @@ def _error_class(status: int | None) -> type[APIError]:
     return APIError
 
 
-def _str_or_none(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _make_error(status: int | None, body: Any, text: str) -> APIError:
-    """The :class:`APIError` for an error answer; ``body`` is the decoded JSON or None."""
-    message = text.strip()
-    type_ = param = code = None
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict):
-        message = str(err.get("message") or message)
-        type_ = _str_or_none(err.get("type"))
-        param = _str_or_none(err.get("param"))
-        raw_code = err.get("code")
-        code = _str_or_none(raw_code)
-        if status is None:
-            # in-band: no status line to go by
-            if isinstance(err.get("status"), int):
-                status = err["status"]
-            elif isinstance(raw_code, int) and not isinstance(raw_code, bool):
-                status = raw_code
-            else:
-                status = 400 if type_ == "invalid_request_error" else 500
-    elif isinstance(err, str):
-        message = err
-    elif isinstance(body, dict) and isinstance(body.get("message") or body.get("detail"), str):
-        message = body.get("message") or body["detail"]
-    if not message:
-        message = f"HTTP {status}" if status is not None else "unknown error"
+def _api_error(reply: ErrorReply) -> APIError:
+    """The :class:`APIError` subclass of an error answer. An in-band error gets the
+    status its body names, else the one the server would have answered had it known
+    before its ``200``: 400 for an ``invalid_request_error``, else 500."""
+    status = reply.status or reply.named_status
+    if status is None:
+        status = 400 if reply.type == "invalid_request_error" else 500
+    code = None if reply.code is None else str(reply.code)
     return _error_class(status)(
-        status, message, type=type_, param=param, code=code, body=body if body else text
+        status, reply.message, type=reply.type, param=reply.param, code=code, body=reply.body
     )
 
 
@@ -285,71 +276,7 @@ class ChatResult(BaseModel):
         return self.sot.timings if self.sot is not None else None
 
 
-# --------------------------------------------------------------------------- SSE
-
-_EOL = re.compile(r"\r\n|\r|\n")
-
-
-class _SSEParser:
-    """Incremental server-sent-events parser: feed bytes, get each event's data.
-
-    Reads may split anywhere: inside a line, a UTF-8 character or a ``\\r\\n``.
-    Lines end in ``\\n``, ``\\r\\n`` or ``\\r``; ``:`` lines are comments; fields
-    other than ``data`` are ignored; a blank line ends an event, whose data is its
-    ``data`` lines joined by ``\\n``. An event not ended by a blank line when the
-    stream ends is dropped, as the SSE spec says.
-    """
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buf = ""
-        self._data: list[str] = []
-
-    def feed(self, chunk: bytes) -> list[str]:
-        """The data of every event completed by ``chunk``."""
-        self._buf += self._decoder.decode(chunk)
-        out: list[str] = []
-        start = 0
-        for m in _EOL.finditer(self._buf):
-            if m.group() == "\r" and m.end() == len(self._buf):
-                break  # maybe the first half of a "\r\n": wait for the next read
-            data = self._line(self._buf[start : m.start()])
-            if data is not None:
-                out.append(data)
-            start = m.end()
-        self._buf = self._buf[start:]
-        return out
-
-    def close(self) -> list[str]:
-        """End of stream: a held-back final ``\\r`` still ends its line."""
-        return self.feed(b"\n") if self._buf.endswith("\r") else []
-
-    def _line(self, line: str) -> str | None:
-        if not line:
-            if not self._data:
-                return None
-            data = "\n".join(self._data)
-            self._data = []
-            return data
-        if line.startswith(":"):
-            return None
-        name, sep, value = line.partition(":")
-        if sep and value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            self._data.append(value)
-        return None
-
-
 # --------------------------------------------------------------------------- client
-
-
-def _root_url(base_url: str) -> str:
-    """``base_url`` without a trailing ``/`` or ``/v1``: the server's root."""
-    url = base_url.strip().rstrip("/")
-    if url.endswith("/v1"):
-        url = url[: -len("/v1")].rstrip("/")
-    return url
 
 
 class AsyncClient:
@@ -371,7 +298,7 @@ class AsyncClient:
         api_key: str | None = None,
         model: str | None = None,
     ) -> None:
-        self.base_url = _root_url(base_url)
+        self.base_url = root_url(base_url)
         self.timeout = timeout
         self.api_key = api_key
         self.model = model
@@ -400,9 +327,7 @@ class AsyncClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            headers = {"User-Agent": "sotserve-client"}
-            if self.api_key:
-                headers["Authorization"] = f"Bearer {self.api_key}"
+            headers = {"User-Agent": "sotserve-client", **auth_headers(self.api_key)}
             self._session = aiohttp.ClientSession(headers=headers)
         return self._session
 
@@ -412,11 +337,19 @@ class AsyncClient:
     def _client_timeout(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=self.timeout)
 
-    def _connection_error(self, url: str, exc: BaseException) -> APIConnectionError:
-        if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
-            return APITimeoutError(url, self.timeout)
-        detail = str(exc) or exc.__class__.__name__
-        return APIConnectionError(f"connection to {url} failed: {detail}", url)
+    @contextlib.contextmanager
+    def _failures(self, url: str) -> Iterator[None]:
+        """Raise the toolkit's and aiohttp's exceptions as this client's."""
+        try:
+            yield
+        except ResponseError as exc:
+            raise _api_error(exc.reply) from None
+        except InvalidResponse as exc:
+            raise APIError(None, f"{url} {exc}", type="invalid_response") from exc
+        except TRANSPORT_ERRORS as exc:
+            if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
+                raise APITimeoutError(url, self.timeout) from exc
+            raise APIConnectionError(f"connection to {url} failed: {describe(exc)}", url) from exc
 
     # ----------------------------------------------------------------- requests
 
@@ -467,30 +400,6 @@ class AsyncClient:
             body["sot"] = sot
         return body
 
-    async def _raise_for_status(self, resp: aiohttp.ClientResponse) -> None:
-        if resp.status < 400:
-            return
-        raw = await resp.read()
-        text = raw.decode("utf-8", errors="replace")
-        try:
-            body = json.loads(text)
-        except ValueError:
-            body = None
-        if not text.strip():
-            text = f"HTTP {resp.status} {resp.reason or ''}".strip()
-        raise _make_error(resp.status, body, text)
-
-    async def _get_json(self, path: str) -> tuple[int, Any]:
-        url = self._url(path)
-        try:
-            async with self._get_session().get(url, timeout=self._client_timeout()) as resp:
-                await self._raise_for_status(resp)
-                return resp.status, await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._connection_error(url, exc) from exc
-        except ValueError as exc:
-            raise APIError(None, f"{url} answered invalid JSON: {exc}") from exc
-
     async def chat(
         self,
         messages: Messages,
@@ -528,20 +437,17 @@ class AsyncClient:
             pipeline=pipeline, router=router,
         )  # fmt: skip
         url = self._url("/v1/chat/completions")
-        try:
+        with self._failures(url):
             async with self._get_session().post(
                 url, json=body, timeout=self._client_timeout()
             ) as resp:
-                await self._raise_for_status(resp)
+                await raise_for_status(resp)
                 raw = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._connection_error(url, exc) from exc
-        try:
-            return _parse_completion(json.loads(raw))
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
-            raise APIError(
-                resp.status, f"{url} answered an unexpected body: {exc}", type="invalid_response"
-            ) from exc
+            data = json_object(raw)  # an error in a 200 body raises here
+            try:
+                return _parse_completion(data)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                raise InvalidResponse(f"answered an unexpected body: {exc}") from exc
 
     async def stream(
         self,
@@ -587,48 +493,43 @@ class AsyncClient:
             pipeline=pipeline, router=router,
         )  # fmt: skip
         url = self._url("/v1/chat/completions")
-        session = self._get_session()
         headers = {"Accept": "text/event-stream"}
-        finished = False
         plain = _PlainAnswer()
-        try:
-            async with session.post(
+        with self._failures(url):
+            async with self._get_session().post(
                 url, json=body, headers=headers, timeout=self._client_timeout()
             ) as resp:
+                payloads = SSEStream(resp)
                 try:
-                    await self._raise_for_status(resp)
-                    parser = _SSEParser()
-                    while not finished:
-                        chunk = await resp.content.readany()  # b"" at the end
-                        for data in parser.feed(chunk) if chunk else parser.close():
-                            if data.strip() == "[DONE]":
-                                finished = True
-                                break
-                            for event in plain.see(_chunk_events(data, url)):
-                                yield event
-                        if not chunk:
-                            break
-                    if finished and not plain.saw_done:
+                    await raise_for_status(resp)
+                    async for data in payloads:
+                        for event in plain.see(_chunk_events(data)):
+                            yield event
+                    if payloads.done and not plain.saw_done:
                         yield plain.done()  # a plain OpenAI server: no planner events
                 finally:
-                    if not finished:
+                    if not payloads.done:
                         # left early (or failed): drop the connection so the server
                         # sees the client go and aborts the answer
                         resp.close()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._connection_error(url, exc) from exc
-        if not finished:
+        if not payloads.done:
             raise APIConnectionError(f"the stream from {url} ended before [DONE]", url)
+
+    async def model_cards(self) -> list[JSONObject]:
+        """The model cards of ``GET /v1/models``, as the server sent them: ``id``,
+        and ``owned_by`` (``"sotserve"`` for a sotserve server), ``max_model_len``
+        and the like where it says."""
+        with self._failures(self._url("/v1/models")):
+            return await get_models(
+                self._get_session(), self.base_url, timeout=self._client_timeout()
+            )
 
     async def models(self) -> list[str]:
         """The ids of the models the server serves (``GET /v1/models``)."""
-        _, data = await self._get_json("/v1/models")
-        try:
-            return [str(m["id"]) for m in data["data"]]
-        except (TypeError, KeyError) as exc:
-            raise APIError(
-                200, f"unexpected /v1/models body: {exc}", type="invalid_response"
-            ) from exc
+        cards = await self.model_cards()
+        if any("id" not in c for c in cards):
+            raise APIError(None, "a /v1/models card has no id", type="invalid_response")
+        return [str(c["id"]) for c in cards]
 
     async def health(self) -> bool:
         """Whether ``GET /health`` answers 200. An error status, a server that
@@ -638,16 +539,16 @@ class AsyncClient:
         try:
             async with self._get_session().get(url, timeout=self._client_timeout()) as resp:
                 return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except TRANSPORT_ERRORS:
             return False
 
 
 # --------------------------------------------------------------------------- parsing
 
 
-def _parse_completion(data: dict[str, Any]) -> ChatResult:
-    if isinstance(data, dict) and "error" in data:
-        raise _make_error(None, data, "")
+def _parse_completion(data: JSONObject) -> ChatResult:
+    """A ``chat.completion`` body as a :class:`ChatResult`; raises ValueError,
+    KeyError, IndexError or TypeError for one that is not."""
     choice = data["choices"][0]
     message = choice.get("message") or {}
     usage = data.get("usage") or {}
@@ -686,7 +587,7 @@ class _PlainAnswer:
         self.usage = Usage(requests=1)
         self.saw_done = False
 
-    def see(self, parsed: tuple[dict[str, Any], list[Event]]) -> list[Event]:
+    def see(self, parsed: tuple[JSONObject, list[Event]]) -> list[Event]:
         chunk, events = parsed
         for event in events:
             if isinstance(event, Done):
@@ -719,18 +620,10 @@ class _PlainAnswer:
         )  # fmt: skip
 
 
-def _chunk_events(data: str, url: str) -> tuple[dict[str, Any], list[Event]]:
-    """One SSE ``data`` payload (a ``chat.completion.chunk``) and its typed events."""
-    try:
-        chunk = json.loads(data)
-    except ValueError as exc:
-        raise APIError(
-            None, f"{url} streamed invalid JSON: {data[:200]!r}", type="invalid_response"
-        ) from exc
-    if not isinstance(chunk, dict):
-        raise APIError(None, f"{url} streamed {data[:200]!r}", type="invalid_response")
-    if "error" in chunk:
-        raise _make_error(None, chunk, data)
+def _chunk_events(data: str) -> tuple[JSONObject, list[Event]]:
+    """One SSE ``data`` payload (a ``chat.completion.chunk``) and its typed events;
+    raises an in-band error as :class:`ResponseError`."""
+    chunk = json_object(data)
     events: list[Event] = []
     for choice in chunk.get("choices") or []:
         if choice.get("index", 0) != 0:
@@ -746,9 +639,7 @@ def _chunk_events(data: str, url: str) -> tuple[dict[str, Any], list[Event]]:
         except ValidationError as exc:
             if isinstance(raw, dict) and raw.get("type") not in _EVENT_TYPES:
                 continue  # an event type from a newer server
-            raise APIError(
-                None, f"{url} streamed an invalid event: {exc}", type="invalid_response"
-            ) from exc
+            raise InvalidResponse(f"streamed an invalid event: {exc}") from exc
         if isinstance(event, ErrorEvent):
             status = 400 if event.code == "invalid_request" else 500
             kind = "invalid_request_error" if status == 400 else "server_error"

@@ -15,8 +15,8 @@ chunks as :class:`BackendUnavailableError`, each naming the server.
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -29,6 +29,21 @@ from sotserve.backends.base import (
     BackendUnavailableError,
     CompletionChunk,
     CompletionParams,
+)
+from sotserve.openai_http import (
+    ErrorReply,
+    InvalidResponse,
+    JSONObject,
+    ResponseError,
+    SSEStream,
+    auth_headers,
+    describe,
+    get_models,
+    json_object,
+    raise_for_status,
+    read_error,
+    reset_prefix_cache,
+    root_url,
 )
 
 # The most ``stop`` strings OpenAI's API and vLLM accept in one request.
@@ -56,9 +71,7 @@ class HTTPBackend(Backend):
         max_model_len: int | None = None,
         send_priority: bool = False,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        if not self.base_url.endswith("/v1"):
-            self.base_url += "/v1"
+        self.url = root_url(base_url)  # names the server in errors, too
         self._model = model
         self._max_model_len = max_model_len
         # vLLM refuses a non-zero priority unless it runs with --scheduling-policy
@@ -67,10 +80,9 @@ class HTTPBackend(Backend):
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer or model)
         self._tokenizer = tokenizer
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = auth_headers(api_key)
         # admin routes (a cache reset) take their own key on sotserve's servers
-        admin = admin_api_key or api_key
-        self._admin_headers = {"Authorization": f"Bearer {admin}"} if admin else {}
+        self._admin_key = admin_api_key or api_key
         # sock_read: the longest wait for the next chunk, so a stalled stream fails
         # instead of hanging until the total timeout
         self._timeout = aiohttp.ClientTimeout(
@@ -91,32 +103,33 @@ class HTTPBackend(Backend):
     def max_model_len(self) -> int | None:
         return self._max_model_len
 
-    @property
-    def url(self) -> str:
-        """The server's root URL (without ``/v1``), which names it in errors."""
-        return self.base_url.removesuffix("/v1")
-
-    async def models(self) -> list[dict[str, Any]]:
+    async def models(self) -> list[JSONObject]:
         """``GET /v1/models``: the server's model cards; raises :class:`BackendError`.
 
         The first card's ``max_model_len`` (vLLM's, and sotserve's) becomes this
         backend's context length unless one was given."""
-        url = f"{self.base_url}/models"
-        try:
-            async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
-                if r.status >= 400:
-                    raise await _error_from(r, self.url)
-                cards = (await r.json(content_type=None)).get("data") or []
-        except TimeoutError as exc:
-            raise BackendUnavailableError(f"{self.url}: timed out") from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailableError(f"{self.url}: {exc.__class__.__name__}: {exc}") from exc
-        except (ValueError, AttributeError) as exc:
-            raise BackendUnavailableError(f"{self.url}: /v1/models is not JSON", 502) from exc
-        if self._max_model_len is None and cards and isinstance(cards[0], dict):
+        with self._failures(self.url):
+            cards = await get_models(
+                self._client(), self.url, timeout=aiohttp.ClientTimeout(total=10)
+            )
+        if self._max_model_len is None and cards:
             limit = cards[0].get("max_model_len")
             self._max_model_len = limit if isinstance(limit, int) and limit > 0 else None
-        return [c for c in cards if isinstance(c, dict)]
+        return cards
+
+    @contextlib.contextmanager
+    def _failures(self, where: str) -> Iterator[None]:
+        """Raise the toolkit's and aiohttp's exceptions as typed backend errors."""
+        try:
+            yield
+        except ResponseError as exc:
+            raise _backend_error(exc.reply, self.url) from None
+        except InvalidResponse as exc:
+            raise BackendUnavailableError(f"{self.url}: {exc}", 502) from exc
+        except TimeoutError as exc:  # aiohttp's read and connect timeouts are ones too
+            raise BackendUnavailableError(f"{where}: timed out waiting for the server") from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailableError(f"{where}: {describe(exc)}") from exc
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -133,20 +146,10 @@ class HTTPBackend(Backend):
             body.pop("min_tokens", None)
 
     async def reset_prefix_cache(self) -> bool:
-        """Ask the server to empty its prefix cache: vLLM's ``/reset_prefix_cache``
-        (served with ``VLLM_SERVER_DEV_MODE=1``) and sotserve's, or SGLang's
-        ``/flush_cache``; False when it has neither or cannot be reached. The admin
-        key is sent (sotserve serves the route only to it), else the API key."""
-        for path in ("/reset_prefix_cache", "/flush_cache"):
-            try:
-                async with self._client().post(
-                    self.url + path, headers=self._admin_headers
-                ) as resp:
-                    if resp.status == 200:
-                        return True
-            except (aiohttp.ClientError, TimeoutError):
-                return False
-        return False
+        """Ask the server to empty its prefix cache (:func:`openai_http.reset_prefix_cache`);
+        False when it cannot. The admin key is sent (sotserve serves the route only to
+        it), else the API key."""
+        return await reset_prefix_cache(self._client(), self.url, self._admin_key)
 
     async def complete(
         self, prompt: str | list[int], params: CompletionParams
@@ -180,31 +183,31 @@ class HTTPBackend(Backend):
             body["logit_bias"] = {str(t): b for t, b in params.logit_bias.items()}  # as OpenAI
         if params.priority and self._send_priority:
             body["priority"] = params.priority
-        url = f"{self.base_url}/completions"
+        url = f"{self.url}/v1/completions"
         finished: CompletionChunk | None = None
         stops = _StopWatch(watched)
-        try:
+        with self._failures(url):
             # Leaving this block early closes the connection, and the server aborts.
             if isinstance(prompt, list) and not self._ids_accepted:
                 self._as_text(body, prompt)
             resp = await self._client().post(url, json=body)
             if resp.status in (400, 422, 500) and isinstance(prompt, list) and self._ids_accepted:
                 # llama.cpp's server (llama-cpp-python) takes text prompts only (and
-                # says so with a 500 naming body.prompt). Its
-                # tokenizer reads the chat template's special tokens back from the
-                # text, so the ids come out the same; ids stay the first choice, for
-                # servers that re-tokenize text differently.
-                error = await _error_from(resp, self.url)
-                if "prompt" in str(error):
-                    self._ids_accepted = False
-                    self._as_text(body, prompt)
-                    resp = await self._client().post(url, json=body)
-                else:
-                    raise error
+                # says so with a 500 naming body.prompt). Its tokenizer reads the chat
+                # template's special tokens back from the text, so the ids come out
+                # the same; ids stay the first choice, for servers that re-tokenize
+                # text differently.
+                async with resp:
+                    reply = await read_error(resp)
+                if "prompt" not in reply.message:
+                    raise ResponseError(reply)
+                self._ids_accepted = False
+                self._as_text(body, prompt)
+                resp = await self._client().post(url, json=body)
             async with resp:
-                if resp.status >= 400:
-                    raise await _error_from(resp, self.url)
-                async for event in _sse_events(resp, self.url):
+                await raise_for_status(resp)
+                async for data in SSEStream(resp):
+                    event = json_object(data)  # an in-band error: the server failed
                     usage = event.get("usage")
                     choices = event.get("choices") or []
                     if not choices:
@@ -232,10 +235,6 @@ class HTTPBackend(Backend):
                         yield chunk
                     else:
                         finished = chunk  # held until the usage event that follows it
-        except TimeoutError as exc:  # aiohttp's read and connect timeouts are ones too
-            raise BackendUnavailableError(f"{url}: timed out waiting for the server") from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailableError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
         if finished is None:
             raise BackendUnavailableError(f"{url}: the stream ended without a finish_reason", 502)
         yield finished
@@ -280,47 +279,18 @@ class _StopWatch:
         return CompletionChunk(out, chunk.token_ids)
 
 
-async def _sse_events(resp: aiohttp.ClientResponse, server: str) -> AsyncIterator[dict[str, Any]]:
-    """JSON payloads of ``data:`` lines until ``[DONE]``."""
-    async for raw in resp.content:
-        line = raw.decode("utf-8").strip()
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise BackendUnavailableError(
-                f"{server}: malformed stream event: {data[:200]!r}", 502
-            ) from exc
-        if "error" in event:  # an error after the stream began: the server failed
-            err = event["error"]
-            message = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-            raise BackendUnavailableError(f"{server}: {message}", 502)
-        yield event
-
-
-async def _error_from(resp: aiohttp.ClientResponse, server: str) -> BackendError:
-    text = await resp.text()
-    message, param, code = text[:500], None, None
-    try:
-        err = json.loads(text).get("error")
-        if isinstance(err, dict):
-            message, param = err.get("message", message), err.get("param")
-            code = err.get("code") if isinstance(err.get("code"), str) else None
-        elif isinstance(err, str):
-            message = err
-    except (json.JSONDecodeError, AttributeError):
-        pass
-    if len(message) > 500:  # a validation error may list every token of the prompt
-        message = message[:500] + "..."
-    message = f"{server}: HTTP {resp.status}: {message}"
-    if resp.status == 429:
+def _backend_error(reply: ErrorReply, server: str) -> BackendError:
+    """The typed error of an error answer: a 429 is overload, another 4xx the request's
+    fault; a 5xx, or an error sent after the stream began (no status), the server's."""
+    status = reply.status
+    message = f"{server}: {reply.brief()}"
+    if status is not None:
+        message = f"{server}: HTTP {status}: {reply.brief()}"
+    if status == 429:
         return BackendOverloadedError(message)
-    if 400 <= resp.status < 500:
-        return BackendRequestError(message, param, code, upstream=True)
+    if status is not None and status < 500:
+        code = reply.code if isinstance(reply.code, str) else None  # vLLM's is the status
+        return BackendRequestError(message, reply.param, code, upstream=True)
     return BackendUnavailableError(message, 502)
 
 

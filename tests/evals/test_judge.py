@@ -225,28 +225,42 @@ def test_split_budget():
 class FakeOpenAI:
     """A tiny OpenAI-compatible server on 127.0.0.1 that records request bodies."""
 
-    def __init__(self, owned_by: str = "openai", status: int = 200) -> None:
+    def __init__(
+        self,
+        owned_by: str = "openai",
+        status: int = 200,
+        models_status: int = 200,
+        reply: dict[str, Any] | None = None,
+    ) -> None:
         self.owned_by = owned_by
         self.status = status
+        self.models_status = models_status
+        msg = {"role": "assistant", "content": "B is more helpful.\n[[B]]"}
+        self.reply = reply or {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": msg}],
+        }
         self.bodies: list[dict[str, Any]] = []
+        self.keys: list[tuple[str, str | None]] = []  # (path, Authorization) of each request
         self.app = web.Application()
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_post("/v1/chat/completions", self.chat)
 
     async def models(self, request: web.Request) -> web.Response:
+        self.keys.append((request.path, request.headers.get("Authorization")))
+        if self.models_status != 200:
+            return web.json_response({"error": {"message": "no"}}, status=self.models_status)
         card = {"id": "judge-model", "object": "model", "owned_by": self.owned_by}
         return web.json_response({"object": "list", "data": [card]})
 
     async def chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.bodies.append(body)
+        self.keys.append((request.path, request.headers.get("Authorization")))
         if self.status != 200:
             err = {"message": "the model crashed", "type": "server_error"}
             return web.json_response({"error": err}, status=self.status)
-        msg = {"role": "assistant", "content": "B is more helpful.\n[[B]]"}
-        return web.json_response(
-            {"object": "chat.completion", "choices": [{"index": 0, "message": msg}]}
-        )
+        return web.json_response(self.reply)
 
 
 @pytest.fixture
@@ -280,9 +294,15 @@ async def test_http_judge_plain_server_gets_no_sot_field(fake_server, suffix):
         "messages": messages,
         "temperature": 0,
         "max_tokens": 512,
+        "stream": False,
     }
     assert "sot" not in body
     assert judge.name == f"judge-model @ {url}/v1"
+    # the key goes with every request, the model probe too
+    assert fake.keys == [
+        ("/v1/models", "Bearer sk-test"),
+        ("/v1/chat/completions", "Bearer sk-test"),
+    ]
 
 
 async def test_http_judge_asks_a_sotserve_server_for_sequential_decoding(fake_server):
@@ -300,8 +320,25 @@ async def test_http_judge_asks_a_sotserve_server_for_sequential_decoding(fake_se
 async def test_http_judge_server_error(fake_server):
     _, url = await fake_server(status=500)
     judge = HTTPJudge(url, "judge-model")
-    with pytest.raises(JudgeError, match=r"HTTP 500: the model crashed"):
+    with pytest.raises(
+        JudgeError, match=r"/v1/chat/completions answered HTTP 500: the model crashed"
+    ):
         await judge.complete(build_messages(QUESTION, ANSWER, BASELINE))
+
+
+async def test_http_judge_bad_answer(fake_server):
+    _, url = await fake_server(reply={"object": "chat.completion"})  # no choices
+    judge = HTTPJudge(url, "judge-model")
+    with pytest.raises(JudgeError, match=r"bad answer from the judge: .*unexpected body"):
+        await judge.complete(build_messages(QUESTION, ANSWER, BASELINE))
+
+
+async def test_http_judge_takes_a_server_without_models_for_a_plain_one(fake_server):
+    fake, url = await fake_server(models_status=404)
+    judge = HTTPJudge(url + "/v1")
+    assert await judge.is_sotserve() is False
+    assert await judge.complete(build_messages(QUESTION, ANSWER, BASELINE))
+    assert "sot" not in fake.bodies[0] and "model" not in fake.bodies[0]
 
 
 async def test_http_judge_unreachable_names_the_url():

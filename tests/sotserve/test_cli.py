@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from live_server import free_port
+from live_server import free_port, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 SOT_QUESTION = "What are some tips for staying healthy?"
@@ -30,17 +30,20 @@ slow = pytest.mark.slow
 def _env() -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "100"}
     env.pop("FORCE_COLOR", None)
+    env.pop("SOTSERVE_API_KEY", None)  # each test says which key it sends
     return env
 
 
-def _ask(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _ask(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sotserve", "ask", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_env(),
+        env={**_env(), **(env or {})},
     )
 
 
@@ -138,6 +141,30 @@ def test_ask_url_piped_streams_the_answer(sotserve_url):
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith("mode sequential |")
+
+
+def test_ask_url_sends_the_api_key(tiny_llama_dir):
+    # A server that needs a key: a tiny random-weight model (what it says does not
+    # matter here, only that it answers the key and refuses the rest).
+    key = "sk-cli-test"
+    args = ("hi", "--mode", "sequential", "--max-tokens", "4", "--json")
+    with running_server("--model", str(tiny_llama_dir), "--api-key", key) as url:
+        refused = _ask(*args, "--url", url, timeout=120)
+        wrong = _ask(*args, "--url", url, "--api-key", "sk-wrong", timeout=120)
+        given = _ask(*args, "--url", url, "--api-key", key, timeout=120)
+        from_env = _ask(*args, "--url", url, timeout=120, env={"SOTSERVE_API_KEY": key})
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith(f"error: {url} answered 401: this server needs an API key")
+    assert wrong.returncode == 2 and "answered 401: incorrect API key" in wrong.stderr
+    for proc in (given, from_env):
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["mode"] == "sequential" and out["usage"]["requests"] == 1
+
+
+def test_ask_api_key_needs_a_url():
+    proc = _ask("hi", "--api-key", "k", timeout=120)
+    assert proc.returncode == 2 and "--api-key: only with --url" in proc.stderr
 
 
 def test_ask_unreachable_url():

@@ -33,7 +33,6 @@ from sotserve.client import (
     NotFoundError,
     RateLimitError,
     SotserveError,
-    _SSEParser,
 )
 from sotserve.schemas import (
     AnswerDelta,
@@ -334,23 +333,6 @@ async def test_stream_parses_sse_split_at_every_byte(fake_server) -> None:
     assert [type(e) for e in events] == EXPECTED_TYPES
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == DONE["answer"]
     assert events[-1] == Done.model_validate(DONE)
-
-
-def test_sse_parser_any_split() -> None:
-    body = (
-        b': hi\r\ndata: {"a": "\xc3\xa9\xe2\x9c\x93"}\r\n\r\n'
-        b"data:x\rdata: y\r\rid: 3\ndata:  two spaces\n\n"
-        b"data: tail without blank line"
-    )
-    want = ['{"a": "é✓"}', "x\ny", " two spaces"]
-    for i in range(len(body) + 1):
-        for j in range(i, len(body) + 1):
-            p = _SSEParser()
-            got = p.feed(body[:i]) + p.feed(body[i:j]) + p.feed(body[j:]) + p.close()
-            assert got == want, (i, j)
-    # CR-only line ends up to the very last byte: the held-back "\r" ends its line at EOF
-    p = _SSEParser()
-    assert p.feed(b"data: [DONE]\r\r") == [] and p.close() == ["[DONE]"]
 
 
 async def test_request_wire_format(fake_server) -> None:

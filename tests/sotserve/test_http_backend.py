@@ -87,9 +87,12 @@ async def upstream():
     """Start a fake completions server with a handler; yields ``start(handler)``."""
     runners = []
 
-    async def start(handler):
+    async def start(handler=None, routes=None):
         app = web.Application()
-        app.router.add_post("/v1/completions", handler)
+        if handler is not None:
+            app.router.add_post("/v1/completions", handler)
+        for (method, path), h in (routes or {}).items():
+            app.router.add_route(method, path, h)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -202,3 +205,81 @@ async def test_a_server_that_refuses_token_ids_gets_text(upstream, tokenizer):
         assert body["logit_bias"] == {"198": -100.0} and "min_tokens" not in body
     assert len(bodies) == 3  # the refusal is learnt once
     await backend.close()
+
+
+@pytest.mark.parametrize("code", ["backend_error", 400])
+async def test_an_error_after_the_stream_began_is_the_servers(upstream, tokenizer, code):
+    # in-band, after the 200: whatever the body's code says (vLLM puts a status
+    # there), the request was accepted, so the server failed
+    async def handler(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_sse({"choices": [{"text": " so far", "finish_reason": None}]}))
+        await resp.write(_sse({"error": {"message": "engine died", "code": code}}))
+        return resp
+
+    url = await upstream(handler)
+    backend = HTTPBackend(url, "m", tokenizer=tokenizer)
+    seen = []
+    with pytest.raises(BackendUnavailableError, match=r"127\.0\.0\.1.*: engine died$") as info:
+        async for chunk in backend.complete([1, 2], CompletionParams(max_tokens=4)):
+            seen.append(chunk.text)
+    assert seen == [" so far"] and info.value.status == 502
+    await backend.close()
+
+
+async def test_a_vllm_refusal_keeps_its_param_and_drops_its_numeric_code(upstream, tokenizer):
+    async def handler(request):
+        err = {"object": "error", "message": "too long", "type": "BadRequestError",
+               "param": "prompt_too_long", "code": 400}  # fmt: skip
+        return web.json_response({"error": err}, status=400)
+
+    backend = HTTPBackend(await upstream(handler), "m", tokenizer=tokenizer)
+    with pytest.raises(BackendRequestError, match="HTTP 400: too long") as info:
+        await chunks(backend, "text prompt", CompletionParams(max_tokens=4))
+    assert info.value.param == "prompt_too_long" and info.value.code is None
+    assert info.value.upstream
+    await backend.close()
+
+
+async def test_a_huge_stream_event_comes_through(upstream, tokenizer):
+    # past aiohttp's 512 KiB line limit, which a line-by-line reader trips over
+    text = "word " * 200_000
+
+    async def handler(request):
+        return await _streaming(request, [text])
+
+    backend = HTTPBackend(await upstream(handler), "m", tokenizer=tokenizer)
+    out = await chunks(backend, [1, 2], CompletionParams(max_tokens=4))
+    assert "".join(c.text for c in out) == text
+    await backend.close()
+
+
+async def test_models_and_the_admin_key_for_a_cache_reset(upstream, tokenizer):
+    seen = []
+
+    async def models(request):
+        seen.append(("models", request.headers.get("Authorization")))
+        card = {"id": "m", "object": "model", "owned_by": "vllm", "max_model_len": 4096}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def reset(request):
+        seen.append(("reset", request.headers.get("Authorization")))
+        return web.json_response({"status": "ok"})
+
+    url = await upstream(
+        routes={("GET", "/v1/models"): models, ("POST", "/reset_prefix_cache"): reset}
+    )
+    backend = HTTPBackend(
+        url + "/v1/", "m", tokenizer=tokenizer, api_key="api", admin_api_key="adm"
+    )
+    assert backend.url == url
+    assert [c["id"] for c in await backend.models()] == ["m"]
+    assert backend.max_model_len == 4096  # from the card
+    assert await backend.reset_prefix_cache() is True
+    assert seen == [("models", "Bearer api"), ("reset", "Bearer adm")]
+    await backend.close()
+    # without the route (and without /flush_cache): False, not an error
+    bare = HTTPBackend(await upstream(routes={("GET", "/v1/models"): models}), tokenizer=tokenizer)
+    assert await bare.reset_prefix_cache() is False
+    await bare.close()
