@@ -22,15 +22,13 @@ import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 from aiohttp import web
 
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineDeadError
-
-if TYPE_CHECKING:
-    from engine.serving import Security, ServerLimits
+from engine.serving import GuardedSite, Security, ServerLimits, http_options
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +50,7 @@ def serve_app(
     port: int,
     on_ready: Callable[[], None] | None = None,
     keep_alive_on_engine_death: bool = False,
+    head_timeout_s: float = 30.0,
 ) -> None:
     """Serve ``app`` with its event loop in a thread and ``engine``'s step loop in this,
     the main, thread (see :class:`AsyncEngine`); returns after SIGINT or SIGTERM.
@@ -80,7 +79,9 @@ def serve_app(
         runner = web.AppRunner(app, handler_cancellation=True)
         try:
             loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, host, port).start())
+            # a connection must send its request head in time (slowloris)
+            site = GuardedSite(runner, host, port, head_timeout_s)
+            loop.run_until_complete(site.start())
             done = asyncio.Event()
             stop.append(lambda: loop.call_soon_threadsafe(done.set))
             listening.set()
@@ -255,7 +256,7 @@ def run_beside_step_loop(engine: AsyncEngine, main: Callable[[], Awaitable[T]]) 
     return result[0]
 
 
-AppFactory = Callable[[AsyncEngine, "ServerLimits", "Security"], web.Application]
+AppFactory = Callable[[AsyncEngine, ServerLimits, Security], web.Application]
 
 
 def serve_from_args(
@@ -269,7 +270,6 @@ def serve_from_args(
     line printed once the socket listens (scripts wait for it). Raises ``ValueError``
     for an option the engine refuses, before anything listens."""
     from engine.cli_args import engine_kwargs, serve_kwargs
-    from engine.serving import http_options
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -283,4 +283,7 @@ def serve_from_args(
     app = make(engine, limits, security)
     line = announce(engine) if announce is not None else None
     on_ready = None if line is None else (lambda: print(line, flush=True))
-    serve_app(engine, app, args.host, args.port, on_ready=on_ready, **serve_kwargs(args))
+    serve_app(
+        engine, app, args.host, args.port, on_ready=on_ready,
+        head_timeout_s=limits.body_timeout_s, **serve_kwargs(args),
+    )  # fmt: skip

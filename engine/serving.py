@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -534,3 +535,108 @@ def make_app(limits: ServerLimits, security: Security, *middlewares: Any) -> web
         middlewares=[*middlewares, error_middleware, security_middleware(security)],
         client_max_size=limits.max_request_bytes,
     )
+
+
+# -- connections -------------------------------------------------------------------------------
+class GuardedSite(web.TCPSite):
+    """A TCP site whose connections must deliver a complete request head (request
+    line and headers) within ``head_timeout_s`` of connecting, else they get a 408 and
+    are closed. aiohttp has no such timeout: a client that connects and sends
+    nothing, or trickles its headers in a byte at a time (slowloris), would hold its
+    connection for ever. Once a connection has sent a head, aiohttp's keep-alive
+    timeout closes it when idle, and :func:`read_json`'s timeout covers bodies."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, head_timeout_s: float) -> None:
+        super().__init__(runner, host, port)
+        self.head_timeout_s = head_timeout_s
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # TCPSite's own start would serve unguarded
+        server = self._runner.server
+        assert server is not None
+        timeout = self.head_timeout_s
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _HeadDeadline(server(), timeout), self._host, self._port,
+            backlog=self._backlog, reuse_address=self._reuse_address,
+        )  # fmt: skip
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+
+class _HeadDeadline(asyncio.Protocol):
+    """Passes everything to aiohttp's protocol ``inner``; closes the connection with
+    a 408 if no complete request head (up to its blank line) arrived in time."""
+
+    def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
+        self.inner = inner
+        self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""  # the last bytes seen, as the blank line may span two reads
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._timer = asyncio.get_running_loop().call_later(self.timeout, self._expire)
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen or b"\n\n" in seen:
+                self._timer.cancel()
+                self._timer = None
+            else:
+                self._tail = seen[-3:]
+        self.inner.data_received(data)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            logger.info("closing a connection that sent no request head in %g s", self.timeout)
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            )
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+def serve_http(
+    app: web.Application,
+    host: str,
+    port: int,
+    head_timeout_s: float,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve ``app`` (no engine in this process) until SIGINT or SIGTERM, through a
+    :class:`GuardedSite`; a client that hangs up cancels its handler at once."""
+
+    async def main() -> None:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        try:
+            await GuardedSite(runner, host, port, head_timeout_s).start()
+            if on_ready is not None:
+                on_ready()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())

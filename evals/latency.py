@@ -95,6 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="self: the answering model judges (unless --judge-url); none: no judge",
     )  # fmt: skip
     j.add_argument("--judge-url", default=None, help="any OpenAI-compatible endpoint")
+    j.add_argument("--judge-api-key", default=None, help="the --judge-url server's key")
     j.add_argument("--judge-model", default=None)
     j.add_argument("--judge-concurrency", type=int, default=8)
     j.add_argument("--judge-max-tokens", type=int, default=512, help="the judge's reply")
@@ -223,13 +224,13 @@ def make_judge(args: argparse.Namespace, target: Target) -> Any:
 
     n = args.judge_max_tokens
     if args.judge_url:
-        return HTTPJudge(args.judge_url, args.judge_model, max_tokens=n)
+        return HTTPJudge(args.judge_url, args.judge_model, args.judge_api_key, max_tokens=n)
     if args.judge == "none":
         return None
     if isinstance(target, LocalTarget):  # the answering model judges itself
         return LocalJudge(target.engine, max_tokens=n)
     assert isinstance(target, HTTPTarget)
-    return HTTPJudge(target.url, target.model, max_tokens=n)
+    return HTTPJudge(target.url, target.model, api_key=target.api_key, max_tokens=n)
 
 
 async def main_async(args: argparse.Namespace, engine: AsyncEngine | None = None) -> int:

@@ -33,6 +33,7 @@ from engine.serving import (
     http_options,
     make_app,
     public_model_name,
+    serve_http,
 )
 from sotserve.backends.base import BackendError
 from sotserve.backends.http import HTTPBackend, load_tokenizer
@@ -370,7 +371,4 @@ def _serve_remote(
     ready = (
         f"sotserve: serving {replicas.model_name} from {urls} at http://{args.host}:{args.port}/"
     )
-    web.run_app(
-        app, host=args.host, port=args.port, print=lambda _: print(ready, flush=True),
-        access_log=None,
-    )  # fmt: skip
+    serve_http(app, args.host, args.port, limits.body_timeout_s, lambda: print(ready, flush=True))

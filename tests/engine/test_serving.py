@@ -23,7 +23,7 @@ from aiohttp import web
 
 from engine import AsyncEngine
 from engine.server import build_app
-from engine.serving import Security, ServerLimits, public_model_name
+from engine.serving import GuardedSite, Security, ServerLimits, public_model_name
 
 KEY = "k-test-1234"
 ADMIN_KEY = "admin-test-5678"
@@ -350,3 +350,40 @@ async def test_the_chat_server_has_the_same_checks(aengine):
             assert resp.status == 200
         async with http.get("/metrics") as resp:
             assert resp.status == 200
+
+
+# -- connections -------------------------------------------------------------------------------
+async def test_a_connection_that_sends_no_request_head_in_time_is_closed():
+    """Slowloris on the head: aiohttp alone keeps a connection that never finishes
+    its headers (or sends nothing) open for ever."""
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = GuardedSite(runner, "127.0.0.1", 0, head_timeout_s=0.3)
+    await site.start()
+    try:
+        for opening in (b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a", b""):
+            reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+            writer.write(opening)
+            await writer.drain()
+            got = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+            writer.close()
+            assert got.startswith(b"HTTP/1.1 408"), got
+        # a whole head in time is served, and the connection lives on for a second
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+        for _ in range(2):
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.5)  # past the head timeout: it no longer applies
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            assert await reader.readexactly(2) == b"ok"
+        writer.close()
+    finally:
+        await runner.cleanup()
