@@ -502,7 +502,8 @@ def add_http_args(p: argparse.ArgumentParser, *, what: str = "engine requests") 
     g.add_argument("--max-messages", type=int, default=d.max_messages)
     g.add_argument(
         "--body-timeout", type=float, default=d.body_timeout_s,
-        help=f"seconds a request body may take to arrive (default {d.body_timeout_s:g})",
+        help="seconds a request's head, and then its body, may take to arrive "
+        f"(default {d.body_timeout_s:g})",
     )  # fmt: skip
     g.add_argument(
         "--queue-timeout", type=float, default=d.queue_timeout_s,
