@@ -205,7 +205,7 @@ def test_sampler_respects_top_k():
     logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(4))
     allowed = logits.topk(3, dim=-1).indices
     torch.manual_seed(0)
-    tokens = Sampler()(logits, [_req(temperature=5.0, top_k=3)] * 64)
+    tokens = Sampler()(logits, [_req(temperature=2.0, top_k=3)] * 64)
     for row, tok in enumerate(tokens):
         assert tok in allowed[row].tolist()
 
@@ -364,7 +364,9 @@ def test_valid_sampling_params():
     )
     assert sp.greedy
     assert sp.stop == ["x"]
-    engine.SamplingParams(top_k=0, top_p=1e-6, temperature=100)
+    engine.SamplingParams(top_k=0, top_p=1e-6, temperature=2.0)  # OpenAI's bound, as HTTP's
+    with pytest.raises(engine.InvalidRequestError, match="temperature"):
+        engine.SamplingParams(temperature=2.01).validate()
     sp = engine.SamplingParams()
     assert (sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty) == (1.0, 0.0, 0.0)
     assert sp.min_tokens == 0 and not sp.penalized
