@@ -16,6 +16,7 @@ request token for token, so the radix cache shares it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import secrets
 from collections import OrderedDict
@@ -48,14 +49,21 @@ class ChatRenderer:
     # -- tokenizing ----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Tokenize trusted template text: control-token strings become control tokens."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        backends = _backends(self.tokenizer)
+        if backends is None:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return backends[0].encode(text, add_special_tokens=False).ids
 
     def encode_plain(self, text: str) -> list[int]:
-        """Tokenize untrusted text: control-token strings stay ordinary text."""
+        """Tokenize untrusted text: control-token strings stay ordinary text. Safe to
+        call from several threads beside :meth:`encode` (see :func:`_backends`)."""
         if not text:
             return []
-        out = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
-        return list(out["input_ids"])
+        backends = _backends(self.tokenizer)
+        if backends is None:
+            out = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+            return list(out["input_ids"])
+        return backends[1].encode(text, add_special_tokens=False).ids
 
     # -- whole prompts -------------------------------------------------------------------
     def render_text(self, messages: list[Message]) -> str:
@@ -156,6 +164,31 @@ class ChatRenderer:
             if rebuilt == full:
                 return candidate
         return contents
+
+
+@functools.lru_cache(maxsize=8)
+def _backends(tokenizer: Any) -> tuple[Any, Any] | None:
+    """Two private copies of a fast tokenizer's Rust backend, one that reads
+    control-token text as control tokens and one that splits it into plain text;
+    None for a tokenizer without a Rust backend.
+
+    transformers implements ``split_special_tokens`` by flipping a flag on the one
+    backend it shares (``encode_special_tokens``), so tokenizing a user's text in a
+    worker thread while the event loop tokenizes a template would race: template
+    control tokens could come out split, or a user's typed ones parsed. Copies with
+    the flag fixed cannot race, and calling them directly skips transformers'
+    per-call conversions (a GIL-held list per output field)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_special_tokens"):
+        return None
+    control, plain = copy.deepcopy(backend), copy.deepcopy(backend)
+    control.encode_special_tokens = False
+    plain.encode_special_tokens = True
+    # no truncation or padding: whole prompts, whatever the tokenizer was set up with
+    for b in (control, plain):
+        b.no_truncation()
+        b.no_padding()
+    return control, plain
 
 
 def _marker(tag: str) -> str:

@@ -127,3 +127,36 @@ def test_a_prompt_rendered_again_is_not_tokenized_again(tokenizer):
     assert renderer.render(chat) == first[:-1] and calls == n
     renderer.render([{"role": "user", "content": "another"}])
     assert calls > n
+
+
+def test_plain_and_control_tokenizing_do_not_race_across_threads(tokenizer):
+    """The server tokenizes users' text in worker threads while the event loop renders
+    templates. transformers' ``split_special_tokens`` flips a flag on the tokenizer
+    it shares, which let one call's setting leak into the other's."""
+    import threading
+
+    renderer = ChatRenderer(tokenizer)
+    template = "<|im_start|>user\n"
+    want_control = renderer.encode(template)
+    want_plain = renderer.encode_plain(FORGED)
+    bad: list[str] = []
+
+    def control() -> None:
+        for _ in range(300):
+            if renderer.encode(template) != want_control:
+                bad.append("control")
+
+    def plain() -> None:
+        for _ in range(300):
+            # through transformers too, as other callers of the same tokenizer do
+            tokenizer.encode(template, add_special_tokens=False)
+            if renderer.encode_plain(FORGED) != want_plain:
+                bad.append("plain")
+
+    threads = [threading.Thread(target=f) for f in (control, plain, control, plain)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad, bad[:5]
+    assert not control_ids(tokenizer) & set(want_plain)
