@@ -52,7 +52,7 @@ class ChatRenderer:
         backends = _backends(self.tokenizer)
         if backends is None:
             return list(self.tokenizer.encode(text, add_special_tokens=False))
-        return backends[0].encode(text, add_special_tokens=False).ids
+        return _encode(backends[0], text)
 
     def encode_plain(self, text: str) -> list[int]:
         """Tokenize untrusted text: control-token strings stay ordinary text. Safe to
@@ -63,7 +63,7 @@ class ChatRenderer:
         if backends is None:
             out = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
             return list(out["input_ids"])
-        return backends[1].encode(text, add_special_tokens=False).ids
+        return _encode(backends[1], text)
 
     # -- whole prompts -------------------------------------------------------------------
     def render_text(self, messages: list[Message]) -> str:
@@ -189,6 +189,12 @@ def _backends(tokenizer: Any) -> tuple[Any, Any] | None:
         b.no_truncation()
         b.no_padding()
     return control, plain
+
+
+def _encode(backend: Any, text: str) -> list[int]:
+    # encode_batch, not encode: only the batch call lets go of the GIL while it
+    # works, so a long text tokenized in a worker thread leaves the event loop free
+    return backend.encode_batch([text], add_special_tokens=False)[0].ids
 
 
 def _marker(tag: str) -> str:
