@@ -29,7 +29,7 @@ import os
 import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -310,36 +310,46 @@ class AdmissionGate:
     """At most ``limit`` engine requests at once, ``max_queue`` waiting answers, 429
     past that, 503 after ``queue_timeout_s`` in the queue.
 
-    An answer is admitted with :meth:`admit`, which holds one unit for its life
-    (its first request runs on it); each request it runs beside that one takes one
-    more unit (:meth:`Lease.acquire`) and gives it back when it ends. So a completion
-    costs one unit and a skeleton answer as many as it has points decoding at once.
+    An answer is admitted with :meth:`admit`, which holds one unit for its life:
+    whichever of its requests runs alone runs on it. Each request it runs beside
+    another takes one more unit (:meth:`Lease.acquire`) and gives it back when it
+    ends. So a completion costs one unit and a skeleton answer as many as it has
+    points decoding at once. A request of an admitted answer waits for either a free
+    unit or its answer's own unit to go idle, so admitted answers cannot deadlock
+    waiting on each other's units.
     """
 
     def __init__(self, limit: int, max_queue: int, queue_timeout_s: float = 120.0) -> None:
         self.limit = limit
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
-        self._sem = asyncio.Semaphore(limit)
-        self.running = 0  # units held
+        self.free = limit  # units nobody holds
         self.waiting = 0  # answers queued for their first unit
+        self._changed_cv = asyncio.Condition()
         self.on_change: Callable[[AdmissionGate], None] | None = None
+
+    @property
+    def running(self) -> int:
+        """Units held (by running requests, or by admitted answers between them)."""
+        return self.limit - self.free
 
     @contextlib.asynccontextmanager
     async def admit(self, what: str = "requests") -> AsyncIterator[Lease]:
         """Hold one unit while the block runs; raises :class:`APIError` 429 when the
         queue is full and 503 when the wait times out."""
-        if self._sem.locked() and self.waiting >= self.max_queue:
+        if self.free == 0 and self.waiting >= self.max_queue:
             raise APIError(
                 429, f"the server is at its limit of {self.limit} concurrent {what} and "
                 f"{self.max_queue} queued; retry later", type="rate_limit_error",
                 code="rate_limit_exceeded",
             )  # fmt: skip
         self.waiting += 1
-        self._changed()
+        self._notify_metrics()
         try:
-            async with asyncio.timeout(self.queue_timeout_s):
-                await self._sem.acquire()  # a client that leaves while queued is cancelled here
+            async with asyncio.timeout(self.queue_timeout_s), self._changed_cv:
+                # a client that leaves while queued is cancelled here, holding nothing
+                await self._changed_cv.wait_for(lambda: self.free > 0)
+                self.free -= 1
         except TimeoutError:
             raise APIError(
                 503, f"waited {self.queue_timeout_s:g} s for room to run; retry later",
@@ -347,7 +357,7 @@ class AdmissionGate:
             ) from None  # fmt: skip
         finally:
             self.waiting -= 1
-        self._took()
+        self._notify_metrics()
         lease = Lease(self)
         token = CURRENT_LEASE.set(lease)
         try:
@@ -355,49 +365,59 @@ class AdmissionGate:
         finally:
             CURRENT_LEASE.reset(token)
             lease.closed = True
-            self._give()
+            if not lease.held_busy:  # else the request still on it gives it back
+                await self._release(None, extra=True)
 
-    async def _acquire(self) -> None:
-        await self._sem.acquire()
-        self._took()
+    async def _release(self, held_by: Lease | None, extra: bool) -> None:
+        """Give back an extra unit (``extra``), or mark a lease's own unit idle; a
+        closed lease's own unit goes back to the gate once idle."""
+        async with self._changed_cv:
+            if extra:
+                self.free += 1
+            elif held_by is not None:
+                held_by.held_busy = False
+            self._changed_cv.notify_all()
+        self._notify_metrics()
 
-    def _took(self) -> None:
-        self.running += 1
-        self._changed()
-
-    def _give(self) -> None:
-        self.running -= 1
-        self._sem.release()
-        self._changed()
-
-    def _changed(self) -> None:
+    def _notify_metrics(self) -> None:
         if self.on_change is not None:
             self.on_change(self)
 
 
 @dataclass(eq=False)
 class Lease:
-    """The units one admitted answer holds: the one :meth:`AdmissionGate.admit` took,
-    plus one per request running beside the first."""
+    """The unit one admitted answer holds, and whether a request runs on it now."""
 
     gate: AdmissionGate
-    active: int = 0
+    held_busy: bool = False
     closed: bool = False
-    _extra: int = field(default=0, repr=False)
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[None]:
-        """Room for one engine request of this answer."""
-        extra = self.active >= 1 or self.closed
-        if extra:
-            await self.gate._acquire()  # no queue bound: the answer was admitted
-        self.active += 1
+        """Room for one engine request of this answer: its own unit when idle, else
+        a free one of the gate's (no queue bound: the answer was admitted)."""
+        gate = self.gate
+        own = False
+        async with gate._changed_cv:
+
+            def room() -> bool:
+                return (not self.held_busy and not self.closed) or gate.free > 0
+
+            await gate._changed_cv.wait_for(room)
+            if not self.held_busy and not self.closed:
+                self.held_busy = own = True
+            else:
+                gate.free -= 1
+        gate._notify_metrics()
         try:
             yield
         finally:
-            self.active -= 1
-            if extra:
-                self.gate._give()
+            if own and self.closed:
+                # the answer ended while this ran: its unit goes back to the gate now
+                self.held_busy = False
+                await gate._release(None, extra=True)
+            else:
+                await gate._release(self if own else None, extra=not own)
 
 
 # The lease of the answer the current task works for, so a backend deep in the

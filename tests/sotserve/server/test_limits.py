@@ -241,3 +241,24 @@ async def test_an_answer_past_the_request_timeout_ends_with_a_clear_error(engine
                 break
             await asyncio.sleep(0.02)
         assert await gauge(http, "sotserve_requests_in_flight") == 0
+
+
+async def test_admitted_answers_at_the_limit_do_not_deadlock(tokenizer):
+    """Two answers hold both units; each fans out to three points. Each point must
+    find its answer's own unit once the point on it ends, or all six wait for ever
+    on units only their own answers hold."""
+    backend = ScriptedBackend(tokenizer, lambda call: ["x", "y"], delay=0.02)
+    gate = AdmissionGate(limit=2, max_queue=4)
+    admitted = AdmittedBackend(backend)
+
+    async def point() -> None:
+        params = CompletionParams(max_tokens=4)
+        async for _ in admitted.complete("Now explain point 1", params):
+            pass
+
+    async def answer() -> None:
+        async with gate.admit():
+            await asyncio.gather(*(point() for _ in range(3)))
+
+    await asyncio.wait_for(asyncio.gather(answer(), answer(), answer()), 10)
+    assert (gate.running, gate.waiting) == (0, 0)
