@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from engine.protocol import APIError, validation_error
+from engine.protocol import APIError, SamplingRequest, validation_error
 
 logger = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=SamplingRequest)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -453,13 +453,9 @@ class OpenAIServing:
             body = model.model_validate(data)
         except ValidationError as exc:
             raise validation_error(exc, accepted) from None
-        except RecursionError:
-            raise APIError(400, "request body nests too deeply") from None
-        name = getattr(body, "model", None)
-        if name is not None and name not in self.model_names:
-            raise APIError.model_not_found(name)
-        unsupported = getattr(body, "unsupported", None)
-        bad = unsupported() if unsupported is not None else None
+        if body.model is not None and body.model not in self.model_names:
+            raise APIError.model_not_found(body.model)
+        bad = body.unsupported()
         if bad is not None:
             raise APIError(400, bad[1], param=bad[0])
         return body
