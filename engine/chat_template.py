@@ -156,8 +156,11 @@ class ChatRenderer:
         """Each message's content as the template writes it: as given, or trimmed
         (templates such as Llama 3's ``| trim`` them)."""
         contents = [m["content"] for m in messages]
+        stripped = [c.strip() for c in contents]
+        if stripped == contents:
+            return contents  # nothing to trim: no second render needed
         full = self._template(messages, generation_prompt=True)
-        for candidate in (contents, [c.strip() for c in contents]):
+        for candidate in (contents, stripped):
             rebuilt = marked
             for mark, content in zip(marks, candidate, strict=True):
                 rebuilt = rebuilt.replace(mark, content, 1)
