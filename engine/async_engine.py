@@ -28,6 +28,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from engine.errors import (
     DEFAULT_STEP_TIMEOUT_S,
     EngineDeadError,
+    EngineError,
     EngineStepTimeoutError,
     InvalidRequestError,
 )
@@ -192,10 +193,13 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        return_hidden: bool = False,
     ) -> AsyncIterator[RequestDelta]:
         """Yield deltas until the request finishes; the last one has ``finish_reason``.
 
         ``priority`` is vLLM's: lower is scheduled first (:mod:`engine.scheduler`).
+        ``return_hidden``: the first delta carries the prompt's pooled hidden state
+        (:meth:`engine.llm_engine.LLMEngine.make_request`).
 
         Raises :class:`engine.errors.InvalidRequestError` before yielding anything for
         bad input, and :class:`EngineDeadError` when the engine is dead or closed,
@@ -205,7 +209,7 @@ class AsyncEngine:
         self._raise_if_refusing()
         if isinstance(prompt, str) and len(prompt) > _INLINE_TOKENIZE_CHARS:
             prompt = await self.tokenize(prompt)
-        req = self.engine.make_request(prompt, params, request_id, priority)
+        req = self.engine.make_request(prompt, params, request_id, priority, return_hidden)
         rid = req.request_id
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cv:
@@ -233,6 +237,19 @@ class AsyncEngine:
             with self._cv:
                 if self._streams.get(rid) is stream:
                     del self._streams[rid]
+
+    async def embed(self, prompt: Prompt, priority: int = 0) -> torch.Tensor:
+        """The final hidden state at ``prompt``'s last token ([hidden_size], float32):
+        one prefill, batched with whatever else runs, whose K/V stay in the prefix
+        cache, so an answer to the same prompt then starts from a cache hit."""
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        hidden = None
+        async for delta in self.generate(prompt, params, priority=priority, return_hidden=True):
+            if delta.hidden is not None:
+                hidden = delta.hidden
+        if hidden is None:  # the request ended without its first token (aborted)
+            raise EngineError("the embedding request ended before its prompt was computed")
+        return hidden
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request; returns once its slots are free (False if it was unknown,

@@ -76,6 +76,26 @@ class LLM:
             raise
         return [engine.output_of(r) for r in reqs]
 
+    def embed(self, prompts: list[Prompt]) -> list[torch.Tensor]:
+        """The final hidden state at each prompt's last token ([hidden_size], float32),
+        in input order: a prefill of each prompt (its K/V stay in the prefix cache) and
+        one greedy token that is thrown away."""
+        if not prompts:
+            raise InvalidRequestError("no prompts given (an empty list is not a prompt)", "prompt")
+        engine = self.engine
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        reqs = [engine.make_request(p, params, return_hidden=True) for p in prompts]
+        for req in reqs:
+            engine.add(req)
+        try:
+            while any(r.finish_reason is None for r in reqs):
+                engine.step()
+        except BaseException:
+            for req in reqs:
+                engine.abort(req.request_id)
+            raise
+        return [r.hidden for r in reqs]
+
     def stats(self) -> EngineStats:
         """The engine's counters and gauges now."""
         return self.engine.stats()

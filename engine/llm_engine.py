@@ -133,11 +133,14 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        return_hidden: bool = False,
     ) -> Request:
         """Validate and tokenize; raises :class:`InvalidRequestError` subclasses.
 
         ``priority`` is vLLM's: lower is scheduled first, and it may be negative
-        (:mod:`engine.scheduler`)."""
+        (:mod:`engine.scheduler`). ``return_hidden`` asks for the final hidden state
+        at the prompt's last token on the first delta (``RequestDelta.hidden``): a
+        pooled embedding of the prompt, at the cost of its prefill."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "params")
@@ -186,6 +189,7 @@ class LLMEngine:
             stop_ids=stop_ids,
             generator=generator,
             priority=priority,
+            return_hidden=return_hidden,
         )
 
     def add(self, req: Request) -> None:

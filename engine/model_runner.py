@@ -87,6 +87,8 @@ class ModelRunner:
             self.graphs is not None
             and not batch.prefills
             and len(batch.decodes) <= self.graphs.max_batch
+            # a captured graph hands back logits only, not the hidden states
+            and not any(_wants_hidden(r) for r in batch.decodes)
         ):
             return self._run_graph(batch.decodes)
         input_ids, ctx, sample_at, sampled_reqs = self.prepare(batch)
@@ -95,7 +97,11 @@ class ModelRunner:
             hidden = self.model(input_ids)
             if not sampled_reqs:
                 return [], []
-            logits = self.model.compute_logits(hidden[sample_at])
+            rows = hidden[sample_at]
+            for i, req in enumerate(sampled_reqs):
+                if _wants_hidden(req):
+                    req.hidden = rows[i].float().cpu()
+            logits = self.model.compute_logits(rows)
         finally:
             set_context(None)
         return sampled_reqs, self.sampler(logits, sampled_reqs)
@@ -171,6 +177,12 @@ class ModelRunner:
         )
         self.graph_steps += 1
         return decodes, self.sampler(logits, decodes)
+
+
+def _wants_hidden(req: Request) -> bool:
+    """A pooling request whose prompt's last token is computed this step: the first
+    time it is sampled (a preempted request recomputes, but keeps what it has)."""
+    return req.return_hidden and req.hidden is None and not req.output_ids
 
 
 def _last_token(req: Request) -> int:

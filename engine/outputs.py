@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class RequestDelta:
@@ -14,6 +16,9 @@ class RequestDelta:
     ``finish_reason`` is set on the last delta: ``"stop"``, ``"length"`` or ``"abort"``.
     ``cached_tokens`` is the prompt tokens the prefix cache served: on every delta
     once the request was admitted, and always on the last one.
+    ``hidden`` is the final hidden state at the prompt's last token ([hidden_size],
+    float32, on the CPU), on the first delta of a request made with
+    ``return_hidden=True``, else None.
     """
 
     request_id: str
@@ -21,6 +26,7 @@ class RequestDelta:
     text: str
     finish_reason: str | None = None
     cached_tokens: int | None = None
+    hidden: torch.Tensor | None = None
 
     @property
     def finished(self) -> bool:

@@ -53,7 +53,12 @@ class Request:
     # on arrival, and again after a preemption; aging counts from here
     waiting_since: int = 0
     preemptions: int = 0  # times it was preempted; victims are the least preempted
+    # pooling: keep the final hidden state (after the last norm) at the prompt's last
+    # token, which the step that samples the first output token computes anyway
+    return_hidden: bool = False
+    hidden: torch.Tensor | None = None
     _emitted_tokens: int = 0
+    _hidden_emitted: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +78,13 @@ class Request:
         if end <= p:
             return self.prompt_ids[start:end]
         return (self.prompt_ids + self.output_ids)[start:end]
+
+    def pop_hidden(self) -> torch.Tensor | None:
+        """The prompt's pooled hidden state, once (on the delta of the first token)."""
+        if self.hidden is None or self._hidden_emitted:
+            return None
+        self._hidden_emitted = True
+        return self.hidden
 
     def pop_new_tokens(self) -> list[int]:
         new = self.output_ids[self._emitted_tokens :]

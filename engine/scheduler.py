@@ -390,4 +390,5 @@ class Scheduler:
             req.detok.pop_delta(done),
             req.finish_reason,
             (cached or 0) if done else cached,
+            req.pop_hidden(),
         )
