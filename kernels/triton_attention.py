@@ -30,11 +30,10 @@ Layout conventions shared by the kernels:
   ``max(16, next_power_of_2(D))`` with masked loads, which also covers D that is not
   a power of two. Padding rows costs nothing extra on tensor cores (an MMA tile is
   16 rows anyway) and works identically in the interpreter.
-* **Precision.** Softmax statistics and the output accumulator are float32. Scores
-  are scaled by ``scale * log2(e)`` so the kernels can use ``exp2``. float32 inputs
-  use ``input_precision="ieee"`` so CUDA results match the torch reference to ~1e-6
-  instead of TF32's ~1e-3; 16-bit inputs use the tensor-core default and feed the
-  probabilities to the P @ V product in the value dtype, like FlashAttention.
+* **Precision.** Softmax statistics and the output accumulator are float32; the
+  online-softmax step, the dot-precision flag and the split merge are
+  :mod:`kernels.triton_helpers`' (float32 inputs multiply exactly, so CUDA results
+  match the torch reference to ~1e-6; 16-bit inputs use the tensor-core default).
 """
 
 from __future__ import annotations
@@ -45,38 +44,22 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from kernels.triton_helpers import (
+    LOG2E,
+    dot,
+    dot_ieee,
+    index_tensor,
+    inner_contiguous,
+    merge_splits,
+    next_pow2,
+    softmax_finish,
+    softmax_step,
+)
 
 # Split-K heuristic: one split per this many keys of the longest request, at most
 # MAX_SPLITS. Short contexts keep a single split (no merge work to amortize).
 KEYS_PER_SPLIT = 256
 MAX_SPLITS = 16
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # float32 operands: exact fp32 products instead of TF32 (see the module docstring);
-    # 16-bit operands: the backend's tensor-core default
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-def _index_tensor(x, device: torch.device) -> torch.Tensor:
-    """Accept an int tensor or a Python sequence; kernels cast the elements themselves."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device) if x.device != device else x
-    return torch.as_tensor(x, dtype=torch.int64, device=device)
-
-
-def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """Kernels assume the last dim has stride 1; every other stride is passed in."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def default_num_splits(max_kv_len: int) -> int:
@@ -175,88 +158,22 @@ def _decode_split_kernel(
             mask=mask_d[:, None] & mask_n[None, :],
             other=0.0,
         )
-        s = _dot(q, k, DOT_IEEE) * qk_scale
+        s = dot(q, k, DOT_IEEE) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
-        # the loop body only runs when the block holds >= 1 real key, so m_new is
-        # finite for every row (padded rows score 0) and no exp2(-inf - -inf) occurs
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        # the loop body only runs when the block holds >= 1 real key, so the running
+        # max is finite for every row (padded rows score 0)
         v = tl.load(
             v_head + slots[:, None] * stride_vn + offs_d[None, :],
             mask=mask_n[:, None] & mask_d[None, :],
             other=0.0,
         )
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_IEEE)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_IEEE)
 
-    # empty split: l_i = 0 and acc = 0. Write out = 0 (not 0/0 = NaN, which would
-    # poison the merge's 0 * partial) and lse = -inf (weight exactly 0 in the merge).
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    # empty split (kv_len < NUM_SPLITS): out = 0 and lse = -inf, weight 0 in the merge
+    out, lse = softmax_finish(m_i, l_i, acc)
     bh = b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps
     tl.store(PartOut + bh[:, None] + offs_d[None, :], out, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(PartLse + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
-
-
-# ---------------------------------------------------------------------------------------
-# decode: stage 2 (one program per request x query head)
-# ---------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _decode_merge_kernel(
-    PartOut,
-    PartLse,
-    Out,
-    Lse,
-    stride_pb,
-    stride_ph,
-    stride_ps,
-    stride_lb,
-    stride_lh,
-    stride_ob,
-    stride_oh,
-    stride_sb,
-    HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    STORE_LSE: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
-    mask_d = offs_d < HEAD_DIM
-
-    lse = tl.load(
-        PartLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf")
-    )
-    m = tl.max(lse, 0)
-    # m is finite whenever kv_len >= 1 (split 0 always holds key 0). A kv_len of 0
-    # (e.g. a padded batch row) gives m = -inf; shift by 0 instead so that row comes
-    # out as zeros rather than NaN.
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m)  # empty splits: exp(-inf) = 0
-    part = tl.load(
-        PartOut + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-        mask=mask_s[:, None] & mask_d[None, :],
-        other=0.0,
-    )
-    denom = tl.sum(w, 0)
-    denom_safe = tl.where(denom > 0.0, denom, 1.0)
-    out = tl.sum(w[:, None] * part, 0) / denom_safe
-    tl.store(
-        Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d
-    )
-    if STORE_LSE:
-        lse_out = tl.where(denom > 0.0, m + tl.log(denom_safe), float("-inf"))
-        tl.store(Lse + b * stride_sb + h, lse_out)
 
 
 def decode_attention_triton(
@@ -305,20 +222,20 @@ def decode_attention_triton(
     lse = torch.empty((batch, num_q_heads), dtype=torch.float32, device=q.device)
     if batch == 0:
         return (out, lse) if return_lse else out
-    rows = _index_tensor(rows, q.device)
-    kv_lens = _index_tensor(kv_lens, q.device)
+    rows = index_tensor(rows, q.device)
+    kv_lens = index_tensor(kv_lens, q.device)
     if num_splits is None:
         if max_kv_len is None:
             max_kv_len = int(kv_lens.max())
         num_splits = default_num_splits(max_kv_len)
     num_splits = max(1, int(num_splits))
 
-    q = _inner_contiguous(q)
-    k_cache, v_cache = _inner_contiguous(k_cache), _inner_contiguous(v_cache)
-    req_to_token = _inner_contiguous(req_to_token)
+    q = inner_contiguous(q)
+    k_cache, v_cache = inner_contiguous(k_cache), inner_contiguous(v_cache)
+    req_to_token = inner_contiguous(req_to_token)
     group = num_q_heads // num_kv_heads
-    block_d = max(16, _next_pow2(head_dim))
-    block_n = max(16, _next_pow2(block_n))
+    block_d = max(16, next_pow2(head_dim))
+    block_n = max(16, next_pow2(block_n))
 
     part_out = torch.empty(
         (batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
@@ -349,33 +266,14 @@ def decode_attention_triton(
         GROUP=group,
         HEAD_DIM=head_dim,
         NUM_SPLITS=num_splits,
-        BLOCK_G=max(16, _next_pow2(group)),
+        BLOCK_G=max(16, next_pow2(group)),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        DOT_IEEE=q.dtype == torch.float32,
+        DOT_IEEE=dot_ieee(q.dtype),
         num_warps=4,
         num_stages=2,
     )
-    _decode_merge_kernel[(batch, num_q_heads)](
-        part_out,
-        part_lse,
-        out,
-        lse,
-        part_out.stride(0),
-        part_out.stride(1),
-        part_out.stride(2),
-        part_lse.stride(0),
-        part_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
-        HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits,
-        BLOCK_S=_next_pow2(num_splits),
-        BLOCK_D=_next_pow2(head_dim),
-        STORE_LSE=return_lse,
-        num_warps=1 if head_dim <= 64 else 2,
-    )
+    merge_splits(part_out, part_lse, out, lse if return_lse else None)
     return (out, lse) if return_lse else out
 
 
@@ -459,25 +357,20 @@ def _extend_kernel(
             mask=mask_d[:, None] & mask_n[None, :],
             other=0.0,
         )
-        s = _dot(q, k, DOT_IEEE) * qk_scale
+        s = dot(q, k, DOT_IEEE) * qk_scale
         # prefix keys are visible to all; new keys causally. The first block holds key
         # 0, visible to every row (padded rows included), so after it m_i is finite and
         # later fully-masked rows just add exp2(-inf) = 0 -- no NaN path.
         visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_head + slots[:, None] * stride_vn + offs_d[None, :],
             mask=mask_n[:, None] & mask_d[None, :],
             other=0.0,
         )
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_IEEE)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_IEEE)
 
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out, _ = softmax_finish(m_i, l_i, acc)
     tl.store(
         Out + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
@@ -523,30 +416,30 @@ def extend_attention_triton(
     if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
         raise ValueError(f"dtype mismatch: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    rows = _index_tensor(rows, q.device)
+    rows = index_tensor(rows, q.device)
     num_reqs = rows.shape[0]
     if num_tokens == 0 or num_reqs == 0:
         return out
-    q_starts = _index_tensor(q_starts, q.device)
-    kv_lens = _index_tensor(kv_lens, q.device)
+    q_starts = index_tensor(q_starts, q.device)
+    kv_lens = index_tensor(kv_lens, q.device)
     if max_q_len is None:
         max_q_len = int((q_starts[1:] - q_starts[:-1]).max())
     if max_q_len <= 0:
         return out
 
-    q = _inner_contiguous(q)
-    k_cache, v_cache = _inner_contiguous(k_cache), _inner_contiguous(v_cache)
-    req_to_token = _inner_contiguous(req_to_token)
+    q = inner_contiguous(q)
+    k_cache, v_cache = inner_contiguous(k_cache), inner_contiguous(v_cache)
+    req_to_token = inner_contiguous(req_to_token)
     group = num_q_heads // num_kv_heads
-    block_g = _next_pow2(group)
-    block_d = max(16, _next_pow2(head_dim))
+    block_g = next_pow2(group)
+    block_d = max(16, next_pow2(head_dim))
     if block_m is None:
         block_m = max(1, 64 // block_g)  # about 64 (token, head) rows per program
     # tl.dot wants >= 16 rows; round the token block up until the tile has them
-    block_m = max(_next_pow2(block_m), _next_pow2(math.ceil(16 / block_g)))
+    block_m = max(next_pow2(block_m), next_pow2(math.ceil(16 / block_g)))
     if block_n is None:
         block_n = 64 if block_d <= 128 else 32
-    block_n = max(16, _next_pow2(block_n))
+    block_n = max(16, next_pow2(block_n))
 
     grid = (num_reqs, triton.cdiv(max_q_len, block_m), num_kv_heads)
     _extend_kernel[grid](
@@ -574,7 +467,7 @@ def extend_attention_triton(
         BLOCK_G=block_g,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        DOT_IEEE=q.dtype == torch.float32,
+        DOT_IEEE=dot_ieee(q.dtype),
         num_warps=4 if block_m * block_g * block_d <= 64 * 64 else 8,
         num_stages=2,
     )
@@ -641,7 +534,7 @@ def store_kv_triton(
     num_tokens, num_heads, head_dim = k.shape
     if num_tokens == 0:
         return
-    k, v = _inner_contiguous(k), _inner_contiguous(v)
+    k, v = inner_contiguous(k), inner_contiguous(v)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the KV pool must be contiguous in its last dimension")
     _store_kv_kernel[(num_tokens,)](
@@ -660,7 +553,7 @@ def store_kv_triton(
         v_cache.stride(1),
         NUM_HEADS=num_heads,
         HEAD_DIM=head_dim,
-        BLOCK_H=_next_pow2(num_heads),
-        BLOCK_D=_next_pow2(head_dim),
+        BLOCK_H=next_pow2(num_heads),
+        BLOCK_D=next_pow2(head_dim),
         num_warps=1,
     )

@@ -18,7 +18,8 @@ traffic, and the kernel is bound by reading K/V.
 
 With few KV heads and one row block the grid would be tiny (SmolLM2: 3 programs), so
 on CUDA the prefix is also split over the third grid axis (flash-decoding); each
-split writes a partial ``(out, lse)`` in float32 and a second kernel merges them.
+split writes a partial ``(out, lse)`` in float32 and
+:func:`kernels.triton_helpers.merge_splits` merges them.
 
 :func:`merge_attention_triton` is a Triton kernel rather than a reuse of the torch
 :func:`kernels.cascade.merge_attention`: on the GPU the torch merge is about eight
@@ -35,8 +36,17 @@ import triton
 import triton.language as tl
 
 from kernels.cascade import decode_attention_with_lse
-
-_LOG2E = 1.4426950408889634
+from kernels.triton_helpers import (
+    LOG2E,
+    dot,
+    dot_ieee,
+    inner_contiguous,
+    merge_splits,
+    next_pow2,
+    pow2_at_least,
+    softmax_finish,
+    softmax_step,
+)
 
 
 @triton.jit
@@ -67,7 +77,7 @@ def _shared_prefix_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -101,64 +111,22 @@ def _shared_prefix_kernel(
             mask=n_ok[None, :] & d_ok[:, None],
             other=0.0,
         )
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has a real key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = dot(q, k_t, DOT_IEEE) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))  # every block has a real key
         v = tl.load(
             V + slot[:, None] * stride_vn + kv_head * stride_vh + d[None, :],
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(s, v, m_i, l_i, acc, DOT_IEEE)
 
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out, lse = softmax_finish(m_i, l_i, acc)
     tl.store(
         Out + split * stride_os + req[:, None] * stride_ob + head[:, None] * stride_oh + d[None, :],
         out,
         mask=row_ok[:, None] & d_ok[None, :],
     )
     tl.store(Lse + split * stride_ls + req * stride_lb + head, lse, mask=row_ok)
-
-
-@triton.jit
-def _combine_splits_kernel(
-    PartO,
-    PartL,
-    Out,
-    Lse,
-    num_splits,
-    stride_ps,
-    stride_ls,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    row = tl.program_id(0)  # one (request, query head) row
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < num_splits
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    lse_s = tl.load(PartL + s * stride_ls + row, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m)
-    total = tl.sum(w, 0)
-    o = tl.load(
-        PartO + s[:, None] * stride_ps + row * HEAD_DIM + d[None, :],
-        mask=s_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    safe = tl.where(total > 0.0, total, 1.0)
-    out = tl.sum(o * w[:, None], 0) / safe
-    tl.store(Out + row * HEAD_DIM + d, out, mask=d_ok)
-    tl.store(Lse + row, tl.where(total > 0.0, m + tl.log(safe), float("-inf")))
 
 
 @triton.jit
@@ -193,10 +161,6 @@ def _merge_kernel(
     out = oa * (wa * inv)[:, None] + ob * (wb * inv)[:, None]
     tl.store(Out + offs, out, mask=ok)
     tl.store(Lse + r, tl.where(total > 0.0, m + tl.log(safe), float("-inf")), mask=r_ok)
-
-
-def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 def _default_splits(device: torch.device, programs: int, prefix_len: int) -> int:
@@ -239,18 +203,14 @@ def shared_prefix_attention_triton(
     p = prefix_slots.numel()
     if p == 0 or b == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride(-1) != 1:
-        k_cache = k_cache.contiguous()
-    if v_cache.stride(-1) != 1:
-        v_cache = v_cache.contiguous()
+    q = inner_contiguous(q)
+    k_cache, v_cache = inner_contiguous(k_cache), inner_contiguous(v_cache)
     prefix_slots = prefix_slots.contiguous()
 
     rows = b * group
-    bm = _pow2_at_least_16(block_m or min(64, rows))
-    bn = _pow2_at_least_16(block_n)
-    bd = _pow2_at_least_16(d)
+    bm = pow2_at_least(block_m or min(64, rows))
+    bn = pow2_at_least(block_n)
+    bd = pow2_at_least(d)
     m_blocks = triton.cdiv(rows, bm)
     if num_splits is None:
         num_splits = _default_splits(q.device, hk * m_blocks, p)
@@ -264,7 +224,6 @@ def shared_prefix_attention_triton(
         part_o = torch.empty((num_splits, b, hq, d), dtype=torch.float32, device=q.device)
         part_l = torch.empty((num_splits, b, hq), dtype=torch.float32, device=q.device)
         stride_os, stride_ls = part_o.stride(0), part_l.stride(0)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _shared_prefix_kernel[(hk, m_blocks, num_splits)](
         q,
         k_cache,
@@ -286,28 +245,18 @@ def shared_prefix_attention_triton(
         rows,
         p,
         keys_per_split,
-        scale * _LOG2E,
+        scale * LOG2E,
         GROUP=group,
         HEAD_DIM=d,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_D=bd,
-        DOT_PRECISION=precision,
+        DOT_IEEE=dot_ieee(q.dtype),
         num_warps=num_warps,
     )
     if num_splits > 1:
-        _combine_splits_kernel[(b * hq,)](
-            part_o,
-            part_l,
-            out,
-            lse,
-            num_splits,
-            part_o.stride(0),
-            part_l.stride(0),
-            HEAD_DIM=d,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(d),
-        )
+        # the partials are [S, B, Hq, D]; the merge reads them as [B, Hq, S, D] views
+        merge_splits(part_o.permute(1, 2, 0, 3), part_l.permute(1, 2, 0), out, lse)
     return out, lse
 
 
@@ -340,7 +289,7 @@ def merge_attention_triton(
         rows,
         HEAD_DIM=d,
         BLOCK_R=block_r,
-        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_D=next_pow2(d),
     )
     return out, lse
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_helpers import inner_contiguous, next_pow2
+
 __all__ = [
     "add_rms_norm_triton",
     "rms_norm_triton",
@@ -118,7 +120,7 @@ def _rms_norm_launch(
     res2 = _rows(residual) if residual is not None else None
     res_out2 = res_out.view(-1, h) if res_out is not None else None
     weight = weight if weight.stride(0) == 1 else weight.contiguous()
-    block = triton.next_power_of_2(h)
+    block = next_pow2(h)
     # Grid: one program per row (T,); each program holds the whole row in registers,
     # which is what lets the add, the reduction and the scale happen in one pass.
     _rms_norm_kernel[(t,)](
@@ -302,10 +304,6 @@ def _rope_store_kv_kernel(
     )
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
-
-
 def rope_and_store_kv_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -355,15 +353,15 @@ def rope_and_store_kv_triton(
         raise ValueError(f"q_out must be {(t, hq, d)}, got {tuple(q_out.shape)}")
     if t == 0:
         return q_out
-    q, k, v, cos, sin = (_unit_last(x) for x in (q, k, v, cos, sin))
+    q, k, v, cos, sin = (inner_contiguous(x) for x in (q, k, v, cos, sin))
     if q_out.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q_out, k_cache and v_cache need a contiguous last dim")
     slots = slots if slots.is_contiguous() else slots.contiguous()
     half = d // 2
-    block_hq = triton.next_power_of_2(hq)
-    block_hk = triton.next_power_of_2(hk)
-    block_half = triton.next_power_of_2(half)
-    block_d = triton.next_power_of_2(d)
+    block_hq = next_pow2(hq)
+    block_hk = next_pow2(hk)
+    block_half = next_pow2(half)
+    block_d = next_pow2(d)
     _rope_store_kv_kernel[(t,)](
         q,
         k,
@@ -443,7 +441,7 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     x2 = _rows(x)
     rows = x2.shape[0]
     out2 = out.view(-1, inter)
-    block = min(triton.next_power_of_2(inter), 1024)
+    block = min(next_pow2(inter), 1024)
     _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
         x2,
         out2,

@@ -18,8 +18,8 @@ pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = [
-    "_combine_splits_kernel", "_decode_merge_kernel", "_decode_split_kernel",
-    "_extend_kernel", "_merge_kernel", "_rms_norm_kernel", "_rope_store_kv_kernel",
+    "_decode_split_kernel", "_extend_kernel", "_merge_kernel", "_merge_splits_kernel",
+    "_rms_norm_kernel", "_rope_store_kv_kernel",
     "_shared_prefix_kernel", "_silu_and_mul_kernel", "_store_kv_kernel",
 ]  # fmt: skip
 
