@@ -8,6 +8,9 @@ import torch
 
 from engine.quantization import QUANTIZATION_MODES
 
+#: where weights come from (:func:`engine.loader.resolve`)
+LOAD_FORMATS = ("auto", "dummy")
+
 
 @dataclass
 class EngineConfig:
@@ -43,6 +46,15 @@ class EngineConfig:
                            ``priority``) than some prefill of the step, the step's
                            prefill tokens are capped at this, so the urgent decode's
                            step stays short (:mod:`engine.scheduler`); ``None``: no cap.
+    ``load_format``        ``"auto"``: weights from the model's files; ``"dummy"``
+                           (vLLM's): the model is only a config (a shape of
+                           ``engine/model_configs/``, a config.json, a model directory)
+                           filled with seeded random weights on the device
+                           (:mod:`engine.loader`, :mod:`engine.models.dummy`).
+    ``tokenizer``          a tokenizer apart from the model's (a directory, GGUF file or
+                           hub id); ``None``: the model's, and for a dummy model the
+                           embedded SmolLM2's.
+    ``dummy_seed``         the seed of a dummy model's random weights.
     ``max_wait_steps``     a waiting request that has waited this many steps goes ahead
                            of those of its priority that have waited less, cached
                            prefix or not, so none waits unboundedly behind a stream of
@@ -79,6 +91,9 @@ class EngineConfig:
     # 1 s at 15 ms a step. Steps, not seconds: the bound is the same on any machine, and
     # tests can check it.
     max_wait_steps: int | None = 64
+    load_format: str = "auto"
+    tokenizer: str | None = None
+    dummy_seed: int = 0
 
     def __post_init__(self) -> None:
         least = {"max_running": 1, "max_batched_tokens": 1, "kv_slots": 1,
@@ -95,6 +110,10 @@ class EngineConfig:
             raise ValueError(
                 f"unknown quantization {self.quantization!r}; use auto, none, "
                 + ", ".join(QUANTIZATION_MODES)
+            )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"unknown load_format {self.load_format!r}; available: {', '.join(LOAD_FORMATS)}"
             )
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")

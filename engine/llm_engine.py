@@ -21,10 +21,11 @@ from engine.config import EngineConfig, resolve_device, resolve_quantization
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ContextLengthExceededError, InvalidRequestError
 from engine.kv_cache import KVPool, ReqToTokenTable, SlotAllocator
-from engine.loader import resolve_model
+from engine.loader import resolve
 from engine.model_runner import ModelRunner
 from engine.models import ModelArgs, build_model
 from engine.models.llama import rope_inv_freq
+from engine.models.ops import create_ops
 from engine.outputs import RequestDelta, RequestOutput
 from engine.prefix_cache import NoPrefixCache, PrefixCache
 from engine.radix_cache import RadixCache
@@ -62,8 +63,8 @@ class LLMEngine:
         if unknown:
             raise TypeError(f"unknown engine options: {sorted(unknown)}")
         dev = resolve_device(device)
-        files = resolve_model(model)
         self.config = cfg = EngineConfig(device=dev, **config)
+        files = resolve(model, cfg.load_format, cfg.tokenizer)
         cfg.quantization, cfg.dtype = resolve_quantization(
             cfg.quantization, dtype, dev, files.gguf is not None
         )
@@ -99,6 +100,7 @@ class LLMEngine:
         self.model = build_model(
             files, hf_config, self.backend, cfg.dtype, dev, prepack=cfg.prepack_weights,
             quantization=cfg.quantization, prefill_dense=cfg.quantized_prefill_dense,
+            ops=create_ops(attention_backend, dev), dummy_seed=cfg.dummy_seed,
         )  # fmt: skip
         inv_freq, scaling = rope_inv_freq(hf_config, args.head_dim)
         cos, sin = rope_cos_sin_cache(inv_freq, cfg.max_model_len, scaling)

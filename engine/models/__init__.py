@@ -9,7 +9,9 @@ from transformers import PretrainedConfig
 from engine.attention import AttentionBackend
 from engine.gguf_weights import cached_gguf_weights
 from engine.loader import ModelFiles
+from engine.models.dummy import DEFAULT_STD, fill_dummy_weights
 from engine.models.llama import LlamaForCausalLM, ModelArgs
+from engine.models.ops import TORCH_OPS, Ops
 from engine.quantization import quantize, quantized_linear
 from kernels.linear import can_prepack
 
@@ -25,8 +27,14 @@ def build_model(
     prepack: bool = True,
     quantization: str | None = None,
     prefill_dense: bool = True,
+    ops: Ops = TORCH_OPS,
+    dummy_seed: int = 0,
 ) -> LlamaForCausalLM:
-    """Instantiate the model on ``device`` without random init and load its weights.
+    """Instantiate the model on ``device`` without random init and load its weights;
+    a dummy model (``files.dummy``) gets seeded random ones instead
+    (:func:`engine.models.dummy.fill_dummy_weights`, ``std`` the config's
+    ``initializer_range``), drawn on ``device``. ``ops`` are the norm and activation
+    kernels (:func:`engine.models.ops.create_ops`).
 
     ``quantization``: ``None`` (every matrix in ``dtype``), ``"gguf"`` (a GGUF model's
     Q4_0/Q4_1/Q4_K matrices as int4 straight from its blocks, the rest de-quantized), or
@@ -38,9 +46,15 @@ def build_model(
     """
     args = ModelArgs.from_hf(config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(args, backend)
+        model = LlamaForCausalLM(args, backend, ops)
     model = model.to_empty(device=device).to(dtype)
-    if quantization == "gguf":
+    if files.dummy:
+        if quantization == "gguf":
+            raise ValueError("quantization='gguf' needs a GGUF model, not a dummy one")
+        std = getattr(config, "initializer_range", None) or DEFAULT_STD
+        fill_dummy_weights(model, dummy_seed, std)
+        quantized = {}
+    elif quantization == "gguf":
         if files.gguf is None:
             raise ValueError("quantization='gguf' needs a GGUF model; use 'int4' or 'int8'")
         weights = cached_gguf_weights(files.gguf, files.path, args.num_heads, args.num_kv_heads)

@@ -18,8 +18,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.attention import TORCH_OPS, AttentionBackend, Ops
+from engine.attention import AttentionBackend
 from engine.context import get_context
+from engine.models.ops import TORCH_OPS, Ops
 from engine.quantization import QuantizedWeight, concat_rows
 from kernels.linear import PackedLinear, kernel_rows, prepack_linears
 
@@ -109,7 +110,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self, args: ModelArgs, layer: int, backend: AttentionBackend, ops: Ops = TORCH_OPS
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.backend = backend
@@ -125,7 +128,6 @@ class Attention(nn.Module):
             args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias
         )
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
-        ops = backend.ops
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, ops) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, ops) if args.qk_norm else None
 
@@ -154,12 +156,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self, args: ModelArgs, layer: int, backend: AttentionBackend, ops: Ops = TORCH_OPS
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(args, layer, backend)
-        self.mlp = MLP(args, backend.ops)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend.ops)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend.ops)
+        self.self_attn = Attention(args, layer, backend, ops)
+        self.mlp = MLP(args, ops)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None
@@ -174,11 +178,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: ModelArgs, backend: AttentionBackend) -> None:
+    def __init__(self, args: ModelArgs, backend: AttentionBackend, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i, backend) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend.ops)
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, i, backend, ops) for i in range(args.num_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
@@ -200,10 +206,10 @@ class LlamaForCausalLM(nn.Module):
     }
     _FUSED_RE = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.")
 
-    def __init__(self, args: ModelArgs, backend: AttentionBackend) -> None:
+    def __init__(self, args: ModelArgs, backend: AttentionBackend, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args, backend)
+        self.model = LlamaModel(args, backend, ops)
         self.lm_head: nn.Module | None = (
             None
             if args.tie_word_embeddings
