@@ -77,6 +77,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                   "attention_backend", "cuda_graph_max_batch", "quantization")
         if (v := getattr(args, k)) is not None
     }  # fmt: skip
+    # model options (engine.serving.add_model_args) that configure the engine
+    if getattr(args, "load_format", "auto") != "auto":
+        kwargs["load_format"] = args.load_format
+    if getattr(args, "tokenizer", None) is not None:
+        kwargs["tokenizer"] = args.tokenizer
     if not args.prefix_cache:
         kwargs["prefix_cache"] = False
     if args.shared_prefix_min_tokens is not None:

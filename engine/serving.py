@@ -473,10 +473,27 @@ def public_model_name(model: str) -> str:
 
 # -- command line ------------------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--dtype`` and ``--device``: spelled once for every command."""
+    """``--model``, ``--load-format``, ``--tokenizer``, ``--dtype`` and ``--device``:
+    spelled once for every command."""
+    from engine.config import LOAD_FORMATS
+    from engine.loader import shape_names
+
     p.add_argument(
-        "--model", default=None, help="HF directory, hub id or .gguf (default: embedded SmolLM2)"
-    )
+        "--model", default=None,
+        help="HF directory, hub id or .gguf (default: embedded SmolLM2); with "
+        "--load-format dummy, a config.json, a model directory or a shape: "
+        + ", ".join(shape_names()),
+    )  # fmt: skip
+    p.add_argument(
+        "--load-format", default="auto", choices=LOAD_FORMATS,
+        help="auto: the model's weights; dummy: seeded random weights made on the device "
+        "from the model's config (no weight files; vLLM's --load-format dummy)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tokenizer", default=None,
+        help="a tokenizer apart from the model's (directory, .gguf or hub id); default "
+        "the model's, the embedded SmolLM2's for a dummy model",
+    )  # fmt: skip
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
 

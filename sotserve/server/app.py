@@ -255,8 +255,8 @@ async def _warm_up(planner: Planner) -> None:
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    """``sotserve serve`` options (``--model/--dtype/--device`` come from
-    :func:`engine.serving.add_model_args`)."""
+    """``sotserve serve`` options (``--model/--load-format/--tokenizer/--dtype/--device``
+    come from :func:`engine.serving.add_model_args`)."""
     add_http_args(p, what="engine requests (a skeleton answer runs one per point)")
     g = p.add_argument_group(
         "remote engines (instead of a local model)",
@@ -268,7 +268,6 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--backend", action="append", default=[], metavar="URL",
         help="a server's base URL; repeat for replicas of one model",
     )  # fmt: skip
-    g.add_argument("--tokenizer", default=None, help="the model's tokenizer, if not --model")
     g.add_argument("--backend-api-key", default=None, help="sent upstream as a bearer token")
     g.add_argument(
         "--backend-admin-api-key", default=None,
@@ -313,7 +312,10 @@ def serve(args: argparse.Namespace) -> None:
 def remote_replicas(args: argparse.Namespace) -> ReplicaSet:
     """The ``--backend`` servers, checked: each must answer ``/v1/models`` (else
     :class:`BackendError` naming it). The model is ``--model`` or the first server's."""
-    local = {k: v for k, v in engine_kwargs(args).items() if k != "max_model_len"}
+    # --tokenizer names the remote model's tokenizer here
+    local = {
+        k: v for k, v in engine_kwargs(args).items() if k not in ("max_model_len", "tokenizer")
+    }
     local.update({k: getattr(args, k) for k in ("dtype", "device") if getattr(args, k) != "auto"})
     if local:
         flags = ", ".join("--" + k.replace("_", "-") for k in local)
