@@ -5,7 +5,9 @@ Sections (``--sections``, comma-separated):
 - ``parse``: skeletons for all 80 questions, generated in one batch with the
   planner's own prompt; success = the parser finds at least two points.
 - ``router``: accuracy of the rule router and the model router against the
-  ``sot_suitable`` labels (sot = suitable; sequential and graph = not).
+  ``sot_suitable`` labels (sot = suitable; sequential and graph = not), and the
+  trained router in both directions (trained on LIMA, scored on vicuna80, and the
+  other way round; needs ``lima_router.jsonl`` beside ``--data``).
 - ``latency``: the ``sot_suitable`` questions one at a time, ``sot`` and
   ``sequential`` interleaved on the same engine, both with the same ``max_tokens``;
   the median end-to-end latency of each and their ratio, and the share of
@@ -27,6 +29,14 @@ from typing import Any
 
 import prompts
 from engine import LLM, AsyncEngine, SamplingParams
+from evals.train_router import (
+    SETS,
+    embed_questions,
+    load_labelled,
+    make_params,
+    print_direction,
+    score,
+)
 from sotserve.backends import LocalBackend
 from sotserve.planner import Planner
 from sotserve.router import route_by_rules
@@ -97,6 +107,19 @@ def bench_router(llm: LLM, questions: list[dict[str, Any]]) -> None:
                           for (m, s), n in sorted(table.items())))  # fmt: skip
 
 
+def bench_trained_router(llm: LLM, data_dir: Path) -> None:
+    """The trained router in both directions (evals.train_router): trained on LIMA and
+    scored on vicuna80, and the other way round; each scored only on the set it was
+    not trained on."""
+    print("\n## trained router (hidden state + logistic head), both directions")
+    sets = {name: load_labelled(data_dir / file) for name, file in SETS.items()}
+    feats = {name: embed_questions(llm, d.questions) for name, d in sets.items()}
+    for train_name, test_name in (("lima", "vicuna80"), ("vicuna80", "lima")):
+        params = make_params(llm, sets[train_name], feats[train_name], 0, 0.8)
+        metrics = score(params, sets[test_name], feats[test_name])
+        print_direction(sets[train_name].name, sets[test_name].name, metrics)
+
+
 async def bench_latency(questions: list[dict[str, Any]], max_tokens: int, limit: int) -> None:
     qs = [q for q in questions if q["sot_suitable"]][:limit]
     backend = LocalBackend(AsyncEngine())
@@ -152,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             bench_parse(llm, questions, args.dump)
         if "router" in sections:
             bench_router(llm, questions)
+            bench_trained_router(llm, args.data.parent)
         del llm
     if "latency" in sections:
         asyncio.run(bench_latency(questions, args.max_tokens, args.limit))

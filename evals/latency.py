@@ -89,6 +89,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a planner option (sotserve.schemas.PlanOptions) for every mode, e.g. "
         "point_max_tokens=128; repeatable",
     )  # fmt: skip
+    r = p.add_argument_group("router")
+    r.add_argument(
+        "--route-only", action="store_true",
+        help="local: only route every labelled question (any JSONL with question and "
+        "sot_suitable) and report the router's accuracy, precision, recall, confusion "
+        "matrix and time per question (evals.route_eval)",
+    )  # fmt: skip
+    r.add_argument(
+        "--route-baseline", type=int, default=10,
+        help="--route-only: sequential answers timed for the router's share (default 10)",
+    )  # fmt: skip
     j = p.add_argument_group("quality")
     j.add_argument(
         "--judge", choices=["self", "none"], default="self",
@@ -238,6 +249,18 @@ async def main_async(args: argparse.Namespace, engine: AsyncEngine | None = None
     from evals.quality import auto_checks
     from evals.report import write_report
 
+    if args.route_only:
+        from evals.route_eval import print_route_only, route_only
+
+        if engine is None:
+            print("error: --route-only runs on the local engine only", file=sys.stderr)
+            return 2
+        result = await route_only(args, engine)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "router.json").write_text(json.dumps(result, indent=2) + "\n")
+        print_route_only(result)
+        print(f"wrote router.json to {args.out}")
+        return 0
     try:
         dataset = load_dataset(args.dataset)
     except DatasetError as exc:
@@ -326,7 +349,14 @@ def print_headline(summary: dict[str, Any], modes: list[str]) -> None:
             print(line)
     router = summary.get("router")
     if router:
-        print(f"router accuracy {router['accuracy']:.1%} over {router['questions']} questions")
+        pr = ", ".join(
+            f"{k} {'-' if router.get(k) is None else format(router[k], '.1%')}"
+            for k in ("precision", "recall")
+        )
+        print(
+            f"router accuracy {router['accuracy']:.1%} over {router['questions']} questions"
+            f" ({pr} of a skeleton); confusion {json.dumps(router['confusion'])}"
+        )
     judge = summary.get("judge")
     if judge:
         for mode, t in (judge["results"] or {}).items():

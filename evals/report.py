@@ -179,10 +179,11 @@ def router_section(router: Mapping[str, Any] | None) -> list[str]:
         [label.replace("_", " ")] + [str(counts.get(p, 0)) for p in picks]
         for label, counts in confusion.items()
     ]
+    pr = ", ".join(f"{key} {fmt_percent(router.get(key))}" for key in ("precision", "recall"))
     return [
         f"Accuracy: **{fmt_percent(router['accuracy'])}** on {router['questions']} labelled "
         "questions (a skeleton mode counts as right for `sot_suitable` questions, "
-        "sequential for the others).",
+        f'sequential for the others); of "use a skeleton": {pr}.',
         "",
         md_table(["sot_suitable \\ routed to", *picks], rows),
     ]

@@ -169,15 +169,33 @@ def router_stats(records: list[RunRecord]) -> dict[str, Any] | None:
     routed = {}
     for r in records:
         if r.mode == "auto" and r.ok and r.sot_suitable is not None and r.routed_mode:
-            routed[r.question_id] = (r.sot_suitable, r.routed_mode, r.category)
+            routed[r.question_id] = (r.sot_suitable, r.routed_mode)
     if not routed:
         return None
+    return router_metrics(list(routed.values()))
+
+
+def router_metrics(routes: Sequence[tuple[bool, str]]) -> dict[str, Any]:
+    """Accuracy, precision and recall of "use a skeleton", and the confusion matrix, of
+    (``sot_suitable`` label, routed mode) pairs; a skeleton mode (sot or graph) is a
+    positive. Precision is None when nothing went to a skeleton."""
     confusion = {label: dict.fromkeys(ROUTED, 0) for label in ("suitable", "not_suitable")}
-    correct = 0
-    for suitable, pick, _ in routed.values():
+    correct = tp = fp = fn = 0
+    for suitable, pick in routes:
         confusion["suitable" if suitable else "not_suitable"][pick] += 1
-        correct += suitable == (pick != "sequential")
-    return {"questions": len(routed), "accuracy": correct / len(routed), "confusion": confusion}
+        skeleton = pick != "sequential"
+        correct += suitable == skeleton
+        tp += suitable and skeleton
+        fp += skeleton and not suitable
+        fn += suitable and not skeleton
+    n = len(routes)
+    return {
+        "questions": n,
+        "accuracy": correct / n if n else 0.0,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+        "confusion": confusion,
+    }
 
 
 def summarize(records: list[RunRecord], modes: list[str]) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 ``sotserve ask "question"`` answers one question with the Skeleton-of-Thought
 planner, on the engine in this process or on a running server (``--url``), and
-draws the skeleton and the points live in a terminal. ``sotserve serve`` serves
-the OpenAI-compatible API and the web page.
+draws the skeleton and the points live in a terminal. ``sotserve route "question"``
+says how ``auto`` would answer it. ``sotserve serve`` serves the OpenAI-compatible
+API and the web page.
 """
 
 from __future__ import annotations
@@ -276,6 +277,60 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+ROUTE_HELP = "say how auto would answer a question (mode, source, reason), without answering"
+
+
+def _add_route_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("question")
+    p.add_argument(
+        "--router", default=None, choices=["trained", "rules", "model"],
+        help="who decides (default: trained, the rules where it does not fit the model)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--model", default=None, help="HF directory, hub id or .gguf (default: embedded SmolLM2)"
+    )
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | auto (default auto)")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default auto)")
+
+
+def _route(args: argparse.Namespace) -> int:
+    # an empty question is refused before seconds go to loading the model
+    if not args.question.strip():
+        raise CLIError("the question is empty")
+    import time
+
+    from engine import AsyncEngine, EngineError
+    from sotserve.backends.local import LocalBackend
+    from sotserve.planner import Planner, PlannerError
+
+    try:
+        engine = AsyncEngine(args.model, dtype=args.dtype or "auto", device=args.device or "auto")
+    except EngineError as exc:
+        raise CLIError(str(exc)) from None
+
+    async def decide() -> tuple[Any, float]:
+        planner = Planner(LocalBackend(engine))
+        overrides = {"router": args.router} if args.router else {}
+        await planner.router.trained_params(planner.backend)  # the one-off probe, untimed
+        t0 = time.perf_counter()
+        decision = await planner.route(args.question, **overrides)
+        return decision, time.perf_counter() - t0
+
+    try:
+        decision, seconds = asyncio.run(decide())
+    except PlannerError as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps({**decision.model_dump(), "seconds": round(seconds, 4)}))
+    else:
+        print(f"mode:   {decision.mode}\nsource: {decision.source}\nreason: {decision.reason}")
+        print(f"({seconds * 1e3:.0f} ms)", file=sys.stderr)
+    return 0
+
+
 SERVE_HELP = "serve the OpenAI-compatible API and the web page"
 
 
@@ -307,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "drawn live; piped, the answer streams to stdout and the timings go to stderr.",
     )
     _add_ask_args(ask)
+    _add_route_args(sub.add_parser("route", help=ROUTE_HELP, description=ROUTE_HELP))
     # `serve` has its own parser (below): its options come with the server, which
     # imports the engine, and `ask` should not wait for torch to load.
     sub.add_parser("serve", add_help=False, help=SERVE_HELP)
@@ -315,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         return _serve_command(rest)
     if rest:
         ask.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "route":
+        try:
+            return _route(args)
+        except CLIError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_ERROR
     if args.url is not None:
         local = [f"--{k}" for k in ("model", "dtype", "device") if getattr(args, k) is not None]
         if local:

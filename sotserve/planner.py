@@ -53,6 +53,7 @@ from sotserve.executor import (
     PointText,
     TokenBudget,
 )
+from sotserve.load_policy import LoadPolicy
 from sotserve.merge import InOrderMerger, PreviewMismatchError
 from sotserve.point_text import barred_point_token_ids
 from sotserve.prompt_heads import (
@@ -62,7 +63,7 @@ from sotserve.prompt_heads import (
     template_messages,
     warm_prompt_heads,
 )
-from sotserve.router import route_by_model, route_by_rules
+from sotserve.routing import Router
 from sotserve.schemas import (
     AnswerDelta,
     Done,
@@ -82,6 +83,7 @@ from sotserve.schemas import (
     Usage,
 )
 from sotserve.skeleton_parser import SkeletonParser, title_preview
+from sotserve.trained_router import router_messages
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +125,13 @@ _POINT_TEMPLATE: dict[ResolvedMode, str] = {"sot": "point", "graph": "graph_poin
 class Planner:
     """Answers questions on ``backend``; ``options`` are :class:`PlanOptions` defaults."""
 
-    def __init__(self, backend: Backend, **options: Any) -> None:
+    def __init__(
+        self, backend: Backend, load_policy: LoadPolicy | None = None, **options: Any
+    ) -> None:
         self.backend = backend
         self.options = PlanOptions(**options)
         self.renderer = ChatRenderer(backend.tokenizer)
+        self.router = Router(self.renderer, load_policy)
         # every point request bars line breaks and colons (a point is one paragraph of
         # prose); found once here, at start-up, not on the first answer's critical path
         self.point_bans = dict.fromkeys(barred_point_token_ids(backend.tokenizer), -100.0)
@@ -145,6 +150,22 @@ class Planner:
         if mode is not None:
             values["mode"] = mode
         return PlanOptions(**values)
+
+    async def route(
+        self, question: str, messages: list[Message] | None = None, **overrides: Any
+    ) -> RouteDecision:
+        """What ``auto`` would choose for ``question`` now, without answering it.
+
+        ``messages`` is the chat before it (system text, earlier turns). Raises
+        :class:`InvalidQuestionError` for an empty or malformed question. Cheap on any
+        input: the routers read the question's two ends only, never all of a huge one.
+        """
+        if not isinstance(question, str):
+            raise InvalidQuestionError("question must be a string")
+        chat = _as_messages([*(messages or []), {"role": "user", "content": question}])
+        opts = self.resolve_options("auto", **overrides)
+        backend = self.backend.for_answer(self.renderer.render(router_messages(chat)))
+        return await self.router.decide(backend, chat, question_text(chat), opts, Usage())
 
     async def stream(
         self, question: str | list[Message], mode: Mode | None = None, **overrides: Any
@@ -258,6 +279,7 @@ class _AnswerRun:
     """The state of one answer while it streams."""
 
     def __init__(self, planner: Planner, messages: list[Message], opts: PlanOptions) -> None:
+        self.planner = planner
         self.backend = planner.backend
         self.renderer = planner.renderer
         self.point_bans = planner.point_bans
@@ -367,12 +389,10 @@ class _AnswerRun:
             return RouteDecision(
                 mode="sequential", source="rules", reason=f"too long for a skeleton: {sot_misfit}"
             )
-        question = question_text(self.messages)
-        if self.opts.router == "model":
-            return await route_by_model(
-                self.backend, self.renderer, question, self.usage, system=self.system
-            )
-        return route_by_rules(question)
+        return await self.planner.router.decide(
+            self.backend, self.messages, question_text(self.messages), self.opts, self.usage,
+            self.chat_ids,
+        )  # fmt: skip
 
     # -- fitting the context -------------------------------------------------------------
     def skeleton(self, mode: ResolvedMode) -> _Skeleton:

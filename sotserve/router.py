@@ -143,13 +143,20 @@ RULES_WINDOW = 8192
 
 
 def rules_text(question: str) -> str:
-    """What the rules read: the whole question, or its two ends (cut at whitespace, so
-    no word is clipped into another, such as "programming" into "program") on lines
-    of their own (so no ``first ... then`` rule spans the cut)."""
-    if len(question) <= 2 * RULES_WINDOW:
+    """What the rules read: the whole question, or its two ends (:func:`two_ends`)."""
+    return two_ends(question, RULES_WINDOW, RULES_WINDOW)
+
+
+def two_ends(question: str, head_chars: int, tail_chars: int) -> str:
+    """The whole question when it has at most ``head_chars + tail_chars`` characters,
+    else its first and last of those (cut at whitespace, so no word is clipped into
+    another, such as "programming" into "program") on lines of their own (so no
+    ``first ... then`` rule spans the cut). Constant time in the question's length
+    past the cut: routers read this, never the whole of a huge question."""
+    if len(question) <= head_chars + tail_chars:
         return question
-    head = question[:RULES_WINDOW]
-    tail = question[-RULES_WINDOW:]
+    head = question[:head_chars]
+    tail = question[-tail_chars:]
     cut = max(head.rfind(c) for c in " \t\n")
     if cut > 0:
         head = head[:cut]
@@ -164,12 +171,18 @@ def route_by_rules(question: str) -> RouteDecision:
     return decide_by_rules(rules_text(question))
 
 
+def parts_depend(text: str) -> bool:
+    """Whether ``text`` asks for parts that build on each other (a process, a second
+    question on the first's answer): graph mode rather than independent points."""
+    return _GRAPH(text)
+
+
 def decide_by_rules(text: str) -> RouteDecision:
     """The rules' decision on all of ``text``, in time linear in its length."""
     for name, matches in _SEQUENTIAL:
         if matches(text):
             return RouteDecision(mode="sequential", source="rules", reason=f"looks like {name}")
-    if _GRAPH(text):
+    if parts_depend(text):
         return RouteDecision(mode="graph", source="rules", reason="parts build on each other")
     if _SOT(text):
         return RouteDecision(mode="sot", source="rules", reason="asks for several points")

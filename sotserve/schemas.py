@@ -30,8 +30,10 @@ class PlanOptions(BaseModel):
     together); ``point_max_tokens`` caps each point expansion, which ends at the
     first sentence end past two thirds of it. ``pipeline`` starts a
     point as soon as its skeleton line is complete instead of after the skeleton.
-    ``router`` picks who decides ``auto``: the model (falling back to rules when its
-    reply is unclear) or the rules alone.
+    ``router`` picks who decides ``auto``: the trained head on the model's hidden
+    state (:mod:`sotserve.trained_router`; the rules where it does not fit the
+    model), the prompting router (falling back to rules when its reply is unclear)
+    or the rules alone.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -44,7 +46,7 @@ class PlanOptions(BaseModel):
     # Off by default: on a 2-core CPU each point decoded beside the skeleton slows it
     # (10 vicuna80 questions: skeleton 2.37 s pipelined, 1.38 s not; see README)
     pipeline: bool = False
-    router: Literal["model", "rules"] = "rules"
+    router: Literal["trained", "model", "rules"] = "trained"
     temperature: float = Field(default=0.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
@@ -99,7 +101,7 @@ class RouteDecision(BaseModel):
     """What ``auto`` chose and why."""
 
     mode: ResolvedMode
-    source: Literal["model", "rules"]
+    source: Literal["model", "rules", "trained", "load"]
     reason: str
 
 

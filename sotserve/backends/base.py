@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from engine.stats import EngineStats
 
 
@@ -93,8 +95,29 @@ class CompletionChunk:
     cached_tokens: int | None = None  # prompt tokens served by the prefix cache, when known
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """An engine's load: requests running and waiting, the share of KV slots free, and
+    the recent time of one step. None where the backend cannot say."""
+
+    running: int
+    waiting: int = 0
+    kv_free: float | None = None
+    step_s: float | None = None
+
+    @property
+    def requests(self) -> int:
+        return self.running + self.waiting
+
+
 class Backend(ABC):
-    """Streams completions; cancelling the iteration must abort the request."""
+    """Streams completions; cancelling the iteration must abort the request.
+
+    ``in_flight`` counts this backend's completions now streaming (where the backend
+    keeps it: HTTP ones do), the load figure of backends that report none of their own.
+    """
+
+    in_flight: int = 0
 
     @property
     @abstractmethod
@@ -135,6 +158,22 @@ class Backend(ABC):
         self, prompt: str | list[int], params: CompletionParams
     ) -> AsyncIterator[CompletionChunk]:
         """Yield chunks until one has ``finish_reason``; raise :class:`BackendError`."""
+
+    @property
+    def gives_hidden_states(self) -> bool:
+        """Whether :meth:`hidden_state` can answer (the trained router needs it)."""
+        return False
+
+    async def hidden_state(self, prompt: list[int]) -> torch.Tensor | None:
+        """The model's final hidden state at ``prompt``'s last token ([hidden_size],
+        float32), computed as a prefill whose K/V stay in the prefix cache; None where
+        the backend cannot say (HTTP engines expose no hidden states)."""
+        return None
+
+    async def load(self) -> EngineLoad:
+        """How busy the engine is now, for load-aware routing. The default counts only
+        this backend's own requests in flight (all an HTTP engine lets us see)."""
+        return EngineLoad(running=self.in_flight)
 
     async def stats(self) -> EngineStats | None:
         """Engine counters (prefix-cache hits, running requests...) where available: the

@@ -154,6 +154,18 @@ class HTTPBackend(Backend):
     async def complete(
         self, prompt: str | list[int], params: CompletionParams
     ) -> AsyncIterator[CompletionChunk]:
+        # counted while it streams: the remote engine's load as this process sees it
+        self.in_flight += 1
+        try:
+            async with contextlib.aclosing(self._complete(prompt, params)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self.in_flight -= 1
+
+    async def _complete(
+        self, prompt: str | list[int], params: CompletionParams
+    ) -> AsyncIterator[CompletionChunk]:
         body: dict[str, Any] = {
             "prompt": prompt,
             "max_tokens": params.max_tokens,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from engine import (
@@ -21,7 +23,11 @@ from sotserve.backends.base import (
     BackendRequestError,
     CompletionChunk,
     CompletionParams,
+    EngineLoad,
 )
+
+# steps a step-time figure is averaged over, at the least
+_STEP_WINDOW = 4
 
 
 class LocalBackend(Backend):
@@ -30,6 +36,8 @@ class LocalBackend(Backend):
     def __init__(self, engine: AsyncEngine | None = None, **engine_args: Any) -> None:
         self.engine = engine if engine is not None else AsyncEngine(**engine_args)
         self._owns_engine = engine is None
+        self._mark: tuple[float, int] | None = None  # (time, steps) of the step-time window
+        self._step_s: float | None = None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -77,6 +85,37 @@ class LocalBackend(Backend):
             raise BackendRequestError(str(exc), exc.param, code) from exc
         except EngineError as exc:
             raise BackendError(str(exc)) from exc
+
+    @property
+    def gives_hidden_states(self) -> bool:
+        return True
+
+    async def hidden_state(self, prompt: list[int]) -> torch.Tensor:
+        try:
+            return await self.engine.embed(prompt)
+        except InvalidRequestError as exc:
+            raise BackendRequestError(str(exc), exc.param) from exc
+        except EngineError as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def load(self) -> EngineLoad:
+        """Running and waiting requests, the free share of KV slots, and the mean step
+        time since the last call (over at least a few steps)."""
+        s = self.engine.stats()
+        now = time.perf_counter()
+        step_s = self._step_s
+        if self._mark is not None:
+            t0, steps0 = self._mark
+            if s.steps - steps0 >= _STEP_WINDOW:
+                step_s = (now - t0) / (s.steps - steps0)
+                self._mark = (now, s.steps)
+        else:
+            self._mark = (now, s.steps)
+        if s.running == 0 and s.waiting == 0:
+            step_s = None  # an idle engine has no step time to speak of
+        self._step_s = step_s
+        free = 1.0 - s.kv_slots_used / s.kv_slots_total if s.kv_slots_total else None
+        return EngineLoad(s.running, s.waiting, free, step_s)
 
     async def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -39,6 +39,7 @@ from sotserve.backends.base import BackendError
 from sotserve.backends.http import HTTPBackend, load_tokenizer
 from sotserve.backends.local import LocalBackend
 from sotserve.backends.replicas import ReplicaSet
+from sotserve.load_policy import DEFAULT_MAX_LOAD, LoadPolicy
 from sotserve.planner import Planner
 from sotserve.server.chat import ChatHandler
 from sotserve.server.limits import AdmittedBackend
@@ -282,7 +283,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", default="auto", choices=["sequential", "sot", "graph", "auto"])
     g.add_argument("--max-points", type=int, default=None)
     g.add_argument("--point-max-tokens", type=int, default=None)
-    g.add_argument("--router", default=None, choices=["rules", "model"])
+    g.add_argument("--router", default=None, choices=["trained", "rules", "model"])
+    g.add_argument(
+        "--auto-max-load", type=int, default=None, metavar="N",
+        help="auto answers sequentially once the engine has N requests running or "
+        f"waiting (default {DEFAULT_MAX_LOAD}, measured; 0: never for load)",
+    )  # fmt: skip
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -296,6 +302,8 @@ def serve(args: argparse.Namespace) -> None:
         for k in ("mode", "max_points", "point_max_tokens", "router")
         if (v := getattr(args, k)) is not None
     }
+    if args.auto_max_load is not None:
+        plan["load_policy"] = LoadPolicy(max_load=args.auto_max_load)
     if args.backend:
         _serve_remote(args, limits, security, plan)
         return

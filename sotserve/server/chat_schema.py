@@ -27,7 +27,7 @@ class SotOptions(BaseModel):
     point_max_tokens: int | None = Field(default=None, ge=1, le=4096)
     skeleton_max_tokens: int | None = Field(default=None, ge=8, le=1024)
     pipeline: bool | None = None
-    router: Literal["model", "rules"] | None = None
+    router: Literal["trained", "model", "rules"] | None = None
 
 
 class ChatCompletionRequest(OpenAIChatRequest):

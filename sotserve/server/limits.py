@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
+
 from engine.serving import CURRENT_LEASE
 from engine.stats import EngineStats
-from sotserve.backends.base import Backend, CompletionChunk, CompletionParams
+from sotserve.backends.base import Backend, CompletionChunk, CompletionParams, EngineLoad
 
 
 class AdmittedBackend(Backend):
@@ -54,6 +56,21 @@ class AdmittedBackend(Backend):
         async with lease.acquire():
             async for chunk in self.inner.complete(prompt, params):
                 yield chunk
+
+    @property
+    def gives_hidden_states(self) -> bool:
+        return self.inner.gives_hidden_states
+
+    async def hidden_state(self, prompt: list[int]) -> torch.Tensor | None:
+        # the router's one-token prefill, admitted like any request of the answer
+        lease = CURRENT_LEASE.get()
+        if lease is None:
+            return await self.inner.hidden_state(prompt)
+        async with lease.acquire():
+            return await self.inner.hidden_state(prompt)
+
+    async def load(self) -> EngineLoad:
+        return await self.inner.load()
 
     async def stats(self) -> EngineStats | None:
         return await self.inner.stats()

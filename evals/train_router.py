@@ -1,0 +1,264 @@
+"""Train the router's head (:mod:`sotserve.trained_router`) and check it on the other set.
+
+    python -m evals.train_router                      # train on LIMA, write the package file
+    python -m evals.train_router --train vicuna80 --out /tmp/vicuna.json   # the other way
+    python -m evals.train_router --both               # both directions, no file written
+
+Features: the embedded model's final hidden state at the last token of each
+question's chat prompt, computed by our engine (``LLM.embed``), one question at a
+time in file order, so the same data and seed give the same parameters. The head is
+an L2-regularized logistic regression (float64, L-BFGS, on standardized features);
+its L2 strength and its decision threshold are chosen by k-fold cross-validation on
+the training set alone (threshold: the best out-of-fold accuracy among those whose
+out-of-fold precision of "use a skeleton" is at least ``--min-precision``). The set
+it was not trained on is only ever scored.
+
+The data stays outside the product: the script reads it from ``../shared/data`` (or
+``--data-dir``) and ships only the parameters derived from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine import LLM
+from evals.summary import router_metrics
+from prompts import ChatRenderer
+from sotserve import trained_router as tr
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = {"lima": "lima_router.jsonl", "vicuna80": "vicuna80.jsonl"}
+PACKAGE_FILE = Path(tr.__file__).parent / tr.PARAMS_DIR
+L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+FOLDS = 5
+
+
+@dataclass
+class Labelled:
+    """A labelled question set: the questions, their ``sot_suitable`` labels, and the
+    SHA-256 of the file they came from."""
+
+    name: str
+    questions: list[str]
+    labels: list[bool]
+    sha256: str
+
+
+def load_labelled(path: Path) -> Labelled:
+    """Every line with a ``question`` and a boolean ``sot_suitable`` (LIMA's and
+    vicuna80's formats both)."""
+    raw = path.read_bytes()
+    questions, labels = [], []
+    for line in raw.decode("utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if isinstance(row.get("question"), str) and isinstance(row.get("sot_suitable"), bool):
+            questions.append(row["question"])
+            labels.append(row["sot_suitable"])
+    if not questions:
+        raise SystemExit(f"{path}: no labelled question (question, sot_suitable)")
+    return Labelled(path.name, questions, labels, hashlib.sha256(raw).hexdigest())
+
+
+def resolve(name_or_path: str, data_dir: Path) -> Path:
+    return data_dir / SETS[name_or_path] if name_or_path in SETS else Path(name_or_path)
+
+
+def embed_questions(llm: LLM, questions: list[str]) -> torch.Tensor:
+    """[N, hidden] hidden states of the questions' router prompts, one at a time
+    (a fixed order of fixed-size steps: the figures do not depend on batching)."""
+    renderer = ChatRenderer(llm.tokenizer)
+    rows = []
+    for q in questions:
+        ids = renderer.render(tr.question_messages(q))
+        rows.append(llm.embed([ids])[0])
+    return torch.stack(rows).to(torch.float64)
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
+    """Weights and bias minimizing mean log-loss + ``l2/2 * |w|^2`` (x standardized)."""
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-10,
+                            tolerance_change=1e-12, history_size=20,
+                            line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y)
+        loss = loss + 0.5 * l2 * (w @ w)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), float(b.detach())
+
+
+def best_threshold(prob: torch.Tensor, y: torch.Tensor, min_precision: float) -> float:
+    """The threshold with the best accuracy among those with precision of at least
+    ``min_precision`` (the best accuracy overall when none reaches it); ties go to
+    the higher threshold (fewer skeletons)."""
+    best: tuple[bool, float, float] | None = None
+    for t in sorted({round(float(p), 4) for p in prob} | {0.5}):
+        pred = prob >= t
+        tp = int((pred & (y > 0.5)).sum())
+        predicted = int(pred.sum())
+        precise = predicted > 0 and tp / predicted >= min_precision
+        acc = float((pred == (y > 0.5)).double().mean())
+        key = (precise, acc, t)
+        if best is None or key >= best:
+            best = key
+    assert best is not None
+    return best[2]
+
+
+def standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(1e-6)
+    return (x - mean) / std, mean, std
+
+
+def train(
+    x: torch.Tensor, labels: list[bool], seed: int, min_precision: float
+) -> tuple[torch.Tensor, float, float, float]:
+    """(weights on raw features, bias, threshold, l2), by cross-validation on ``x``."""
+    y = torch.tensor(labels, dtype=torch.float64)
+    n = len(labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    folds = [order[i::FOLDS] for i in range(FOLDS)]
+    best: tuple[float, float, torch.Tensor] | None = None
+    for l2 in L2_GRID:
+        oof = torch.empty(n, dtype=torch.float64)
+        for k in range(FOLDS):
+            test = folds[k]
+            fit = torch.cat([folds[j] for j in range(FOLDS) if j != k])
+            xs, mean, std = standardize(x[fit])
+            w, b = fit_logistic(xs, y[fit], l2)
+            oof[test] = torch.sigmoid(((x[test] - mean) / std) @ w + b)
+        loss = float(torch.nn.functional.binary_cross_entropy(oof.clamp(1e-9, 1 - 1e-9), y))
+        if best is None or loss < best[0]:
+            best = (loss, l2, oof)
+    assert best is not None
+    _, l2, oof = best
+    threshold = best_threshold(oof, y, min_precision)
+    xs, mean, std = standardize(x)
+    w, b = fit_logistic(xs, y, l2)
+    # fold the standardization in: w . (h - mean) / std + b = (w / std) . h + b'
+    raw_w = w / std
+    raw_b = b - float(raw_w @ mean)
+    return raw_w, raw_b, threshold, l2
+
+
+def _round(value: float) -> float:
+    # seven significant digits: the file reads the same from run to run
+    return float(f"{value:.7g}")
+
+
+def make_params(
+    llm: LLM, data: Labelled, x: torch.Tensor, seed: int, min_precision: float
+) -> tr.RouterParams:
+    w, b, threshold, l2 = train(x, data.labels, seed, min_precision)
+    renderer = ChatRenderer(llm.tokenizer)
+    probe = llm.embed([renderer.render(tr.question_messages(tr.PROBE_QUESTION))])[0]
+    return tr.RouterParams(
+        version=tr.PARAMS_VERSION,
+        model=llm.engine.model_name.split(".")[0],
+        hidden_size=int(x.shape[1]),
+        vocab_size=len(llm.tokenizer),
+        probe=[_round(v) for v in probe.tolist()],
+        weights=[_round(v) for v in w.tolist()],
+        bias=_round(b),
+        threshold=threshold,
+        trained_on=data.name,
+        data_sha256=data.sha256,
+        examples=len(data.labels),
+        seed=seed,
+        l2=l2,
+    )
+
+
+def score(params: tr.RouterParams, data: Labelled, x: torch.Tensor) -> dict[str, object]:
+    """Router metrics of ``params`` on ``data`` (``x``: its hidden states)."""
+    picks = [
+        "sot" if params.probability(h) >= params.threshold else "sequential"
+        for h in x.to(torch.float32)
+    ]
+    return router_metrics(list(zip(data.labels, picks, strict=True)))
+
+
+def print_direction(train_name: str, test_name: str, metrics: dict[str, object]) -> None:
+    print(
+        f"trained on {train_name}, scored on {test_name}: accuracy {metrics['accuracy']:.3f}, "
+        f"precision {metrics['precision'] or 0:.3f}, recall {metrics['recall'] or 0:.3f} "
+        f"over {metrics['questions']} questions; confusion {json.dumps(metrics['confusion'])}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", default="lima", help="lima, vicuna80 or a JSONL path")
+    ap.add_argument("--check", default=None, help="the set to score on (default: the other)")
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ap.add_argument(
+        "--out", type=Path, default=None,
+        help="parameter file (default: the package's, when training on LIMA)",
+    )  # fmt: skip
+    ap.add_argument("--both", action="store_true", help="train and score both directions")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-precision", type=float, default=0.8)
+    ap.add_argument(
+        "--features", type=Path, default=None,
+        help="cache of hidden states (a .pt file per set under this folder)",
+    )  # fmt: skip
+    args = ap.parse_args(argv)
+
+    llm = LLM()
+    cache: dict[str, torch.Tensor] = {}
+
+    def features(data: Labelled) -> torch.Tensor:
+        if data.sha256 in cache:
+            return cache[data.sha256]
+        path = args.features / f"{data.sha256[:16]}.pt" if args.features else None
+        if path is not None and path.exists():
+            x = torch.load(path)
+        else:
+            t0 = time.perf_counter()
+            x = embed_questions(llm, data.questions)
+            dt = time.perf_counter() - t0
+            print(f"{data.name}: {len(data.questions)} hidden states in {dt:.1f} s "
+                  f"({1e3 * dt / len(data.questions):.1f} ms a question)", flush=True)  # fmt: skip
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(x, path)
+        cache[data.sha256] = x
+        return x
+
+    pairs = [("lima", "vicuna80"), ("vicuna80", "lima")] if args.both else [
+        (args.train, args.check or ("vicuna80" if args.train == "lima" else "lima"))
+    ]  # fmt: skip
+    for train_name, test_name in pairs:
+        data = load_labelled(resolve(train_name, args.data_dir))
+        test = load_labelled(resolve(test_name, args.data_dir))
+        params = make_params(llm, data, features(data), args.seed, args.min_precision)
+        print(f"{data.name}: l2 {params.l2}, threshold {params.threshold}", flush=True)
+        print_direction(data.name, test.name, score(params, test, features(test)))
+        out = args.out
+        if out is None and not args.both and train_name == "lima":
+            out = PACKAGE_FILE / tr.params_file_name(params.model)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(params.to_json())
+            print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

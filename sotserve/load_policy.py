@@ -1,0 +1,56 @@
+"""When the engine is too busy for a skeleton: the load half of ``auto``.
+
+A skeleton answer buys speed with parallel requests: its points decode in the same
+batch steps, so each extra point costs little while the batch has room. On a busy
+engine the points compete with everyone else's requests and the gain shrinks
+(measured by ``python -m evals.latency --concurrency N``, see the README), until
+extra requests slow every answer. ``auto`` then answers sequentially:
+
+- when the engine already has ``max_load`` or more requests running or waiting;
+- when requests wait (the engine is at its running limit or out of KV slots);
+- when less than ``min_kv_free`` of the KV slots are free (the points would
+  preempt someone).
+
+The default ``max_load`` comes from that measurement on this machine and can be
+overridden (``sotserve serve --auto-max-load N``; 0 turns the load check off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sotserve.backends.base import EngineLoad
+
+# Engine requests (running + waiting) at and above which auto stops starting skeleton
+# answers. Measured on this machine (2 CPU cores, SmolLM2-135M int4, see README):
+# sot's speed-up over sequential was 2.81x at 1 concurrent question, 2.08x at 4 and
+# 1.44x at 8, and at 16 at most even; 8 sot answers in flight hold about 40
+# engine requests (a skeleton and up to 6 points each, in turn).
+DEFAULT_MAX_LOAD = 40
+DEFAULT_MIN_KV_FREE = 0.1
+
+
+@dataclass(frozen=True)
+class LoadPolicy:
+    """Thresholds of load-aware routing (see the module docstring)."""
+
+    max_load: int = DEFAULT_MAX_LOAD  # 0: never hold back a skeleton for load
+    min_kv_free: float = DEFAULT_MIN_KV_FREE
+
+    def __post_init__(self) -> None:
+        if self.max_load < 0:
+            raise ValueError("max_load must be at least 0")
+        if not 0.0 <= self.min_kv_free < 1.0:
+            raise ValueError("min_kv_free must be in [0, 1)")
+
+    def too_busy(self, load: EngineLoad) -> str | None:
+        """Why a skeleton answer should not start on an engine with ``load``, or None."""
+        if self.max_load == 0:
+            return None
+        if load.requests >= self.max_load:
+            return f"engine busy: {load.requests} requests in flight (limit {self.max_load})"
+        if load.waiting > 0:
+            return f"engine saturated: {load.waiting} requests waiting"
+        if load.kv_free is not None and load.kv_free < self.min_kv_free:
+            return f"engine short of KV slots: {load.kv_free:.0%} free"
+        return None

@@ -1,0 +1,97 @@
+"""``auto``'s decision: load-aware on a scripted engine state, and ``Planner.route`` on
+bad input."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sotserve.backends.base import EngineLoad
+from sotserve.load_policy import DEFAULT_MAX_LOAD, LoadPolicy
+from sotserve.planner import InvalidQuestionError, Planner
+from tests.scripted_backend import ScriptedBackend
+
+LISTY = "What are the most effective ways to deal with stress?"
+
+
+class LoadedBackend(ScriptedBackend):
+    """A scripted backend whose engine state the test sets."""
+
+    state: EngineLoad = EngineLoad(running=0)
+
+    async def load(self) -> EngineLoad:
+        return self.state
+
+
+def backend(tokenizer, state: EngineLoad) -> LoadedBackend:
+    b = LoadedBackend(tokenizer, lambda call: ["1. A\n2. B\n"])
+    b.state = state
+    return b
+
+
+@pytest.mark.parametrize(
+    ("state", "mode", "source"),
+    [
+        (EngineLoad(running=0, kv_free=1.0), "sot", "rules"),  # idle
+        (EngineLoad(running=DEFAULT_MAX_LOAD // 2, kv_free=0.5), "sot", "rules"),  # half full
+        (EngineLoad(running=DEFAULT_MAX_LOAD, kv_free=0.3), "sequential", "load"),  # saturated
+        (EngineLoad(running=3, waiting=2, kv_free=0.5), "sequential", "load"),  # a queue
+        (EngineLoad(running=3, kv_free=0.02), "sequential", "load"),  # out of KV slots
+    ],
+)
+async def test_load_aware_decisions(tokenizer, state, mode, source):
+    planner = Planner(backend(tokenizer, state), router="rules")
+    decision = await planner.route(LISTY)
+    assert (decision.mode, decision.source) == (mode, source), decision
+
+
+async def test_the_load_threshold_can_be_overridden_or_turned_off(tokenizer):
+    busy = EngineLoad(running=10, kv_free=0.5)
+    assert (await Planner(backend(tokenizer, busy), LoadPolicy(max_load=8), router="rules")
+            .route(LISTY)).source == "load"  # fmt: skip
+    assert (await Planner(backend(tokenizer, busy), LoadPolicy(max_load=0), router="rules")
+            .route(LISTY)).mode == "sot"  # fmt: skip
+    with pytest.raises(ValueError):
+        LoadPolicy(max_load=-1)
+
+
+async def test_auto_answers_follow_the_load(tokenizer):
+    saturated = backend(tokenizer, EngineLoad(running=DEFAULT_MAX_LOAD + 5))
+    done = await Planner(saturated, router="rules").answer(LISTY)
+    assert done.mode == "sequential" and done.route.source == "load"
+    assert [c.kind for c in saturated.calls] == ["chat"]  # no router, no skeleton request
+
+
+async def test_http_backends_count_their_own_requests_in_flight(tokenizer):
+    b = ScriptedBackend(tokenizer, lambda call: ["x"])
+    assert (await b.load()).requests == 0
+    b.in_flight = DEFAULT_MAX_LOAD
+    assert (await Planner(b, router="rules").route(LISTY)).source == "load"
+
+
+@pytest.mark.parametrize("question", ["", "   \n", None, 3])
+async def test_route_refuses_an_empty_or_malformed_question(tokenizer, question):
+    with pytest.raises(InvalidQuestionError):
+        await Planner(backend(tokenizer, EngineLoad(running=0))).route(question)
+
+
+@pytest.mark.parametrize("router", ["rules", "trained", "model"])
+async def test_route_of_megabytes_stays_cheap(tokenizer, router):
+    """No router tokenizes or reads all of a huge question."""
+    b = backend(tokenizer, EngineLoad(running=0))
+    planner = Planner(b)
+    seen: list[int] = []
+    render = planner.renderer.render
+
+    def spy(messages, *args, **kwargs):
+        seen.append(sum(len(m["content"]) for m in messages))
+        return render(messages, *args, **kwargs)
+
+    planner.renderer.render = spy
+    question = "How can I list ways to relax? " + "very " * 2_000_000  # 10 MB
+    t0 = time.perf_counter()
+    decision = await planner.route(question, router=router)
+    assert time.perf_counter() - t0 < 5  # generous: a full tokenization takes far longer
+    assert decision.mode in ("sequential", "sot", "graph")
+    assert seen and max(seen) < 20_000  # what was rendered (and tokenized): the two ends

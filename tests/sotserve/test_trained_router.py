@@ -1,0 +1,135 @@
+"""The trained router: shipped parameters, model binding, held-apart accuracy,
+reproduction from ``evals.train_router``, and ``Planner.route`` on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, AsyncEngine
+from evals import train_router
+from prompts import ChatRenderer
+from sotserve import trained_router as tr
+from sotserve.backends import LocalBackend
+from sotserve.planner import Planner
+
+DATA = train_router.DATA_DIR
+needs_data = pytest.mark.skipif(not (DATA / "vicuna80.jsonl").exists(), reason="no ../shared/data")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncEngine()  # the embedded SmolLM2-135M-Instruct
+    yield eng
+    eng.close()
+
+
+def shipped() -> tr.RouterParams:
+    (params,) = tr.shipped_params()
+    return params
+
+
+def test_shipped_parameters_are_small_versioned_and_name_their_model():
+    path = Path(tr.__file__).parent / tr.PARAMS_DIR / "smollm2-135m-instruct.json"
+    assert path.stat().st_size < 64 * 1024
+    p = shipped()
+    assert p.version == tr.PARAMS_VERSION and p.model == "SmolLM2-135M-Instruct"
+    assert (p.hidden_size, p.trained_on, p.examples) == (576, "lima_router.jsonl", 1030)
+    # no question text ships: numbers and names only
+    raw = json.loads(path.read_text())
+    assert all(isinstance(raw[k], list | int | float) for k in ("weights", "probe", "bias"))
+
+
+def test_a_file_of_another_version_or_shape_is_refused():
+    raw = json.loads(shipped().to_json())
+    with pytest.raises(tr.RouterParamsError, match="version"):
+        tr.RouterParams.from_json(json.dumps({**raw, "version": 99}))
+    with pytest.raises(tr.RouterParamsError, match="hidden_size"):
+        tr.RouterParams.from_json(json.dumps({**raw, "weights": raw["weights"][:3]}))
+    with pytest.raises(tr.RouterParamsError, match="malformed"):
+        tr.RouterParams.from_json(json.dumps({**raw, "extra": 1}))
+
+
+async def test_loads_for_its_model_only(engine, tiny_llama_dir):
+    backend = LocalBackend(engine)
+    renderer = ChatRenderer(backend.tokenizer)
+    assert await tr.load_for_backend(backend, renderer) == shipped()
+    # the same shape, another model: the probe does not match
+    other = dataclasses.replace(shipped(), probe=[1.0] * 576)
+    assert await tr.load_for_backend(backend, renderer, [other]) is None
+    # another model (the same tokenizer, another hidden size)
+    async with AsyncEngine(str(tiny_llama_dir), dtype="float32", device="cpu") as tiny:
+        tiny_backend = LocalBackend(tiny)
+        assert await tr.load_for_backend(tiny_backend, ChatRenderer(tiny.tokenizer)) is None
+        planner = Planner(tiny_backend)
+        decision = await planner.route("What are some tips for saving money?")
+        assert decision.source == "rules"
+        assert await planner.router.trained_params(tiny_backend) is None
+
+
+async def test_backends_without_hidden_states_get_the_rules(engine):
+    class NoHidden(LocalBackend):
+        gives_hidden_states = False  # as HTTP backends
+
+    planner = Planner(NoHidden(engine))
+    decision = await planner.route("What are the benefits of regular exercise?")
+    assert decision.source == "rules"
+
+
+@needs_data
+async def test_trained_on_lima_holds_on_vicuna80(engine):
+    data = train_router.load_labelled(DATA / "vicuna80.jsonl")
+    planner = Planner(LocalBackend(engine))
+    picks = [(await planner.route(q)).mode for q in data.questions]
+    metrics = train_router.router_metrics(list(zip(data.labels, picks, strict=True)))
+    assert metrics["accuracy"] >= 0.80, metrics
+    assert metrics["precision"] >= 0.75, metrics
+
+
+def test_training_is_deterministic_in_data_and_seed():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 12, generator=gen, dtype=torch.float64)
+    labels = [bool(v) for v in (x[:, 0] + 0.3 * x[:, 1] > 0.2)]
+    first = train_router.train(x, labels, seed=0, min_precision=0.8)
+    again = train_router.train(x.clone(), list(labels), seed=0, min_precision=0.8)
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+    # and it learns: the training set is separable along x0 + 0.3 x1
+    w, b, t, _ = first
+    pred = torch.sigmoid(x @ w + b) >= t
+    assert (pred == torch.tensor(labels)).double().mean() >= 0.9
+
+
+@needs_data
+def test_the_script_reproduces_the_shipped_parameters(tmp_path):
+    """python -m evals.train_router, from the data alone: the very file that ships."""
+    out = tmp_path / "params.json"
+    train_router.main(["--data-dir", str(DATA), "--out", str(out)])
+    assert out.read_text() == shipped().to_json()
+
+
+def test_router_prompt_is_the_answer_prompt_for_ordinary_questions():
+    chat = [{"role": "user", "content": "How can I sleep better?"}]
+    assert tr.router_messages(chat) == chat
+    huge = [{"role": "user", "content": "word " * 1_000_000}]
+    (cut,) = tr.router_messages(huge)
+    assert len(cut["content"]) <= tr.HEAD_CHARS + tr.TAIL_CHARS + 1
+
+
+def test_decide_three_ways():
+    p = dataclasses.replace(shipped(), weights=[0.0] * 576, bias=0.0, threshold=0.4)
+    h = torch.zeros(576)
+    assert tr.decide(p, h, "What are some ways to save energy?").mode == "sot"
+    assert tr.decide(p, h, "How does a vaccine work?").mode == "graph"
+    assert tr.decide(dataclasses.replace(p, threshold=0.6), h, "Hi").mode == "sequential"
+
+
+def test_llm_embed_is_what_the_router_reads(engine):
+    """The training's features (LLM.embed) and serving's (AsyncEngine.embed) agree."""
+    llm = LLM()
+    ids = ChatRenderer(llm.tokenizer).render(tr.question_messages(tr.PROBE_QUESTION))
+    probe = llm.embed([ids])[0]
+    assert tr.matches_model(shipped(), probe, len(llm.tokenizer))
