@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from sotserve.backends.base import EngineLoad
 
 # Engine requests (running + waiting) at and above which auto stops starting skeleton
-# answers. Measured on this machine (2 CPU cores, SmolLM2-135M int4, see README):
-# sot's speed-up over sequential was 2.81x at 1 concurrent question, 2.08x at 4 and
-# 1.44x at 8, and at 16 at most even; 8 sot answers in flight hold about 40
-# engine requests (a skeleton and up to 6 points each, in turn).
+# answers. Measured on this machine (2 CPU cores, SmolLM2-135M int4, --max-tokens 256,
+# evals.latency --concurrency C, see README): sot's median speed-up over sequential
+# was 2.81x at 1 concurrent question, 2.08x at 4 and 1.44x at 8, and 0.10x at 16
+# (median 102.6 s against 10.8 s). A sot answer made 5.2 engine requests on average
+# (a skeleton and its points), so 8 answers in flight, the last load that still
+# won, are about 40 requests; 16 are 83, past the engine's 64 running requests.
 DEFAULT_MAX_LOAD = 40
 DEFAULT_MIN_KV_FREE = 0.1
 

@@ -164,8 +164,10 @@ class Planner:
             raise InvalidQuestionError("question must be a string")
         chat = _as_messages([*(messages or []), {"role": "user", "content": question}])
         opts = self.resolve_options("auto", **overrides)
-        backend = self.backend.for_answer(self.renderer.render(router_messages(chat)))
-        return await self.router.decide(backend, chat, question_text(chat), opts, Usage())
+        # the chat's prompt when nothing is cut (the trained router encodes it then)
+        ids = self.renderer.render(router_messages(chat))
+        backend = self.backend.for_answer(ids)
+        return await self.router.decide(backend, chat, question_text(chat), opts, Usage(), ids)
 
     async def stream(
         self, question: str | list[Message], mode: Mode | None = None, **overrides: Any
