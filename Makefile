@@ -111,5 +111,16 @@ bench-peers: setup
 	$(BIN)/pip install --quiet -e ".[peers]"
 	$(BIN)/python -m evals.bench_peers --out out/bench_peers.md --json out/bench_peers.json
 
+# The one-shot GPU check (evals/gpu_check.py): puts what must travel to a machine with no
+# network in .gpu/ (wheels, the SmolLM2 tokenizer; git ignores it), prints the command
+# for the lent GPU machine, then runs the check here: on CUDA if there is one, else its
+# CPU mode (tiny shapes). JSON + Markdown summaries in $(GPU_OUT).
+GPU_OUT ?= $(or $(OUT),out/gpu_check)
+.PHONY: gpu-check
+gpu-check: setup
+	$(BIN)/python -m evals.gpu_check --prepare .gpu
+	$(BIN)/python -m evals.gpu_check --tokenizer .gpu/tokenizer --out $(GPU_OUT) \
+		$(if $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" | grep 1),,--device cpu)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

