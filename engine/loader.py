@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from transformers import (
     CONFIG_MAPPING,
@@ -133,7 +134,7 @@ def read_config(file: Path) -> PretrainedConfig:
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}  # comments
     try:
         config = CONFIG_MAPPING[model_type].from_dict(raw)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, StrictDataclassError) as exc:  # HF's own validators
         raise ModelConfigError(f"the model config {file} is invalid: {exc}") from None
     _check_sizes(config, file)
     return config
