@@ -77,3 +77,17 @@ def test_unknown_backend_is_refused():
 def test_config_rejects_values_below_their_floor(field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})
+
+
+def test_load_format_and_tokenizer_are_model_options_passed_to_the_engine():
+    from engine.serving import add_model_args
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    add_engine_args(p)
+    assert engine_kwargs(p.parse_args([])) == {}
+    args = p.parse_args(["--model", "llama-3.1-8b", "--load-format", "dummy", "--tokenizer", "t"])
+    assert engine_kwargs(args) == {"load_format": "dummy", "tokenizer": "t"}
+    EngineConfig(**engine_kwargs(args))
+    with pytest.raises(SystemExit):
+        p.parse_args(["--load-format", "lazy"])
