@@ -1,9 +1,10 @@
 """Real peer engines, each from its own virtual environment (``make peers``).
 
-vLLM's CPU build and llama.cpp's server (llama-cpp-python) pin torch and other
-packages differently from sotserve, so each lives in a venv of its own under
-``~/.cache/sotserve/peers``; ``SOTSERVE_VLLM_PYTHON`` and
-``SOTSERVE_LLAMA_SERVER_PYTHON`` point at their interpreters instead. A missing peer
+vLLM's CPU build, llama.cpp's server (llama-cpp-python) and SGLang's router pin
+their packages differently from sotserve, so each lives in a venv of its own under
+``~/.cache/sotserve/peers``; ``SOTSERVE_VLLM_PYTHON``,
+``SOTSERVE_LLAMA_SERVER_PYTHON`` and ``SOTSERVE_SGLANG_ROUTER_PYTHON`` point at
+their interpreters instead. A missing peer
 fails the run, loudly: ``make test`` installs them. ``SOTSERVE_SKIP_PEERS=1`` skips
 these tests for a quick local run, and says so.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,12 @@ VLLM_PYTHON = Path(
 LLAMA_PYTHON = Path(
     os.environ.get(
         "SOTSERVE_LLAMA_SERVER_PYTHON", PEERS / "llama-cpp-server-0.3.36" / "bin" / "python"
+    )
+)
+
+SGLANG_ROUTER_PYTHON = Path(
+    os.environ.get(
+        "SOTSERVE_SGLANG_ROUTER_PYTHON", PEERS / "sglang-router-0.3.2" / "bin" / "python"
     )
 )
 
@@ -70,3 +79,34 @@ def llama_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     ]  # fmt: skip
     with served_process(argv, port, "/v1/models", {}, 120, "llama.cpp's server") as served:
         yield served
+
+
+@pytest.fixture(scope="module")
+def sglang_router() -> Iterator[tuple[str, list[str], str]]:
+    """SGLang's router (``sglang-router==0.3.2``, cache-aware policy) in front of two
+    plain OpenAI-compatible workers (``python -m engine.server`` on the embedded
+    model); yields the router's URL, the workers' URLs and the router's Prometheus
+    metrics URL."""
+    _need(SGLANG_ROUTER_PYTHON, "SGLang's router (sglang-router==0.3.2)")
+    with ExitStack() as stack:
+        workers = []
+        for _ in range(2):
+            port = free_port()
+            argv = [sys.executable, "-m", "engine.server", "--host", "127.0.0.1",
+                    "--port", str(port)]  # fmt: skip
+            url, _ = stack.enter_context(
+                served_process(argv, port, "/health", {"HF_HUB_OFFLINE": "1"}, 180, "worker")
+            )
+            workers.append(url)
+        port, metrics_port = free_port(), free_port()
+        argv = [
+            str(SGLANG_ROUTER_PYTHON), "-m", "sglang_router.launch_router",
+            "--host", "127.0.0.1", "--port", str(port), "--policy", "cache_aware",
+            "--worker-urls", *workers,
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
+        ]  # fmt: skip
+        # /readiness answers 200 once the router has checked its workers healthy
+        url, _ = stack.enter_context(
+            served_process(argv, port, "/readiness", {}, 120, "SGLang's router")
+        )
+        yield url, workers, f"http://127.0.0.1:{metrics_port}/metrics"
