@@ -11,6 +11,7 @@ from engine.chat_template import ChatRenderer
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine, Prompt
 from engine.outputs import RequestOutput
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.stats import EngineStats
 
@@ -65,15 +66,7 @@ class LLM:
             engine.make_request(p, sp, priority=pr)
             for p, sp, pr in zip(prompts, plist, prios, strict=True)
         ]
-        for req in reqs:
-            engine.add(req)
-        try:
-            while any(r.finish_reason is None for r in reqs):
-                engine.step()
-        except BaseException:
-            for req in reqs:
-                engine.abort(req.request_id)
-            raise
+        self._run_to_end(reqs)
         return [engine.output_of(r) for r in reqs]
 
     def embed(self, prompts: list[Prompt]) -> list[torch.Tensor]:
@@ -85,6 +78,13 @@ class LLM:
         engine = self.engine
         params = SamplingParams(max_tokens=1, temperature=0.0)
         reqs = [engine.make_request(p, params, return_hidden=True) for p in prompts]
+        self._run_to_end(reqs)
+        return [r.hidden for r in reqs]
+
+    def _run_to_end(self, reqs: list[Request]) -> None:
+        """Add ``reqs`` and step the engine until every one has finished; on any
+        exception (a KeyboardInterrupt too) abort them all, so nothing stays queued."""
+        engine = self.engine
         for req in reqs:
             engine.add(req)
         try:
@@ -94,7 +94,6 @@ class LLM:
             for req in reqs:
                 engine.abort(req.request_id)
             raise
-        return [r.hidden for r in reqs]
 
     def stats(self) -> EngineStats:
         """The engine's counters and gauges now."""
