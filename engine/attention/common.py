@@ -30,13 +30,6 @@ class Group:
     suffix: Padded
 
 
-@dataclass
-class _TorchPlan:
-    plain: Padded | None  # decodes attended over all their keys
-    groups: list[Group]  # decodes whose shared prefix is attended once per group
-    extends: list[tuple[int, int, torch.Tensor]]  # (q_start, q_len, kv slots)
-
-
 def take(q: torch.Tensor, which: torch.Tensor | None, n: int) -> torch.Tensor:
     """Rows ``which`` of ``q``; ``None`` means the first ``n`` (no gather needed)."""
     return q[:n] if which is None else q[which]

@@ -19,6 +19,8 @@ from kernels.cascade import shared_prefix_decode_attention
 class _TorchPlan:
     plain: Padded | None  # decodes attended over all their keys
     groups: list[Group]  # decodes whose shared prefix is attended once per group
+    # per group, the first slot when its prefix slots are one run (read in place)
+    prefix_starts: list[int | None]
     extends: list[tuple[int, int, torch.Tensor]]  # (q_start, q_len, kv slots)
 
 
@@ -38,7 +40,8 @@ class TorchAttentionBackend(AttentionBackend):
             slots = ctx.req_to_token[ctx.rows[i], : ctx.kv_lens[i]]
             extends.append((start, ctx.q_lens[i], slots))
             start += ctx.q_lens[i]
-        ctx.attn = _TorchPlan(plain, groups, extends)
+        starts = [_run_start(g.prefix_slots) for g in groups]
+        ctx.attn = _TorchPlan(plain, groups, starts, extends)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float
@@ -56,10 +59,10 @@ class TorchAttentionBackend(AttentionBackend):
             qp = take(q, plain.which, plain.index.shape[0])
             res = decode_attention(qp, k_cache, v_cache, plain.index, plain.mask, scale)
             put(out, plain.which, res)
-        for g in plan.groups:
+        for g, first in zip(plan.groups, plan.prefix_starts, strict=True):
             qg = take(q, g.suffix.which, g.suffix.index.shape[0])
             res = shared_prefix_decode_attention(
-                qg, k_cache, v_cache, g.prefix_slots, g.suffix.index, g.suffix.lens, scale
+                qg, k_cache, v_cache, g.prefix_slots, g.suffix.index, g.suffix.lens, scale, first
             )
             put(out, g.suffix.which, res)
         for start, n, slots in plan.extends:
@@ -67,3 +70,15 @@ class TorchAttentionBackend(AttentionBackend):
                 q[start : start + n], k_cache, v_cache, slots, scale
             )
         return out
+
+
+def _run_start(slots: torch.Tensor) -> int | None:
+    """``slots[0]`` if ``slots`` are consecutive (one prefill writes its tokens to a run
+    of free slots, so a shared prefix often is), else ``None``."""
+    n = slots.numel()
+    if n == 0:
+        return None
+    first = int(slots[0])
+    if int(slots[-1]) - first != n - 1 or (n > 1 and not bool((slots.diff() == 1).all())):
+        return None
+    return first

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine.attention import TorchAttentionBackend
+from engine.attention.torch_backend import _run_start
 from engine.context import ForwardContext, set_context
 from engine.kv_cache import KVPool
 
@@ -52,3 +53,12 @@ def test_a_decode_gets_the_same_bits_next_to_longer_requests(dtype, length):
     for others in ([length + 1], [length + 3, 2], [length + 250, 1, length + 17]):
         batched = _decode(pool, table, q[: 1 + len(others)], [length, *others])
         assert torch.equal(batched[0], alone[0]), others
+
+
+def test_a_run_of_slots_is_found_and_anything_else_is_not():
+    assert _run_start(torch.arange(7, 19)) == 7
+    assert _run_start(torch.tensor([5])) == 5
+    assert _run_start(torch.tensor([], dtype=torch.int64)) is None
+    # same first and last as a run, but not one
+    assert _run_start(torch.tensor([3, 5, 4, 6])) is None
+    assert _run_start(torch.tensor([3, 4, 6])) is None

@@ -190,6 +190,25 @@ def test_shared_prefix_without_padding_and_without_prefix():
     torch.testing.assert_close(out, f0.plain(), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prefix_read_in_place_equals_the_gathered_one(dtype):
+    """With ``prefix_start`` the prefix is the run of slots from there, read as a view of
+    the pool: the same result as gathering those slots, for the same run."""
+    f = Fanout(5, 40, [1, 6, 3, 9, 2], hq=9, hk=3, d=16, dtype=dtype, seed=4)
+    start = 3
+    run = torch.arange(start, start + 40)
+    # suffix slots outside the run, so the two reads see the same keys
+    f.suffix_index = f.suffix_index % 7 + 50
+    f.k, f.v = f.k.repeat(2, 1, 1), f.v.repeat(2, 1, 1)
+    args = (f.q, f.k, f.v, run, f.suffix_index, f.lens, f.scale)
+    gathered = shared_prefix_decode_attention(*args)
+    in_place = shared_prefix_decode_attention(*args, prefix_start=start)
+    torch.testing.assert_close(in_place, gathered, atol=1e-6, rtol=1e-6)
+    # and a wrong start reads other keys: the argument is really used
+    shifted = shared_prefix_decode_attention(*args, prefix_start=start + 1)
+    assert not torch.allclose(shifted, gathered, atol=1e-3)
+
+
 # -- Triton (CUDA, or the interpreter on CPU) ----------------------------------------------------
 @pytest.fixture(scope="module")
 def tc():
