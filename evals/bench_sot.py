@@ -6,8 +6,9 @@ Sections (``--sections``, comma-separated):
   planner's own prompt; success = the parser finds at least two points.
 - ``router``: accuracy of the rule router and the model router against the
   ``sot_suitable`` labels (sot = suitable; sequential and graph = not), and the
-  trained router in both directions (trained on LIMA, scored on vicuna80, and the
-  other way round; needs ``lima_router.jsonl`` beside ``--data``).
+  trained router in every direction of ``evals.train_router --both`` (LIMA and
+  vicuna80 each held apart from the other, with and without the project's made-up
+  questions; needs ``lima_router.jsonl`` beside ``--data``).
 - ``latency``: the ``sot_suitable`` questions one at a time, ``sot`` and
   ``sequential`` interleaved on the same engine, both with the same ``max_tokens``;
   the median end-to-end latency of each and their ratio, and the share of
@@ -27,12 +28,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import prompts
 from engine import LLM, AsyncEngine, SamplingParams
 from evals.train_router import (
-    SETS,
+    DIRECTIONS,
     embed_questions,
-    load_labelled,
+    load_sets,
     make_params,
     print_direction,
     score,
@@ -108,16 +111,18 @@ def bench_router(llm: LLM, questions: list[dict[str, Any]]) -> None:
 
 
 def bench_trained_router(llm: LLM, data_dir: Path) -> None:
-    """The trained router in both directions (evals.train_router): trained on LIMA and
-    scored on vicuna80, and the other way round; each scored only on the set it was
-    not trained on."""
-    print("\n## trained router (hidden state + logistic head), both directions")
-    sets = {name: load_labelled(data_dir / file) for name, file in SETS.items()}
+    """The trained router in every direction of ``evals.train_router --both``; each
+    scored only on a set absent from its training sets."""
+    print("\n## trained router (hidden state + logistic head), every direction")
+    names = {part for pair in DIRECTIONS for side in pair for part in side.split("+")}
+    sets = {name: load_sets(name, data_dir) for name in sorted(names)}
     feats = {name: embed_questions(llm, d.questions) for name, d in sets.items()}
-    for train_name, test_name in (("lima", "vicuna80"), ("vicuna80", "lima")):
-        params = make_params(llm, sets[train_name], feats[train_name], 0, 0.8)
-        metrics = score(params, sets[test_name], feats[test_name])
-        print_direction(sets[train_name].name, sets[test_name].name, metrics)
+    for train_name, test_name in DIRECTIONS:
+        data = load_sets(train_name, data_dir)
+        x = torch.cat([feats[p] for p in train_name.split("+")])
+        params = make_params(llm, data, x, 0, 0.8)
+        test = sets[test_name]
+        print_direction(data.name, test.name, score(params, test, feats[test_name]))
 
 
 async def bench_latency(questions: list[dict[str, Any]], max_tokens: int, limit: int) -> None:

@@ -1,8 +1,15 @@
 """Train the router's head (:mod:`sotserve.trained_router`) and check it on the other set.
 
-    python -m evals.train_router                      # train on LIMA, write the package file
-    python -m evals.train_router --train vicuna80 --out /tmp/vicuna.json   # the other way
-    python -m evals.train_router --both               # both directions, no file written
+    python -m evals.train_router                      # the shipped file: LIMA + made-up
+    python -m evals.train_router --train vicuna80+made-up --out /tmp/v.json  # the other way
+    python -m evals.train_router --both               # every direction, no file written
+
+Training sets: LIMA's 1,030 and vicuna80's 80 labelled questions (``../shared/data``,
+or ``--data-dir``), and 640 questions written for this project
+(``evals/data/router_questions.jsonl``, not drawn from any dataset) in the styles
+vicuna80 lacks: Stack Exchange posts, pasted texts with an instruction, how-tos, one-line
+facts. Sets join with "+"; a direction trains on sets that hold neither of the two it is
+scored on, so LIMA and vicuna80 stay held apart from each other.
 
 Features: the embedded model's final hidden state at the last token of each
 question's chat prompt, computed by our engine (``LLM.embed``), one question at a
@@ -13,8 +20,8 @@ the training set alone (threshold: the best out-of-fold accuracy among those who
 out-of-fold precision of "use a skeleton" is at least ``--min-precision``). The set
 it was not trained on is only ever scored.
 
-The data stays outside the product: the script reads it from ``../shared/data`` (or
-``--data-dir``) and ships only the parameters derived from it.
+The public data stays outside the product: the script reads it and ships only the
+parameters derived from it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,21 @@ from sotserve import trained_router as tr
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = {"lima": "lima_router.jsonl", "vicuna80": "vicuna80.jsonl"}
+# Questions written for this project (not drawn from any dataset), shipped with it: the
+# styles LIMA has and vicuna80 lacks (Stack Exchange posts, pasted texts, how-tos,
+# one-line facts), so that neither held-out set is needed to train on them.
+MADE_UP = Path(__file__).resolve().parent / "data" / "router_questions.jsonl"
+# what the shipped parameters are trained on
+SHIPPED_TRAIN = "lima+made-up"
+# --both: (trained on, scored on); each scored set is absent from its training sets
+DIRECTIONS = (
+    ("lima+made-up", "vicuna80"),
+    ("vicuna80+made-up", "lima"),
+    ("lima", "vicuna80"),
+    ("vicuna80", "lima"),
+    ("made-up", "vicuna80"),
+    ("made-up", "lima"),
+)
 PACKAGE_FILE = Path(tr.__file__).parent / tr.PARAMS_DIR
 L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 FOLDS = 5
@@ -49,6 +71,7 @@ class Labelled:
     questions: list[str]
     labels: list[bool]
     sha256: str
+    parts: tuple[Labelled, ...] = ()  # the sets it joins, if several
 
 
 def load_labelled(path: Path) -> Labelled:
@@ -69,7 +92,25 @@ def load_labelled(path: Path) -> Labelled:
 
 
 def resolve(name_or_path: str, data_dir: Path) -> Path:
+    if name_or_path == "made-up":
+        return MADE_UP
     return data_dir / SETS[name_or_path] if name_or_path in SETS else Path(name_or_path)
+
+
+def load_sets(names: str, data_dir: Path) -> Labelled:
+    """The sets named in ``names`` ("lima", "vicuna80", "made-up" or JSONL paths,
+    joined by "+") as one, in that order; its hash covers every file's bytes."""
+    parts = [load_labelled(resolve(n, data_dir)) for n in names.split("+")]
+    if len(parts) == 1:
+        return parts[0]
+    digest = hashlib.sha256("".join(p.sha256 for p in parts).encode()).hexdigest()
+    return Labelled(
+        "+".join(p.name for p in parts),
+        [q for p in parts for q in p.questions],
+        [y for p in parts for y in p.labels],
+        digest,
+        tuple(parts),
+    )
 
 
 def embed_questions(llm: LLM, questions: list[str]) -> torch.Tensor:
@@ -205,14 +246,20 @@ def print_direction(train_name: str, test_name: str, metrics: dict[str, object])
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", default="lima", help="lima, vicuna80 or a JSONL path")
+    ap.add_argument(
+        "--train", default=SHIPPED_TRAIN,
+        help="lima, vicuna80, made-up or a JSONL path, or several joined by '+'",
+    )  # fmt: skip
     ap.add_argument("--check", default=None, help="the set to score on (default: the other)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
     ap.add_argument(
         "--out", type=Path, default=None,
-        help="parameter file (default: the package's, when training on LIMA)",
+        help=f"parameter file (default: the package's, when training on {SHIPPED_TRAIN})",
     )  # fmt: skip
-    ap.add_argument("--both", action="store_true", help="train and score both directions")
+    ap.add_argument(
+        "--both", action="store_true",
+        help="train and score every direction (LIMA and vicuna80 each held apart)",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-precision", type=float, default=0.8)
     ap.add_argument(
@@ -225,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     cache: dict[str, torch.Tensor] = {}
 
     def features(data: Labelled) -> torch.Tensor:
+        if data.parts:  # each set's hidden states once, however they are combined
+            return torch.cat([features(p) for p in data.parts])
         if data.sha256 in cache:
             return cache[data.sha256]
         path = args.features / f"{data.sha256[:16]}.pt" if args.features else None
@@ -242,17 +291,17 @@ def main(argv: list[str] | None = None) -> None:
         cache[data.sha256] = x
         return x
 
-    pairs = [("lima", "vicuna80"), ("vicuna80", "lima")] if args.both else [
-        (args.train, args.check or ("vicuna80" if args.train == "lima" else "lima"))
+    pairs = list(DIRECTIONS) if args.both else [
+        (args.train, args.check or ("vicuna80" if "lima" in args.train.split("+") else "lima"))
     ]  # fmt: skip
     for train_name, test_name in pairs:
-        data = load_labelled(resolve(train_name, args.data_dir))
-        test = load_labelled(resolve(test_name, args.data_dir))
+        data = load_sets(train_name, args.data_dir)
+        test = load_sets(test_name, args.data_dir)
         params = make_params(llm, data, features(data), args.seed, args.min_precision)
         print(f"{data.name}: l2 {params.l2}, threshold {params.threshold}", flush=True)
         print_direction(data.name, test.name, score(params, test, features(test)))
         out = args.out
-        if out is None and not args.both and train_name == "lima":
+        if out is None and not args.both and train_name == SHIPPED_TRAIN:
             out = PACKAGE_FILE / tr.params_file_name(params.model)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -74,8 +74,8 @@ class RouterParams:
     weights: list[float]
     bias: float
     threshold: float
-    trained_on: str  # the data set's file name
-    data_sha256: str  # of the training file's bytes
+    trained_on: str  # the data sets' file names, joined by "+"
+    data_sha256: str  # of the training file's bytes (several: of their hashes, in order)
     examples: int
     seed: int
     l2: float

@@ -38,7 +38,8 @@ def test_shipped_parameters_are_small_versioned_and_name_their_model():
     assert path.stat().st_size < 64 * 1024
     p = shipped()
     assert p.version == tr.PARAMS_VERSION and p.model == "SmolLM2-135M-Instruct"
-    assert (p.hidden_size, p.trained_on, p.examples) == (576, "lima_router.jsonl", 1030)
+    assert p.hidden_size == 576 and p.examples == 1030 + 640
+    assert p.trained_on == "lima_router.jsonl+router_questions.jsonl"
     # no question text ships: numbers and names only
     raw = json.loads(path.read_text())
     assert all(isinstance(raw[k], list | int | float) for k in ("weights", "probe", "bias"))
@@ -81,7 +82,8 @@ async def test_backends_without_hidden_states_get_the_rules(engine):
 
 
 @needs_data
-async def test_trained_on_lima_holds_on_vicuna80(engine):
+async def test_the_shipped_router_holds_on_vicuna80(engine):
+    """Trained on LIMA and the made-up questions: vicuna80 is held apart."""
     data = train_router.load_labelled(DATA / "vicuna80.jsonl")
     planner = Planner(LocalBackend(engine))
     picks = [(await planner.route(q)).mode for q in data.questions]
@@ -101,6 +103,58 @@ def test_training_is_deterministic_in_data_and_seed():
     w, b, t, _ = first
     pred = torch.sigmoid(x @ w + b) >= t
     assert (pred == torch.tensor(labels)).double().mean() >= 0.9
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def test_made_up_questions_are_a_clean_labelled_set():
+    """The shipped training questions: unique, labelled, of both kinds."""
+    rows = [json.loads(line) for line in train_router.MADE_UP.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"mq-{i:04d}" for i in range(1, len(rows) + 1)]
+    assert len({_normalized(r["question"]) for r in rows}) == len(rows)
+    share = sum(r["sot_suitable"] for r in rows) / len(rows)
+    assert all(isinstance(r["sot_suitable"], bool) for r in rows) and 0.25 < share < 0.5
+
+
+@needs_data
+def test_made_up_questions_are_not_drawn_from_the_held_out_sets():
+    """None of them is a question of LIMA or vicuna80 (the sets they are scored on)."""
+    made_up = {_normalized(q) for q in train_router.load_labelled(train_router.MADE_UP).questions}
+    for name in ("lima", "vicuna80"):
+        held = train_router.load_labelled(train_router.resolve(name, DATA))
+        assert not made_up & {_normalized(q) for q in held.questions}, name
+
+
+def test_sets_join_in_order_with_their_own_hash(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"question": "q1", "sot_suitable": true}\n')
+    b.write_text(
+        '{"question": "q2", "sot_suitable": false}\n{"question": "q3", "sot_suitable": true}\n'
+    )
+    joined = train_router.load_sets(f"{a}+{b}", tmp_path)
+    assert joined.questions == ["q1", "q2", "q3"] and joined.labels == [True, False, True]
+    assert joined.name == "a.jsonl+b.jsonl"
+    assert [p.name for p in joined.parts] == ["a.jsonl", "b.jsonl"]
+    single = train_router.load_sets(str(a), tmp_path)
+    assert not single.parts and joined.sha256 not in (single.sha256, joined.parts[1].sha256)
+    assert train_router.load_sets("made-up", tmp_path).name == "router_questions.jsonl"
+
+
+@needs_data
+def test_trained_on_made_up_questions_alone_holds_on_vicuna80():
+    """The held-apart check the floor asks for, on questions written for the project:
+    neither public set is in training, and vicuna80 is only scored."""
+    llm = LLM()
+    data = train_router.load_sets("made-up", DATA)
+    test = train_router.load_sets("vicuna80", DATA)
+    params = train_router.make_params(
+        llm, data, train_router.embed_questions(llm, data.questions), seed=0, min_precision=0.8
+    )
+    metrics = train_router.score(params, test, train_router.embed_questions(llm, test.questions))
+    assert metrics["accuracy"] >= 0.80, metrics
+    assert metrics["precision"] >= 0.75, metrics
 
 
 @needs_data
