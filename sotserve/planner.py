@@ -706,10 +706,10 @@ class _Plan:
             for point in new:
                 events += self._announce(point)
         if not self.announced:
-            # Before that, the heading's first words as the skeleton writes them: the
-            # first answer token comes a decode step or two after sequential's. They
-            # are true whatever follows: point 1's heading continues them, and a plan
-            # that falls back continues them in its sequential reply.
+            # Before that, the heading's start as the skeleton writes it, from its
+            # first token on: the first answer token comes when sequential's would.
+            # It is true whatever follows: point 1's heading continues it, and a plan
+            # that falls back continues it in its sequential reply.
             events += self._answer(self.merger.preview(title_preview(self.parser.open_line)))
         return events
 

@@ -59,22 +59,35 @@ def parse_line(line: str) -> _Raw | None:
 # nothing parse_line would strip or read as markup or a dependency, and no comma or
 # apostrophe, which open prose ("Sorry, I can't...") more often than titles.
 _PLAIN = re.compile(r"[\w\s&/+-]*")
+# First words of chat prose rather than of a title ("Sure! Here is...", "I think..."):
+# a preview whose first word is, or may still grow into, one of them waits.
+_PROSE_OPENERS = (
+    "sorry", "sure", "certainly", "here", "i", "as", "unfortunately", "okay", "ok",
+    "well", "yes", "no", "hello", "hi", "great", "of",
+)  # fmt: skip
 
 
 def title_preview(line: str) -> str:
-    """The start of the title an unfinished point line is writing: its whole words so
-    far (the last word may still grow), as long as they are plain text. What the
-    finished line's title will start with, unless the line turns out not to be a
-    point; "" when nothing can be said yet."""
+    """The start of the title an unfinished point line is writing, up to its last
+    letter or digit so far (the last word may still grow: "Str", then "Stronger"), as
+    long as it is plain text. What the finished line's title will start with, unless
+    the line turns out not to be a point; "" when nothing can be said yet.
+
+    A partial word is shown: streamed text only ever grows, so "Str" followed by
+    "onger" reads the same as "Stronger", and it lets the answer show the skeleton's
+    very first token, as a sequential answer does."""
     m = _POINT.match(line)
     if m is None:
         return ""
-    title = m.group("title")
-    cut = max(title.rfind(" "), title.rfind("\t"))
-    words = title[:cut].rstrip() if cut > 0 else ""
+    words = re.sub(r"[^A-Za-z0-9]+$", "", m.group("title"))
     if not _PLAIN.fullmatch(words) or _MARKUP.sub("", words) != words:
         return ""
-    return words if re.search(r"[A-Za-z]", words) else ""
+    if not re.search(r"[A-Za-z]", words):
+        return ""
+    first = words.split()[0].lower()
+    if any(opener.startswith(first) for opener in _PROSE_OPENERS):
+        return ""
+    return words
 
 
 def _norm(title: str) -> str:

@@ -118,15 +118,19 @@ async def test_pipeline_starts_points_before_the_skeleton_ends(tokenizer):
         assert (first_point < skeleton.ended) is pipeline
 
 
-async def test_the_answer_starts_once_skeleton_line_1_is_parsed(tokenizer):
+async def test_the_answer_starts_with_skeleton_line_1(tokenizer):
     # the skeleton takes 0.05 s a piece, 6 pieces: point 1's header must not wait for it
     backend = ScriptedBackend(tokenizer, script_for(), delay=0.05)
     events = await collect(Planner(backend), "Q?", mode="sot")
     first_answer = next(i for i, e in enumerate(events) if isinstance(e, AnswerDelta))
     skeleton_pieces = [i for i, e in enumerate(events) if isinstance(e, SkeletonDelta)]
-    assert first_answer < skeleton_pieces[-1]  # before the skeleton is over
-    assert events[first_answer].text.startswith("1. **Alpha**")
-    assert not any(isinstance(e, SkeletonDelta) and "Beta" in e.text for e in events[:first_answer])
+    # right after the skeleton's first token, as a sequential answer's first token
+    alpha = next(i for i in skeleton_pieces if events[i].text == " Alpha")
+    assert first_answer == alpha + 1  # the first piece after the prefilled "1."
+    assert events[first_answer].text == "1. **Alpha"
+    beta = next(i for i in skeleton_pieces if "Beta" in events[i].text)
+    shown = "".join(e.text for e in events[:beta] if isinstance(e, AnswerDelta))
+    assert shown.startswith("1. **Alpha**")  # the whole heading before line 2 is written
 
 
 async def test_a_fallback_after_point_1_was_shown_continues_from_it(tokenizer):
@@ -190,7 +194,7 @@ async def test_unparseable_skeleton_falls_back_to_sequential(tokenizer, skeleton
     # A line that reads as prose shows nothing before it is parsed; a lone point line
     # showed the start of its heading while it was written, and the sequential reply
     # continues that (nothing shown is taken back).
-    shown = "" if "Sorry" in skeleton[0] else "1. **Only one"
+    shown = "" if "Sorry" in skeleton[0] else "1. **Only one point"
     assert done.answer == shown + " A plain answer."
     assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == done.answer
     assert not any(isinstance(e, PointStart) and e.point.index > 1 for e in events)
@@ -332,10 +336,11 @@ async def test_point_1s_heading_streams_while_its_skeleton_line_is_written(token
     events = await collect(Planner(backend), "Q?", mode="sot")
     answer = [(i, e.text) for i, e in enumerate(events) if isinstance(e, AnswerDelta)]
     pieces = [i for i, e in enumerate(events) if isinstance(e, SkeletonDelta)]
-    clear = next(i for i in pieces if events[i].text == " clear")
-    goals = next(i for i in pieces if events[i].text == " goals")
-    assert answer[0] == (clear + 1, "1. **Set")  # once " clear" shows "Set" is a word
-    assert answer[1][0] == goals + 1 and answer[1][1] == " clear"
+    at = {events[i].text: i for i in pieces}
+    # each piece of the title shows as it arrives (a word may still grow: "Set" could
+    # have become "Settle", and the text would have grown with it)
+    assert answer[:3] == [(at[" Set"] + 1, "1. **Set"), (at[" clear"] + 1, " clear"),
+                          (at[" goals"] + 1, " goals")]  # fmt: skip
     done = events[-1]
     assert isinstance(done, Done) and done.mode == "sot"
     assert done.answer.startswith("1. **Set clear goals** about 1.")
