@@ -35,6 +35,7 @@ from engine import LLM, AsyncEngine, SamplingParams
 from evals.train_router import (
     DIRECTIONS,
     embed_questions,
+    join_sets,
     load_sets,
     make_params,
     print_direction,
@@ -118,9 +119,9 @@ def bench_trained_router(llm: LLM, data_dir: Path) -> None:
     sets = {name: load_sets(name, data_dir) for name in sorted(names)}
     feats = {name: embed_questions(llm, d.questions) for name, d in sets.items()}
     for train_name, test_name in DIRECTIONS:
-        data = load_sets(train_name, data_dir)
-        x = torch.cat([feats[p] for p in train_name.split("+")])
-        params = make_params(llm, data, x, 0, 0.8)
+        parts = train_name.split("+")
+        data = join_sets([sets[p] for p in parts])
+        params = make_params(llm, data, torch.cat([feats[p] for p in parts]), 0, 0.8)
         test = sets[test_name]
         print_direction(data.name, test.name, score(params, test, feats[test_name]))
 

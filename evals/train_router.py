@@ -99,8 +99,12 @@ def resolve(name_or_path: str, data_dir: Path) -> Path:
 
 def load_sets(names: str, data_dir: Path) -> Labelled:
     """The sets named in ``names`` ("lima", "vicuna80", "made-up" or JSONL paths,
-    joined by "+") as one, in that order; its hash covers every file's bytes."""
-    parts = [load_labelled(resolve(n, data_dir)) for n in names.split("+")]
+    joined by "+") as one, in that order (:func:`join_sets`)."""
+    return join_sets([load_labelled(resolve(n, data_dir)) for n in names.split("+")])
+
+
+def join_sets(parts: list[Labelled]) -> Labelled:
+    """``parts`` as one set, in order; its hash covers every part's bytes."""
     if len(parts) == 1:
         return parts[0]
     digest = hashlib.sha256("".join(p.sha256 for p in parts).encode()).hexdigest()
