@@ -55,9 +55,11 @@ class ScriptedBackend(Backend):
         return 8192
 
     def classify(self, prompt: str) -> tuple[str, int | None]:
-        m = re.search(r"Now explain point (\d+)", prompt)
-        if m and prompt.rfind("Now explain point") > prompt.rfind("skeleton of an answer"):
-            return "point", int(m.group(1))
+        # the last point turn: "Point N: title" (sot) or "Now explain point N" (graph)
+        turns = list(re.finditer(r"\nPoint (\d+): |Now explain point (\d+)", prompt))
+        m = turns[-1] if turns else None
+        if m and m.start() > prompt.rfind("skeleton of an answer"):
+            return "point", int(m.group(1) or m.group(2))
         if prompt.rstrip().endswith("1.") and "skeleton of an answer" in prompt:
             return "skeleton", None
         if "Reply with one letter" in prompt:

@@ -17,6 +17,7 @@ from sotserve.backends import (
     BackendUnavailableError,
 )
 from sotserve.planner import InvalidQuestionError, Planner, PlannerError, _parents_block
+from sotserve.prompt_heads import common_prefix
 from sotserve.schemas import (
     AnswerDelta,
     Done,
@@ -158,10 +159,22 @@ async def test_point_prompts_continue_the_skeleton_tokens(tokenizer):
         assert call.prompt.startswith(skeleton.prompt + " Alpha\n2. Beta\n3. Gamma")
         title = ["Alpha", "Beta", "Gamma"][call.point - 1]
         assert call.prompt.endswith(
-            f'Now explain point {call.point} ("{title}") in two or three plain sentences. '
-            "Do not use a list or repeat other points.<|im_end|>\n"
-            f"<|im_start|>assistant\n{call.point}. **{title}**"
+            "Now explain one point of the outline in two or three plain sentences. "
+            f"Do not use a list or repeat other points.\n\nPoint {call.point}: {title}"
+            f"<|im_end|>\n<|im_start|>assistant\n{call.point}. **{title}**"
         )
+
+
+async def test_point_prompts_share_the_instruction(tokenizer):
+    """Only a point's own line and reply opening follow the prefix every point of the
+    answer shares, so the points after the first prefill a few tokens each."""
+    backend = ScriptedBackend(tokenizer, script_for(), delay=0.0)
+    await collect(Planner(backend, pipeline=False), "Q?", mode="sot")
+    prompts = [c.prompt_ids for c in backend.calls if c.kind == "point"]
+    assert len(prompts) == 3
+    shared = common_prefix(common_prefix(prompts[0], prompts[1]), prompts[2])
+    assert tokenizer.decode(shared).endswith("Do not use a list or repeat other points.\n\nPoint ")
+    assert all(len(p) - len(shared) <= 16 for p in prompts)
 
 
 async def test_graph_mode_runs_children_after_parents_with_their_text(tokenizer):
