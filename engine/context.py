@@ -41,6 +41,10 @@ class ForwardContext:
     # decodes that share a cached prefix, for backends that compute the shared part
     # of attention once per group
     prefix_groups: list[PrefixGroup] = field(default_factory=list)
+    # leading rows of the flat batch that hold generated tokens (the decodes, then
+    # jump-forward chunks): they take the quantized kernels, as decoding does; None:
+    # the decodes alone
+    generated_rows: int | None = None
     # Backend-specific metadata that ``AttentionBackend.plan`` builds once per step and
     # the backend's own layers read back (each backend knows its concrete type).
     attn: object | None = None

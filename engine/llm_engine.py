@@ -163,6 +163,12 @@ class LLMEngine:
                 f"logit_bias token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
                 "logit_bias",
             )
+        bad = [t for t in params.jump_forward_ids() if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"jump_forward token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                "jump_forward",
+            )
         limit = self.config.max_model_len
         if len(ids) >= limit:
             raise ContextLengthExceededError(

@@ -20,6 +20,13 @@ from engine.protocol import (
 )
 
 _MAX_STOP_STRINGS = 16
+_MAX_JUMP_RULES = 64
+_MAX_JUMP_TOKENS = 8
+
+
+def _as_tuple(value: object) -> object:
+    """A list of token ids as a tuple (validation rejects anything else)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _is_number(value: object) -> bool:
@@ -58,6 +65,16 @@ class SamplingParams:
       ``-inf``. Applied after the penalties, so the bias is added to the penalised
       logit (vLLM adds it before them, which only differs with a repetition penalty)
       and no penalty can undo a ban or a forced token.
+
+    ``jump_forward`` (SGLang's jump-forward decoding, for text a format fixes): a map
+    from a token sequence to tokens that always follow it. When a sampled token makes
+    the output end with a key, the key's tokens are appended without sampling, and
+    the next step computes them with the token after them in one forward (a chunk of
+    generated tokens, as cheap as a decode step on the CPU kernels). Forced tokens are
+    output like sampled ones: they count towards ``max_tokens`` and can complete a
+    stop string. At most 64 rules, keys and values of 1 to 8 token ids; the engine
+    checks the ids against the vocabulary. Not an OpenAI or vLLM field: the planner
+    sets it for the skeleton's line numbers (``sotserve.skeleton_parser``).
     """
 
     max_tokens: int = 16
@@ -73,6 +90,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     min_tokens: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    jump_forward: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -83,6 +101,10 @@ class SamplingParams:
             self.logit_bias = {}
         elif isinstance(self.logit_bias, Mapping):
             self.logit_bias = dict(self.logit_bias)
+        if self.jump_forward is None:
+            self.jump_forward = {}
+        elif isinstance(self.jump_forward, Mapping):  # lists as keys and values are fine
+            self.jump_forward = {_as_tuple(k): _as_tuple(v) for k, v in self.jump_forward.items()}
         self.validate()
 
     @property
@@ -162,6 +184,45 @@ class SamplingParams:
                 "min_tokens",
             )
         self._validate_logit_bias()
+        self._validate_jump_forward()
+
+    def forced_after(self, output_ids: list[int]) -> tuple[int, ...]:
+        """The tokens ``jump_forward`` appends to an output ending ``output_ids`` (empty
+        if no key matches; the longest matching key wins)."""
+        best: tuple[int, ...] = ()
+        best_len = 0
+        for key, forced in self.jump_forward.items():
+            n = len(key)
+            if n > best_len and n <= len(output_ids) and tuple(output_ids[-n:]) == key:
+                best, best_len = forced, n
+        return best
+
+    def jump_forward_ids(self) -> set[int]:
+        """Every token id ``jump_forward`` names."""
+        return {t for k, v in self.jump_forward.items() for t in (*k, *v)}
+
+    def _validate_jump_forward(self) -> None:
+        rules = self.jump_forward
+        if not isinstance(rules, dict):
+            raise InvalidRequestError(
+                "jump_forward must map token id sequences to token id sequences", "jump_forward"
+            )
+        if len(rules) > _MAX_JUMP_RULES:
+            raise InvalidRequestError(
+                f"jump_forward has {len(rules)} rules; at most {_MAX_JUMP_RULES}", "jump_forward"
+            )
+        for key, forced in rules.items():
+            for seq in (key, forced):
+                if (
+                    not isinstance(seq, tuple)
+                    or not 1 <= len(seq) <= _MAX_JUMP_TOKENS
+                    or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in seq)
+                ):
+                    raise InvalidRequestError(
+                        f"jump_forward keys and values must be 1 to {_MAX_JUMP_TOKENS} "
+                        f"non-negative token ids, got {seq!r}",
+                        "jump_forward",
+                    )
 
     def _validate_logit_bias(self) -> None:
         bias = self.logit_bias

@@ -338,21 +338,35 @@ class Scheduler:
                 c.decode_tokens += 1
             req.num_computed += 1
         for req, n in batch.prefills:
+            # a chunk past the prompt holds generated tokens (jump-forward): decode work
+            prompt_part = min(n, max(0, len(req.prompt_ids) - req.num_computed))
+            c.computed_prefill_tokens += prompt_part
+            c.decode_tokens += n - prompt_part
             req.num_computed += n
-            c.computed_prefill_tokens += n
             # cache each chunk at once, so siblings waiting on this prefix can use it
             self.cm.commit(req)
         deltas = []
         for req, token in zip(reqs, tokens, strict=True):
-            c.generated_tokens += 1
-            req.output_ids.append(token)
-            # vLLM: no stop string before min_tokens (the sampler masks stop ids)
-            req.detok.add(token, check_stop=len(req.output_ids) > req.params.min_tokens)
-            reason = self._finish_reason(req, token)
-            if reason is not None:
-                self._finish(req, reason)
+            self._append(req, token)
+            if req.finish_reason is None:
+                # jump-forward: tokens the format fixes go in without a step of their
+                # own; the next step computes them with the token after them
+                for forced in req.params.forced_after(req.output_ids):
+                    self._append(req, forced)
+                    if req.finish_reason is not None:
+                        break
             deltas.append(self._delta(req))
         return deltas
+
+    def _append(self, req: Request, token: int) -> None:
+        """Add one output token (sampled or forced), and finish ``req`` if it stops."""
+        self.counters.generated_tokens += 1
+        req.output_ids.append(token)
+        # vLLM: no stop string before min_tokens (the sampler masks stop ids)
+        req.detok.add(token, check_stop=len(req.output_ids) > req.params.min_tokens)
+        reason = self._finish_reason(req, token)
+        if reason is not None:
+            self._finish(req, reason)
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         """``"stop"`` (a stop id, or a stop string in the text), ``"length"``

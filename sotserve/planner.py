@@ -82,7 +82,7 @@ from sotserve.schemas import (
     Timings,
     Usage,
 )
-from sotserve.skeleton_parser import SkeletonParser, title_preview
+from sotserve.skeleton_parser import SkeletonParser, line_number_jumps, title_preview
 from sotserve.trained_router import router_messages
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ class Planner:
         # prose); found once here, at start-up, not on the first answer's critical path
         self.point_bans = dict.fromkeys(barred_point_token_ids(backend.tokenizer), -100.0)
         self.prompt_heads = prompt_heads(self.renderer)
+        # the skeleton's "." after each line number goes in without a step of its own
+        self.skeleton_jumps = line_number_jumps(backend.tokenizer)
 
     async def warm_up(self) -> int:
         """Have the backend cache the fixed heads of this planner's prompts (see
@@ -285,6 +287,7 @@ class _AnswerRun:
         self.backend = planner.backend
         self.renderer = planner.renderer
         self.point_bans = planner.point_bans
+        self.skeleton_jumps = planner.skeleton_jumps
         self.messages = messages
         self.system = system_text(messages)  # opens every template prompt
         self.chat_ids: list[int] = []  # the plain answer's prompt, rendered in run()
@@ -553,7 +556,9 @@ class _AnswerRun:
             if reserved > 0:
                 room = self.backend.room(len(skel.prompt_ids), reserved)
                 # the skeleton is on every point's critical path: served first
-                params = self._params(room, priority=SKELETON_PRIORITY)
+                params = self._params(
+                    room, priority=SKELETON_PRIORITY, jump_forward=self.skeleton_jumps
+                )
                 stream = self.backend.complete(skel.prompt_ids, params)
                 async with contextlib.aclosing(stream):
                     async for chunk in stream:

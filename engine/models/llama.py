@@ -219,8 +219,11 @@ class LlamaForCausalLM(nn.Module):
         self.refine_head = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # decode rows take the quantized kernels, prefill rows their bfloat16 copies
-        with kernel_rows(get_context().num_decodes):
+        # rows of generated tokens take the quantized kernels, prompt rows their
+        # bfloat16 copies
+        ctx = get_context()
+        rows = ctx.num_decodes if ctx.generated_rows is None else ctx.generated_rows
+        with kernel_rows(rows):
             return self.model(input_ids)
 
     #: candidates re-scored in full precision when the head runs in lower precision

@@ -82,6 +82,10 @@ class CompletionParams:
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     priority: int = 0
+    # tokens that always follow a token sequence (the engine's SamplingParams
+    # .jump_forward): a speed hint the local engine applies and HTTP peers, which have
+    # no such field, go without
+    jump_forward: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass

@@ -66,6 +66,7 @@ class LocalBackend(Backend):
                 frequency_penalty=params.frequency_penalty,
                 presence_penalty=params.presence_penalty,
                 logit_bias=dict(params.logit_bias),
+                jump_forward=dict(params.jump_forward),
             )
             prompt_len = None if isinstance(prompt, str) else len(prompt)
             # Leaving this loop early (cancel, break) closes engine.generate,

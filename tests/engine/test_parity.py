@@ -220,6 +220,53 @@ def test_small_kv_pool_preempts_and_still_matches_hf(tiny_model_dirs):
     assert_slots_all_free(llm)
 
 
+def hf_greedy_jumping(
+    model: torch.nn.Module, prompt: list[int], n: int, rules: dict[tuple[int, ...], tuple[int, ...]]
+) -> tuple[list[int], int]:
+    """The reference for ``jump_forward``: greedy, EOS suppressed, and after a sampled
+    token that ends the output with a key, the key's tokens appended (``n`` in all).
+    Also returns how many of the ``n`` were sampled."""
+    out: list[int] = []
+    sampled = 0
+    with torch.inference_mode():
+        while len(out) < n:
+            logits = model(torch.tensor([prompt + out])).logits[0, -1]
+            out.append(int(logits.argmax()))
+            sampled += 1
+            for key, forced in rules.items():
+                if tuple(out[-len(key) :]) == key:
+                    out.extend(forced)
+    return out[:n], sampled
+
+
+def test_jump_forward_matches_forced_greedy_decoding(tiny_model_dirs, monkeypatch):
+    """Forced tokens go in without a step of their own, and the model then sees them:
+    each output equals Hugging Face's greedy decoding with the same tokens forced in,
+    with requests jumping in the same steps as others decode."""
+    model_dir, hf = tiny_model_dirs["llama"]
+    llm = LLM(str(model_dir), dtype="float32", device="cpu")
+    prompts = random_prompts((5, 17, 40))
+    plain = [hf_greedy(hf, p, N_TINY) for p in prompts]
+    # keys the plain decodes reach (so the rules fire), forcing tokens they did not pick
+    rules = {(plain[0][2],): (11, 12), (plain[1][4], plain[1][5]): (13,)}
+    want, sampled = zip(*(hf_greedy_jumping(hf, p, N_TINY, rules) for p in prompts), strict=True)
+    assert want[0][3:5] == [11, 12] and want[1][6] == 13
+    log = record_batches(llm.engine, monkeypatch)
+
+    outs = llm.generate(prompts, greedy(N_TINY, ignore_eos=True, jump_forward=rules))
+
+    assert [o.token_ids for o in outs] == list(want)
+    # a jumping request was a chunk of generated tokens beside the others' decodes
+    assert any(d > 0 and any(n > 1 and c >= 5 for _, n, c in chunks) for d, chunks in log)
+    stats = llm.stats()
+    assert stats.generated_tokens == len(prompts) * N_TINY
+    assert stats.decode_tokens == stats.generated_tokens - len(prompts)  # not prefill
+    assert_slots_all_free(llm)
+    # alone, a request takes one step per sampled token: none for the forced ones
+    llm.generate(prompts[:1], greedy(N_TINY, ignore_eos=True, jump_forward=rules))
+    assert llm.stats().steps - stats.steps == sampled[0] < N_TINY
+
+
 def test_bfloat16_smoke(tiny_model_dirs):
     model_dir, _ = tiny_model_dirs["llama"]
     llm = LLM(str(model_dir), dtype="bfloat16", device="cpu")

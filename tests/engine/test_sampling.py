@@ -348,6 +348,17 @@ def test_many_seeds_follow_the_distribution():
         (dict(logit_bias={5: None}), "logit_bias"),
         (dict(logit_bias=[(5, 1.0)]), "logit_bias"),
         (dict(logit_bias={t: 1.0 for t in range(1025)}), "logit_bias"),
+        (dict(jump_forward=[((1,), (2,))]), "jump_forward"),
+        (dict(jump_forward={(): (2,)}), "jump_forward"),
+        (dict(jump_forward={(1,): ()}), "jump_forward"),
+        (dict(jump_forward={(1,): 2}), "jump_forward"),
+        (dict(jump_forward={1: (2,)}), "jump_forward"),
+        (dict(jump_forward={(1,): (-2,)}), "jump_forward"),
+        (dict(jump_forward={(1,): (True,)}), "jump_forward"),
+        (dict(jump_forward={(1.0,): (2,)}), "jump_forward"),
+        (dict(jump_forward={tuple(range(9)): (2,)}), "jump_forward"),
+        (dict(jump_forward={(1,): tuple(range(9))}), "jump_forward"),
+        (dict(jump_forward={(t,): (2,) for t in range(65)}), "jump_forward"),
     ],
 )
 def test_sampling_params_validation(kwargs, param):
@@ -1053,3 +1064,14 @@ def test_banning_the_greedy_tokens_changes_the_output_end_to_end(llm):
     ):
         assert llm.generate(BANNED_PROMPTS[0], sp)[0].token_ids == [42] * 24
     assert llm.stats().kv_slots_used == 0
+
+
+def test_jump_forward_takes_the_longest_matching_key():
+    sp = engine.SamplingParams(jump_forward={(7,): (1,), (3, 7): (2, 2), (9, 3, 7): (5,)})
+    assert sp.forced_after([4, 7]) == (1,)
+    assert sp.forced_after([3, 7]) == (2, 2)
+    assert sp.forced_after([9, 3, 7]) == (5,)
+    assert sp.forced_after([7, 4]) == ()
+    assert sp.forced_after([]) == ()
+    # lists are accepted as values, as JSON would give them
+    assert engine.SamplingParams(jump_forward={(7,): [1, 2]}).forced_after([7]) == (1, 2)

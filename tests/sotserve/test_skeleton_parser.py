@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sotserve.skeleton_parser import SkeletonParser, parse_line, title_preview
+from sotserve.skeleton_parser import SkeletonParser, line_number_jumps, parse_line, title_preview
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -194,3 +194,62 @@ def test_title_preview_is_what_the_finished_title_starts_with(line, preview):
         for end in ("", "s", " goals", " [depends on 1]", "**", " -", ": more", "."):
             raw = parse_line(line + end)
             assert raw is not None and raw.title.startswith(preview)
+
+
+# -- jump-forward rules for the line numbers -------------------------------------------
+
+
+def test_line_number_jumps_force_the_dot_after_each_number(tokenizer):
+    rules = line_number_jumps(tokenizer)
+    assert len(rules) == 8  # 2 to 9: "1" may begin "10."
+    for key, forced in rules.items():
+        assert len(key) == 2 and tokenizer.decode(list(key)) in {f"\n{k}" for k in range(2, 10)}
+        assert tokenizer.decode(list(forced)) == "."
+
+
+class _MergingTokenizer:
+    """A tokenizer that writes "\\n3" as one token: no rule can key on its digit."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        pieces = re.findall(r"\n3|.", text, re.S)
+        return [ord(p) if len(p) == 1 else 1000 for p in pieces]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join("\n3" if i == 1000 else chr(i) for i in ids)
+
+
+def test_line_number_jumps_skip_numbers_the_tokenizer_merges():
+    rules = line_number_jumps(_MergingTokenizer())
+    assert (ord("\n"), ord("3")) not in rules and (1000,) not in rules
+    assert rules[(ord("\n"), ord("4"))] == (ord("."),)
+    assert len(rules) == 7
+
+
+@pytest.mark.slow
+def test_line_number_jumps_leave_real_skeletons_unchanged_in_fewer_steps(tokenizer):
+    """On the embedded SmolLM2 the model writes the forced "." itself: greedy skeletons
+    are the same text with the rules, one engine step shorter per line from the second."""
+    from engine import LLM, SamplingParams
+    from prompts import ChatRenderer
+    from sotserve.prompt_heads import template_messages
+
+    llm = LLM(device="cpu")
+    renderer = ChatRenderer(llm.tokenizer)
+    rules = line_number_jumps(llm.tokenizer)
+    for question in (
+        "How can I improve my time management skills?",
+        "What are the most effective ways to deal with stress?",
+        "What are the main differences between Python and JavaScript programming languages?",
+    ):
+        prompt = renderer.render(template_messages("skeleton", question=question))
+        runs = []
+        for jump in ({}, rules):
+            before = llm.stats().steps
+            out = llm.generate([prompt], SamplingParams(max_tokens=64, temperature=0.0,
+                                                        jump_forward=jump))[0]  # fmt: skip
+            runs.append((out.text, llm.stats().steps - before))
+        (plain, plain_steps), (jumped, jumped_steps) = runs
+        assert jumped == plain
+        lines = sum(1 for k in range(2, 10) if f"\n{k}." in plain)
+        assert lines >= 3
+        assert jumped_steps == plain_steps - lines
