@@ -483,6 +483,9 @@ class _AnswerRun:
                 return
         room = self.backend.room(len(ids), max(self.budget.remaining, 1))
         params = self._params(room, min_tokens=min(self.opts.min_tokens, room))
+        if shown and params.repetition_penalty == 1.0:
+            # continuing a shown heading: without a penalty it tends to loop on headings
+            params.repetition_penalty = self.opts.fallback_repetition_penalty
         parts: list[str] = []
         finish = None
         cached = None

@@ -65,6 +65,12 @@ class PlanOptions(BaseModel):
     point_wrap_up: float = Field(default=2 / 3, gt=0.0, le=1.0)
     # points' own repetition penalty (None: the answer's)
     point_repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    # The repetition penalty of a fallback that continues a point heading already shown
+    # ("1. **Title**"), where the answer's own is 1 (off). Primed with a heading, SmolLM2
+    # tends to write only headings, the same one over and over to the token limit
+    # (vicuna80 57 and 59: 512 tokens of "N. **The Americas are not Americas**"); at
+    # 1.15 both explain the heading in prose instead (1: off).
+    fallback_repetition_penalty: float = Field(default=1.15, gt=0.0, le=MAX_REPETITION_PENALTY)
 
 
 class PlanPoint(BaseModel):

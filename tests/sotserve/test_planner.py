@@ -148,6 +148,25 @@ async def test_a_fallback_after_point_1_was_shown_continues_from_it(tokenizer):
     chat = next(c for c in backend.calls if c.kind == "chat")
     shown = done.answer.removesuffix(" A plain answer.")
     assert chat.prompt.endswith("<|im_start|>assistant\n" + shown)
+    # continuing a heading, the reply gets the fallback's repetition penalty
+    assert chat.params.repetition_penalty == 1.15
+
+
+async def test_a_fallback_continuing_a_heading_keeps_the_callers_penalties(tokenizer):
+    def fallback_params(**options):
+        backend = ScriptedBackend(tokenizer, script_for([" Alpha", "\n", "That is all."]))
+        return backend, collect(Planner(backend, **options), "Q?", mode="sot")
+
+    backend, answer = fallback_params(fallback_repetition_penalty=1.0)
+    await answer
+    assert next(c for c in backend.calls if c.kind == "chat").params.repetition_penalty == 1.0
+    backend, answer = fallback_params(repetition_penalty=1.05)
+    await answer
+    assert next(c for c in backend.calls if c.kind == "chat").params.repetition_penalty == 1.05
+    # a plain sequential answer shows nothing first: no penalty
+    backend = ScriptedBackend(tokenizer, script_for())
+    await collect(Planner(backend), "Q?", mode="sequential")
+    assert next(c for c in backend.calls if c.kind == "chat").params.repetition_penalty == 1.0
     assert all(c.closed_early or c.ended for c in backend.calls)  # point 1 was stopped
 
 
