@@ -177,10 +177,22 @@ def _prompt(seed: int, n: int) -> list[int]:
     return _BASE[:shared] + [rng.randrange(100, 49000) for _ in range(n - shared)]
 
 
+class _JumpingParams(engine.SamplingParams):
+    """Jump-forward on a fixed beat instead of on keys: after every sampled token at an
+    odd output length, one or two tokens (which, by that length) are forced in. Only
+    the rule lookup is replaced; the engine appends, schedules and computes the forced
+    tokens as for any ``jump_forward`` rule, which random tokens would rarely match."""
+
+    def forced_after(self, output_ids: list[int]) -> tuple[int, ...]:
+        n = len(output_ids)
+        return (101,) * (1 + n % 3 // 2) if n % 2 else ()
+
+
 def drive(eng: LLMEngine, requests, aborts, max_steps: int = 2000) -> dict:
     """Add ``requests`` [(arrival_step, prompt_len, max_tokens, temperature, seed[,
-    priority])] at their steps, abort at ``aborts`` [(step, index)], step until done,
-    checking the books after every change. Returns {request_id: (request, aborted)}."""
+    priority[, jumping]])] at their steps, abort at ``aborts`` [(step, index)], step
+    until done, checking the books after every change. Returns {request_id: (request,
+    aborted)}."""
     live: dict[str, tuple] = {}
     order: list[str] = []
     last_arrival = max(r[0] for r in requests)
@@ -189,9 +201,8 @@ def drive(eng: LLMEngine, requests, aborts, max_steps: int = 2000) -> dict:
         assert step < max_steps, f"no progress after {max_steps} steps: {eng.stats()}"
         for i, (arrival, plen, max_tokens, temp, seed, *rest) in enumerate(requests):
             if arrival == step:
-                params = engine.SamplingParams(
-                    temperature=temp, seed=seed, max_tokens=max_tokens, ignore_eos=True
-                )
+                kind = _JumpingParams if len(rest) > 1 and rest[1] else engine.SamplingParams
+                params = kind(temperature=temp, seed=seed, max_tokens=max_tokens, ignore_eos=True)
                 priority = rest[0] if rest else 0
                 req = eng.make_request(_prompt(seed * 31 + i, plen), params, priority=priority)
                 eng.add(req)
@@ -232,6 +243,7 @@ request_st = st.tuples(
     st.sampled_from([0.0, 0.0, 1.0]),  # temperature
     st.integers(0, 10_000),  # seed
     st.sampled_from([0, 0, 1, -1]),  # priority
+    st.booleans(),  # jump-forward
 )
 
 
@@ -267,6 +279,18 @@ def test_slot_books_balance_under_random_traffic(engines, config, requests, abor
     before = eng.stats().preemptions
     drive(eng, requests, aborts)
     event("preempted" if eng.stats().preemptions > before else "no preemption")
+
+
+def test_jump_forward_keeps_the_books_through_preemption(engines):
+    """Requests whose forced tokens are computed in chunks beside others' decodes, in a
+    pool too small for all of them: the books balance after every step, every request
+    ends at exactly max_tokens, and nothing is left held."""
+    eng = engines["small"]
+    before = eng.stats().preemptions
+    live = drive(eng, [(0, 25, 12, 0.0, i, 0, i % 2 == 0) for i in range(5)], aborts=[(7, 3)])
+    assert eng.stats().preemptions > before
+    jumped = [r for r, aborted in live.values() if isinstance(r.params, _JumpingParams)]
+    assert jumped and all(101 in r.output_ids for r in jumped)
 
 
 def test_preemption_keeps_books_and_outputs(engines):
