@@ -33,3 +33,35 @@ def test_prepare_flattens_decodes_then_prefill_chunks(tiny_llama_dir):
     assert isinstance(tokens[0], int)
     eng.scheduler.postprocess(batch, reqs, tokens)
     assert first.num_computed == 4 and second.num_computed == 7
+    assert ctx.generated_rows == 1  # the decode's row; the prompt chunk's take the dense copy
+
+
+def test_a_jump_forward_chunk_goes_before_prompt_chunks_on_the_decode_kernels(tiny_llama_dir):
+    """Forced tokens are computed with the token after them as a chunk of generated
+    tokens; its rows follow the decodes', so they take the quantized kernels
+    (``ForwardContext.generated_rows``), and a prompt chunk after them does not."""
+    eng = LLMEngine(str(tiny_llama_dir), dtype="float32", device="cpu")
+    plain = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0)
+    decoding = eng.get_request(eng.add_request([101, 102, 103], plain))
+    eng.step()
+    jumping = eng.get_request(eng.add_request([104, 105, 106], plain))
+    eng.step()
+    # two tokens forced after the one it sampled, as postprocess appends a rule's tokens
+    # (the runner sees only the pending generated tokens, whatever rule made them)
+    token = jumping.output_ids[-1]
+    jumping.output_ids.extend([7, 8])
+    prompt = eng.get_request(eng.add_request(list(range(300, 310)), plain))
+
+    batch = eng.scheduler.schedule()
+    assert batch.decodes == [decoding]
+    assert {r.request_id: n for r, n in batch.prefills} == {
+        jumping.request_id: 3,
+        prompt.request_id: 10,
+    }
+    input_ids, ctx, sample_at, sampled = eng.runner.prepare(batch)
+    # the decode, then the jumping request's three generated tokens, then the prompt
+    assert input_ids.tolist()[:4] == [decoding.output_ids[-1], token, 7, 8]
+    assert ctx.q_lens == [1, 3, 10]
+    assert ctx.generated_rows == 4
+    assert sampled == [decoding, jumping, prompt]
+    assert sample_at.tolist() == [0, 3, 13]
