@@ -68,7 +68,7 @@ class SamplingParams:
 
     ``jump_forward`` (SGLang's jump-forward decoding, for text a format fixes): a map
     from a token sequence to tokens that always follow it. When a sampled token makes
-    the output end with a key, the key's tokens are appended without sampling, and
+    the output end with a key, the tokens it maps to are appended without sampling, and
     the next step computes them with the token after them in one forward (a chunk of
     generated tokens, as cheap as a decode step on the CPU kernels). Forced tokens are
     output like sampled ones: they count towards ``max_tokens`` and can complete a

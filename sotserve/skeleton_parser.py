@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from sotserve.schemas import PlanPoint
+
+if TYPE_CHECKING:  # annotation only: the parser itself needs no tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 _POINT = re.compile(
     r"""^\s*(?:\#{1,6}\s*)?(?:\*\*|__)?\s*

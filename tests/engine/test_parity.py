@@ -224,7 +224,7 @@ def hf_greedy_jumping(
     model: torch.nn.Module, prompt: list[int], n: int, rules: dict[tuple[int, ...], tuple[int, ...]]
 ) -> tuple[list[int], int]:
     """The reference for ``jump_forward``: greedy, EOS suppressed, and after a sampled
-    token that ends the output with a key, the key's tokens appended (``n`` in all).
+    token that ends the output with a key, the tokens it maps to appended (``n`` in all).
     Also returns how many of the ``n`` were sampled."""
     out: list[int] = []
     sampled = 0
