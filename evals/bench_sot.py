@@ -9,12 +9,17 @@ Sections (``--sections``, comma-separated):
   trained router in every direction of ``evals.train_router --both`` (LIMA and
   vicuna80 each held apart from the other, with and without the project's made-up
   questions; needs ``lima_router.jsonl`` beside ``--data``).
+- ``jump``: the skeleton request of the first ``--limit`` questions alone, greedy,
+  cold cache, with and without the planner's jump-forward rules for the line numbers
+  (``sotserve.skeleton_parser.line_number_jumps``), interleaved per question: the
+  median time and engine steps of each, their ratio, and how many skeletons came out
+  the same text.
 - ``latency``: the ``sot_suitable`` questions one at a time, ``sot`` and
   ``sequential`` interleaved on the same engine, both with the same ``max_tokens``;
   the median end-to-end latency of each and their ratio, and the share of
   point-prompt tokens the prefix cache served.
 
-Run: ``python -m evals.bench_sot [--sections parse,router,latency] [--limit N]``.
+Run: ``python -m evals.bench_sot [--sections parse,router,jump,latency] [--limit N]``.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from sotserve.backends import LocalBackend
 from sotserve.planner import Planner
 from sotserve.router import route_by_rules
 from sotserve.schemas import PointDone
-from sotserve.skeleton_parser import SkeletonParser
+from sotserve.skeleton_parser import SkeletonParser, line_number_jumps
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
 
@@ -126,6 +131,47 @@ def bench_trained_router(llm: LLM, data_dir: Path) -> None:
         print_direction(data.name, test.name, score(params, test, feats[test_name]))
 
 
+def bench_jump(llm: LLM, questions: list[dict[str, Any]], max_tokens: int) -> dict[str, float]:
+    """Skeletons with and without the line-number jump-forward rules (see the module
+    docstring); returns the printed figures."""
+    renderer = prompts.ChatRenderer(llm.tokenizer)
+    rules = line_number_jumps(llm.tokenizer)
+    eng = llm.engine
+    runs: dict[str, dict[str, list[float]]] = {
+        name: {"s": [], "steps": []} for name in ("plain", "jump")
+    }
+    same = 0
+    for i, q in enumerate(questions):
+        ids, _ = skeleton_prompt(renderer, q["question"])
+        texts = {}
+        order = ("plain", "jump") if i % 2 == 0 else ("jump", "plain")
+        for name in order:
+            eng.reset_prefix_cache()  # both cold: neither finds the other's prompt
+            params = SamplingParams(max_tokens=max_tokens, temperature=0,
+                                    jump_forward=rules if name == "jump" else {})  # fmt: skip
+            steps, t = eng.stats().steps, time.perf_counter()
+            texts[name] = llm.generate([ids], params)[0].text
+            runs[name]["s"].append(time.perf_counter() - t)
+            runs[name]["steps"].append(eng.stats().steps - steps)
+        same += texts["plain"] == texts["jump"]
+    med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in runs.items()}
+    figures = {
+        "questions": len(questions),
+        "same_text": same,
+        "plain_s": med["plain"]["s"],
+        "jump_s": med["jump"]["s"],
+        "plain_steps": med["plain"]["steps"],
+        "jump_steps": med["jump"]["steps"],
+        "speedup": med["plain"]["s"] / med["jump"]["s"],
+    }
+    print(f"\n## skeleton jump-forward on {len(questions)} questions "
+          f"({len(rules)} rules, max_tokens={max_tokens}, greedy, cold cache, median)")  # fmt: skip
+    for n in ("plain", "jump"):
+        print(f"  {n:6s} {med[n]['s']:6.3f}s  {med[n]['steps']:5.1f} steps")
+    print(f"  speed-up plain/jump: {figures['speedup']:.2f}x; same text {same}/{len(questions)}")
+    return figures
+
+
 async def bench_latency(questions: list[dict[str, Any]], max_tokens: int, limit: int) -> None:
     qs = [q for q in questions if q["sot_suitable"]][:limit]
     backend = LocalBackend(AsyncEngine())
@@ -175,13 +221,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
     questions = load_questions(args.data)
-    if sections & {"parse", "router"}:
+    if sections & {"parse", "router", "jump"}:
         llm = LLM()
         if "parse" in sections:
             bench_parse(llm, questions, args.dump)
         if "router" in sections:
             bench_router(llm, questions)
             bench_trained_router(llm, args.data.parent)
+        if "jump" in sections:
+            bench_jump(llm, questions[: args.limit], 96)
         del llm
     if "latency" in sections:
         asyncio.run(bench_latency(questions, args.max_tokens, args.limit))
