@@ -331,18 +331,9 @@ class Scheduler:
         c.batched_requests += n_reqs
         c.max_batch_size = max(c.max_batch_size, n_reqs)
         for req in batch.decodes:
-            # a chunk may leave exactly the last prompt token pending: that is prefill
-            if req.num_computed < len(req.prompt_ids):
-                c.computed_prefill_tokens += 1
-            else:
-                c.decode_tokens += 1
-            req.num_computed += 1
+            self._advance(req, 1)
         for req, n in batch.prefills:
-            # a chunk past the prompt holds generated tokens (jump-forward): decode work
-            prompt_part = min(n, max(0, len(req.prompt_ids) - req.num_computed))
-            c.computed_prefill_tokens += prompt_part
-            c.decode_tokens += n - prompt_part
-            req.num_computed += n
+            self._advance(req, n)
             # cache each chunk at once, so siblings waiting on this prefix can use it
             self.cm.commit(req)
         deltas = []
@@ -357,6 +348,16 @@ class Scheduler:
                         break
             deltas.append(self._delta(req))
         return deltas
+
+    def _advance(self, req: Request, n: int) -> None:
+        """``req`` computed ``n`` more tokens: those of its prompt count as prefill, the
+        rest as decode work (a decode's token; a chunk past the prompt, which holds
+        jump-forward tokens; a decode may also finish a prompt a chunk left one short)."""
+        c = self.counters
+        prompt_part = min(n, max(0, len(req.prompt_ids) - req.num_computed))
+        c.computed_prefill_tokens += prompt_part
+        c.decode_tokens += n - prompt_part
+        req.num_computed += n
 
     def _append(self, req: Request, token: int) -> None:
         """Add one output token (sampled or forced), and finish ``req`` if it stops."""
