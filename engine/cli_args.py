@@ -43,6 +43,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="largest decode batch replayed as a CUDA graph (default 64)",
     )  # fmt: skip
     g.add_argument(
+        "--speculative-tokens", type=int, default=None,
+        help="prompt-lookup speculative decoding: draft up to this many tokens from "
+        "n-grams the request already holds, verified in its decode step (default 3; "
+        "0 turns it off)",
+    )  # fmt: skip
+    g.add_argument(
+        "--speculative-max-batch", type=int, default=None,
+        help="draft only while at most this many requests decode (default 4)",
+    )  # fmt: skip
+    g.add_argument(
         "--step-timeout", type=_seconds, default=None, metavar="SECONDS",
         help="a watchdog marks the engine dead, failing every request and turning "
         "/health to 503, when one engine step runs longer than this (a stuck kernel, a "
@@ -74,7 +84,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         k: v
         for k in ("max_model_len", "max_batched_tokens", "max_running", "kv_slots",
-                  "attention_backend", "cuda_graph_max_batch", "quantization")
+                  "attention_backend", "cuda_graph_max_batch", "quantization",
+                  "speculative_tokens", "speculative_max_batch")
         if (v := getattr(args, k)) is not None
     }  # fmt: skip
     # model options (engine.serving.add_model_args) that configure the engine

@@ -55,6 +55,13 @@ class EngineConfig:
                            hub id); ``None``: the model's, and for a dummy model the
                            embedded SmolLM2's.
     ``dummy_seed``         the seed of a dummy model's random weights.
+    ``speculative_tokens`` prompt-lookup speculative decoding (:mod:`engine.speculative`):
+                           a decoding request whose last ``ngram_max``..``ngram_min``
+                           tokens occurred before gets up to this many of the tokens
+                           that followed them as a draft, verified in its decode step;
+                           ``0`` turns it off.
+    ``speculative_max_batch``  drafts only while at most this many requests decode:
+                           in a larger batch their extra rows cost more than they save.
     ``max_wait_steps``     a waiting request that has waited this many steps goes ahead
                            of those of its priority that have waited less, cached
                            prefix or not, so none waits unboundedly behind a stream of
@@ -94,12 +101,17 @@ class EngineConfig:
     load_format: str = "auto"
     tokenizer: str | None = None
     dummy_seed: int = 0
+    speculative_tokens: int = 3
+    ngram_min: int = 2
+    ngram_max: int = 3
+    speculative_max_batch: int = 4
 
     def __post_init__(self) -> None:
         least = {"max_running": 1, "max_batched_tokens": 1, "kv_slots": 1,
                  "max_model_len": 2, "shared_prefix_min_tokens": 1,
                  "cuda_graph_max_batch": 0, "urgent_prefill_tokens": 0,
-                 "max_wait_steps": 0}  # fmt: skip
+                 "max_wait_steps": 0, "speculative_tokens": 0, "ngram_min": 1,
+                 "speculative_max_batch": 0}  # fmt: skip
         for name, low in least.items():
             value = getattr(self, name)
             if value is not None and value < low:
@@ -114,6 +126,10 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
                 f"unknown load_format {self.load_format!r}; available: {', '.join(LOAD_FORMATS)}"
+            )
+        if self.ngram_max < self.ngram_min:
+            raise ValueError(
+                f"ngram_max ({self.ngram_max}) must be at least ngram_min ({self.ngram_min})"
             )
         if self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")

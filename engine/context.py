@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # annotation only: prefix_groups pulls in the request module
 class ForwardContext:
     """What one forward over a flat batch of new tokens needs to know.
 
-    The batch holds ``num_decodes`` one-token requests first, then prefill chunks.
-    For request ``i``: ``rows[i]`` is its ``req_to_token`` row, ``q_lens[i]`` its new
+    The batch holds ``num_decodes`` one-query rows first (decodes, and the tokens of a
+    draft or jump-forward chunk, each with the keys up to it), then prefill chunks.
+    For entry ``i``: ``rows[i]`` is its ``req_to_token`` row, ``q_lens[i]`` its new
     tokens this step and ``kv_lens[i]`` its total tokens after this step (cached
     prefix + new). ``out_slots[t]`` is the KV slot that new token ``t`` writes.
     """
@@ -41,10 +42,6 @@ class ForwardContext:
     # decodes that share a cached prefix, for backends that compute the shared part
     # of attention once per group
     prefix_groups: list[PrefixGroup] = field(default_factory=list)
-    # leading rows of the flat batch that hold generated tokens (the decodes, then
-    # jump-forward chunks): they take the quantized kernels, as decoding does; None:
-    # the decodes alone
-    generated_rows: int | None = None
     # Backend-specific metadata that ``AttentionBackend.plan`` builds once per step and
     # the backend's own layers read back (each backend knows its concrete type).
     attn: object | None = None

@@ -281,6 +281,8 @@ class LLMEngine:
             preemptions=c.preemptions,
             mean_batch_size=c.batched_requests / c.steps if c.steps else 0.0,
             graph_steps=self.runner.graph_steps,
+            draft_tokens=c.draft_tokens,
+            accepted_draft_tokens=c.accepted_draft_tokens,
         )
 
 

@@ -1,8 +1,10 @@
 """Turns a scheduled batch into one forward pass and one sampled token per finished row.
 
 ``prepare`` flattens the batch and builds its :class:`ForwardContext`; ``run`` does
-the forward, the logits of the rows to sample, and the sampling. Decode-only steps
-that fit a captured CUDA graph skip ``prepare`` and replay the graph instead.
+the forward, the logits of the rows to sample, and the sampling (every row of a
+speculative draft, of which it keeps the confirmed part: :mod:`engine.speculative`).
+Decode-only steps that fit a captured CUDA graph skip ``prepare`` and replay the
+graph instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from engine.prefix_groups import find_prefix_groups
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
+from engine.speculative import DraftRow, accepted_prefix, draft_rows
 
 
 class PreparedBatch(NamedTuple):
@@ -29,7 +32,8 @@ class PreparedBatch(NamedTuple):
     input_ids: torch.Tensor  # [T] the new tokens of every request, decodes first
     ctx: ForwardContext  # per-step metadata, attention already planned
     sample_at: torch.Tensor  # [S] rows of the hidden states whose logits are sampled
-    sampled_reqs: list[Request]  # the S requests those rows belong to, in order
+    # what each of those S rows samples for: a request, or a row of a draft
+    sampled_reqs: list[Request | DraftRow]
 
 
 class ModelRunner:
@@ -81,11 +85,14 @@ class ModelRunner:
         """Forward the batch; return the requests that got a token, and their tokens.
 
         A prefill chunk that does not finish its request's pending tokens produces no
-        token: its logits would predict a token the request already has.
+        token: its logits would predict a token the request already has. A draft's
+        request gets the sample after its accepted tokens, and ``Draft.accepted``
+        says how many those are.
         """
         if (
             self.graphs is not None
             and not batch.prefills
+            and not batch.drafts
             and len(batch.decodes) <= self.graphs.max_batch
             # a captured graph hands back logits only, not the hidden states
             and not any(_wants_hidden(r) for r in batch.decodes)
@@ -99,18 +106,23 @@ class ModelRunner:
                 return [], []
             rows = hidden[sample_at]
             for i, req in enumerate(sampled_reqs):
-                if _wants_hidden(req):
+                if isinstance(req, Request) and _wants_hidden(req):
                     req.hidden = rows[i].float().cpu()
             logits = self.model.compute_logits(rows)
         finally:
             set_context(None)
-        return sampled_reqs, self.sampler(logits, sampled_reqs)
+        tokens = self.sampler(logits, sampled_reqs)
+        if not batch.drafts:
+            return sampled_reqs, tokens  # type: ignore[return-value]  # no DraftRow
+        return _verify(batch, sampled_reqs, tokens)
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
         """The flat token batch of an eager step and its planned :class:`ForwardContext`.
 
-        Decodes come first, one token each, then prefill chunks; a request is sampled
-        (its row of ``sample_at``) only if this step computes its last pending token.
+        One-query rows come first: decodes, then the rows of drafts and of short
+        chunks of generated tokens; then prefill chunks, a request of which is
+        sampled (its row of ``sample_at``) only if this step computes its last
+        pending token.
         """
         ids: list[int] = []
         positions: list[int] = []
@@ -118,21 +130,46 @@ class ModelRunner:
         q_lens: list[int] = []
         kv_lens: list[int] = []
         sample_at: list[int] = []
-        sampled_reqs: list[Request] = []
-        for req in batch.decodes:
-            ids.append(_last_token(req))
-            positions.append(req.num_computed)
+        sampled_reqs: list[Request | DraftRow] = []
+
+        def one_query(req: Request, token: int, pos: int) -> None:
+            # a row of its own with the keys up to it, exactly as a decode has: the
+            # same attention kernel, so the same sums as decoding that token alone
+            ids.append(token)
+            positions.append(pos)
             rows.append(req.row)
             q_lens.append(1)
-            kv_lens.append(req.num_computed + 1)
+            kv_lens.append(pos + 1)
+
+        for req in batch.decodes:
+            one_query(req, _last_token(req), req.num_computed)
             sample_at.append(len(ids) - 1)
             sampled_reqs.append(req)
-        # chunks of generated tokens (jump-forward) first, so their rows follow the
-        # decodes' and take the same kernels: for a few rows the quantized matmuls
-        # cost about what one row does, the bfloat16 copy about three times that
-        prefills = sorted(batch.prefills, key=lambda p: not _generated_chunk(*p))
-        generated = len(ids) + sum(n for r, n in prefills if _generated_chunk(r, n))
-        for req, n in prefills:
+        # Generated tokens computed several at a time (a draft after the last token,
+        # jump-forward tokens with the one sampled before them) go in as decode rows
+        # too: the same attention and matmul kernels as decoding them one per step
+        # (for a few rows the quantized matmuls cost about what one row does), so
+        # the same output. Every row of a draft is sampled; of a jump-forward chunk,
+        # the last.
+        for draft in batch.drafts:
+            req, start = draft.req, draft.req.num_computed
+            for i, token in enumerate([_last_token(req), *draft.tokens]):
+                one_query(req, token, start + i)
+                sample_at.append(len(ids) - 1)
+            sampled_reqs.extend(draft_rows(draft))
+        chunks = []
+        for req, n in batch.prefills:
+            if not _generated_chunk(req, n):
+                chunks.append((req, n))
+                continue
+            start = req.num_computed
+            for i, token in enumerate(req.token_slice(start, start + n)):
+                one_query(req, token, start + i)
+            if start + n == req.num_tokens:  # not a recomputation that stops short
+                sample_at.append(len(ids) - 1)
+                sampled_reqs.append(req)
+        num_decodes = len(ids)
+        for req, n in chunks:
             start = req.num_computed
             ids.extend(req.token_slice(start, start + n))
             positions.extend(range(start, start + n))
@@ -155,12 +192,11 @@ class ModelRunner:
             rows=rows,
             q_lens=q_lens,
             kv_lens=kv_lens,
-            num_decodes=len(batch.decodes),
+            num_decodes=num_decodes,
             req_to_token=self.table.table,
             kv_pool=self.kv_pool,
             cos=self.rope_cos[pos].to(dtype),
             sin=self.rope_sin[pos].to(dtype),
-            generated_rows=generated,
         )
         if self.shared_prefix_min_tokens is not None and len(batch.decodes) > 1:
             ctx.prefix_groups = find_prefix_groups(batch.decodes, self.shared_prefix_min_tokens)
@@ -183,6 +219,31 @@ class ModelRunner:
         )
         self.graph_steps += 1
         return decodes, self.sampler(logits, decodes)
+
+
+def _verify(
+    batch: ScheduledBatch, sampled: list[Request | DraftRow], tokens: list[int]
+) -> tuple[list[Request], list[int]]:
+    """One token per request: a draft's rows collapse to the sample after the tokens
+    they confirm (``Draft.accepted`` is set), other rows stay as they are."""
+    reqs: list[Request] = []
+    out: list[int] = []
+    drafts = iter(batch.drafts)
+    i = 0
+    while i < len(sampled):
+        row = sampled[i]
+        if isinstance(row, Request):
+            reqs.append(row)
+            out.append(tokens[i])
+            i += 1
+            continue
+        draft = next(drafts)
+        n = len(draft.tokens) + 1
+        draft.accepted = accepted_prefix(draft.tokens, tokens[i : i + n])
+        reqs.append(draft.req)
+        out.append(tokens[i + draft.accepted])
+        i += n
+    return reqs, out
 
 
 def _wants_hidden(req: Request) -> bool:

@@ -9,9 +9,14 @@ from collections.abc import Sequence
 import torch
 
 from engine.request import Request
+from engine.speculative import DraftRow
+
+#: what a row of logits is sampled for: a request, or a row of its speculative draft
+#: (which reads the request's rules with the draft's earlier tokens as output)
+SampledRow = Request | DraftRow
 
 
-def _adjusts_logits(req: Request) -> bool:
+def _adjusts_logits(req: SampledRow) -> bool:
     """Whether :func:`apply_penalties` changes ``req``'s logits this step."""
     p = req.params
     return p.penalized or (p.min_tokens > 0 and len(req.output_ids) < p.min_tokens)
@@ -44,7 +49,7 @@ def _row_values(values: list[float], local: torch.Tensor, like: torch.Tensor) ->
     return torch.tensor(values, dtype=like.dtype, device=like.device)[local]
 
 
-def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, requests: Sequence[SampledRow]) -> torch.Tensor:
     """Apply min_tokens, then the repetition penalty, then the frequency and presence
     penalties (vLLM's order) to ``logits [B, V]``, row ``i`` being ``requests[i]``'s;
     in place, and returns ``logits``. See :class:`engine.SamplingParams` for the rules.
@@ -101,7 +106,7 @@ def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.
     return logits
 
 
-def apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+def apply_logit_bias(logits: torch.Tensor, requests: Sequence[SampledRow]) -> torch.Tensor:
     """Add each request's ``logit_bias`` to its row of ``logits [B, V]``, in place, and
     return ``logits``; rows without one are left alone.
 
@@ -166,7 +171,7 @@ class Sampler:
     pays two cheap checks per request and nothing else.
     """
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, requests: Sequence[SampledRow]) -> list[int]:
         if any(_adjusts_logits(r) for r in requests):
             apply_penalties(logits, requests)
         if any(r.params.logit_bias for r in requests):

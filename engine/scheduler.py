@@ -47,6 +47,11 @@ default, may be negative) come before all of that:
 
 With every priority equal, all of this reduces to the rules above.
 
+While at most ``EngineConfig.speculative_max_batch`` requests decode, each may carry
+a draft (:mod:`engine.speculative`): tokens looked up from its own n-grams, computed
+in its decode step and kept as far as the samples confirm them. A draft's slots
+never cost a preemption, and those of rejected tokens go back at once.
+
 After the forward, ``postprocess`` advances each request, caches prefill chunks,
 appends and detokenizes the sampled tokens, and finishes the requests that hit a
 stop rule or a length limit. Aborts end a request the same way, between steps.
@@ -64,6 +69,7 @@ from engine.cache_manager import CacheManager
 from engine.config import EngineConfig
 from engine.outputs import RequestDelta
 from engine.request import Request, RequestStatus
+from engine.speculative import Draft, NgramIndex, can_draft
 from engine.stats import Counters
 
 # Waiting requests looked at per step; bounds the cost of prefix matching.
@@ -72,13 +78,15 @@ _ADMISSION_WINDOW = 64
 
 @dataclass
 class ScheduledBatch:
-    """One step's work: ``decodes`` (1 token each) then ``prefills`` as (request, n)."""
+    """One step's work: ``decodes`` (1 token each), decodes with a draft to verify
+    (``drafts``), then ``prefills`` as (request, n)."""
 
     decodes: list[Request] = field(default_factory=list)
     prefills: list[tuple[Request, int]] = field(default_factory=list)
+    drafts: list[Draft] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.decodes or self.prefills)
+        return bool(self.decodes or self.prefills or self.drafts)
 
 
 @dataclass
@@ -132,6 +140,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = Counters()
+        # prompt-lookup indexes of the requests that drafted, by request id
+        self._ngrams: dict[str, NgramIndex] = {}
 
     # -- queue management --------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -189,8 +199,10 @@ class Scheduler:
             cols = torch.tensor([r.num_computed for r in decodes], device=new.device)
             cm.table.table[rows, cols] = new
         batch.decodes = decodes
+        self._draft(batch)
 
-        budget = _Budget(self.config.max_batched_tokens - len(decodes))
+        drafted = sum(len(d.tokens) + 1 for d in batch.drafts)
+        budget = _Budget(self.config.max_batched_tokens - len(batch.decodes) - drafted)
         cap = self.config.urgent_prefill_tokens
         if decodes and cap is not None:
             budget.urgent = min(r.priority for r in decodes)
@@ -220,6 +232,43 @@ class Scheduler:
             self._preempt()
             return self.schedule()
         return batch
+
+    def _draft(self, batch: ScheduledBatch) -> None:
+        """Move the decodes that find a draft (their n-grams occurred before) from
+        ``batch.decodes`` to ``batch.drafts``, while the batch is small enough. A
+        draft never outgrows the request's ``max_tokens`` or the context. Its slots
+        may evict cached prefixes (least recently used first: a long-running engine's
+        cache holds every slot not in use) but never preempt a request."""
+        cfg, cm = self.config, self.cm
+        if not cfg.speculative_tokens or len(batch.decodes) > cfg.speculative_max_batch:
+            return
+        room = cfg.max_batched_tokens - len(batch.decodes)
+        plain = []
+        for req in batch.decodes:
+            limit = min(
+                cfg.speculative_tokens,
+                room,
+                cm.available,
+                # the step keeps at most the draft and one more token
+                req.params.max_tokens - len(req.output_ids) - 1,
+                cfg.max_model_len - req.num_tokens - 1,
+            )
+            tokens = []
+            if limit > 0 and can_draft(req.params, req.generator):
+                index = self._ngrams.get(req.request_id)
+                if index is None:
+                    index = self._ngrams[req.request_id] = NgramIndex(cfg.ngram_min, cfg.ngram_max)
+                tokens = index.lookup(req.token_slice(0, req.num_tokens), limit)
+            if not tokens:
+                plain.append(req)
+                continue
+            slots = cm.allocate(len(tokens))
+            assert slots is not None  # at most ``available``
+            # the draft's rows follow the last token's, whose slot is already there
+            cm.table.write(req.row, req.num_computed + 1, slots)
+            batch.drafts.append(Draft(req, tokens))
+            room -= len(tokens)
+        batch.decodes = plain
 
     def _make_room_for_urgent(self) -> int | None:
         """Preempt running requests less urgent than the most urgent waiting one while
@@ -332,13 +381,20 @@ class Scheduler:
         c.max_batch_size = max(c.max_batch_size, n_reqs)
         for req in batch.decodes:
             self._advance(req, 1)
+        drafts = {id(d.req): d for d in batch.drafts}
+        for d in batch.drafts:
+            self._advance(d.req, 1)  # the last token's row; the draft's count as kept
         for req, n in batch.prefills:
             self._advance(req, n)
             # cache each chunk at once, so siblings waiting on this prefix can use it
             self.cm.commit(req)
         deltas = []
         for req, token in zip(reqs, tokens, strict=True):
-            self._append(req, token)
+            draft = drafts.get(id(req))
+            if draft is None:
+                self._append(req, token)
+            else:
+                self._keep_draft(draft, token)
             if req.finish_reason is None:
                 # jump-forward: tokens the format fixes go in without a step of their
                 # own; the next step computes them with the token after them
@@ -348,6 +404,27 @@ class Scheduler:
                         break
             deltas.append(self._delta(req))
         return deltas
+
+    def _keep_draft(self, draft: Draft, token: int) -> None:
+        """Append a verified draft's accepted tokens and ``token`` (the sample after
+        them), counting each accepted token's row as computed as it goes in; the
+        slots of the rows not kept (rejected, or after a stop) are freed."""
+        req = draft.req
+        c = self.counters
+        c.draft_tokens += len(draft.tokens)
+        c.accepted_draft_tokens += draft.accepted
+        # the draft's rows, right after the last token's (already counted)
+        rows = self.cm.table.slots(req.row, req.num_computed + len(draft.tokens), req.num_computed)
+        rows = rows.clone()  # a finish below frees the table row
+        kept = 0
+        for i, t in enumerate([*draft.tokens[: draft.accepted], token]):
+            if i:
+                self._advance(req, 1)  # row i computed the accepted token before t
+                kept += 1
+            self._append(req, t)
+            if req.finish_reason is not None:
+                break
+        self.cm.slots.free(rows[kept:])
 
     def _advance(self, req: Request, n: int) -> None:
         """``req`` computed ``n`` more tokens: those of its prompt count as prefill, the
@@ -387,6 +464,7 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         self.release(req)
         del self.requests[req.request_id]
+        self._ngrams.pop(req.request_id, None)
         if reason == "abort":
             self.counters.aborted_requests += 1
         else:

@@ -28,6 +28,8 @@ class Counters:
     finished_requests: int = 0  # ended by a stop rule or a length limit
     aborted_requests: int = 0
     preemptions: int = 0  # requests sent back to the queue for KV space
+    draft_tokens: int = 0  # speculative draft tokens verified
+    accepted_draft_tokens: int = 0  # of those, kept
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,9 @@ class EngineStats:
     ``computed_prefill_tokens``, ``decode_tokens``, ``generated_tokens``, ``steps``,
     ``batched_requests``, ``finished_requests``, ``aborted_requests``,
     ``evicted_tokens`` (prefix-cache slots freed), ``preemptions``, ``graph_steps``
-    (steps that replayed a captured CUDA graph). ``max_batch_size`` is the largest
+    (steps that replayed a captured CUDA graph), ``draft_tokens`` and
+    ``accepted_draft_tokens`` (speculative drafts verified, and the part kept).
+    ``max_batch_size`` is the largest
     step so far and ``mean_batch_size`` is ``batched_requests / steps``.
 
     Gauges (now): ``running`` and ``waiting`` requests, ``kv_slots_used`` (held by
@@ -66,6 +70,8 @@ class EngineStats:
     preemptions: int = 0
     mean_batch_size: float = 0.0
     graph_steps: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     def as_dict(self) -> dict[str, int | float]:
         """The fields by name, for JSON output and logs."""

@@ -15,6 +15,13 @@ per second).
 
 ``fanout`` and ``cascade``: the prefix cache and the shared-prefix attention path, each
 against the engine without it.
+
+``speculative``: prompt-lookup speculative decoding (``engine.speculative``) against the
+same engine without it, on chat answers to ``--dataset`` questions (greedy, EOS ends
+them, ``--tokens`` at most), the engine as served (its default dtype and weights): one
+question at a time, then ``--spec-batches`` questions at once. The two engines take
+turns per question; the outputs must be the same tokens, and the figures are answer
+tokens per second, engine steps, and the share of draft tokens accepted.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROMPT = "Write a short story about a dragon who learns to paint."
+DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
 
 
 def copy_bandwidth(
@@ -88,7 +97,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--sections", default="decode,fanout",
-        help="comma-separated: decode, floor, fanout, cascade",
+        help="comma-separated: decode, floor, fanout, cascade, speculative",
+    )  # fmt: skip
+    ap.add_argument("--dataset", type=Path, default=DATASET, help="speculative section")
+    ap.add_argument(
+        "--limit", type=int, default=20, help="speculative section: the first N questions"
+    )
+    ap.add_argument(
+        "--spec-batches", default="1,4,8",
+        help="speculative section: questions decoded at once",
     )  # fmt: skip
     ap.add_argument("--device", default="auto", help="floor section: cpu | cuda | auto")
     ap.add_argument("--floor-batches", default="1,32", help="floor section: batch sizes")
@@ -107,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     files = resolve_model(args.model)
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     runners = {"decode": bench_decode, "floor": bench_floor, "cascade": bench_cascade,
-               "fanout": bench_fanout}  # fmt: skip
+               "fanout": bench_fanout, "speculative": bench_speculative}  # fmt: skip
     unknown = set(sections) - set(runners)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; available: {', '.join(runners)}")
@@ -369,3 +386,52 @@ def bench_cascade(args: argparse.Namespace, files, dtype: torch.dtype) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def bench_speculative(args: argparse.Namespace, files, dtype: torch.dtype) -> dict[int, float]:
+    """Answer tokens per second with prompt-lookup drafts over without, per batch size
+    of ``--spec-batches``; returns those ratios."""
+    from engine import LLM, SamplingParams
+    from evals.dataset import load_dataset, select
+    from prompts import ChatRenderer
+
+    engines = {
+        "drafts": LLM(str(files.path)),
+        "plain": LLM(str(files.path), speculative_tokens=0),
+    }
+    renderer = ChatRenderer(engines["plain"].tokenizer)
+    questions = select(load_dataset(args.dataset).questions, limit=args.limit)
+    prompts = [renderer.render([{"role": "user", "content": q.question}]) for q in questions]
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0)
+    for llm in engines.values():  # warm-up
+        llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0))
+    ratios: dict[int, float] = {}
+    print(f"speculative: {len(prompts)} questions of {args.dataset.name}, <= {args.tokens} tokens")
+    for batch in [int(b) for b in args.spec_batches.split(",")]:
+        groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+        secs = dict.fromkeys(engines, 0.0)
+        tokens = dict.fromkeys(engines, 0)
+        outputs: dict[str, list[list[int]]] = {name: [] for name in engines}
+        before = {name: llm.stats() for name, llm in engines.items()}
+        for k, group in enumerate(groups):
+            order = list(engines) if k % 2 == 0 else list(reversed(engines))
+            for name in order:
+                t = time.perf_counter()
+                outs = engines[name].generate(group, params)
+                secs[name] += time.perf_counter() - t
+                tokens[name] += sum(len(o.token_ids) for o in outs)
+                outputs[name].extend(o.token_ids for o in outs)
+        same = sum(a == b for a, b in zip(outputs["drafts"], outputs["plain"], strict=True))
+        print(f"  batch {batch}: same tokens in {same} of {len(prompts)} answers")
+        for name, llm in engines.items():
+            st, b0 = llm.stats(), before[name]
+            drafted = st.draft_tokens - b0.draft_tokens
+            accepted = st.accepted_draft_tokens - b0.accepted_draft_tokens
+            share = f", {accepted}/{drafted} draft tokens accepted" if drafted else ""
+            print(
+                f"    {name:6s}: {tokens[name] / secs[name]:6.1f} tok/s, {tokens[name]} tokens "
+                f"in {st.steps - b0.steps} steps{share}"
+            )
+        ratios[batch] = (tokens["drafts"] / secs["drafts"]) / (tokens["plain"] / secs["plain"])
+        print(f"    speed-up from drafts: {ratios[batch]:.2f}x")
+    return ratios

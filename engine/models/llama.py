@@ -222,8 +222,7 @@ class LlamaForCausalLM(nn.Module):
         # rows of generated tokens take the quantized kernels, prompt rows their
         # bfloat16 copies
         ctx = get_context()
-        rows = ctx.num_decodes if ctx.generated_rows is None else ctx.generated_rows
-        with kernel_rows(rows):
+        with kernel_rows(ctx.num_decodes):
             return self.model(input_ids)
 
     #: candidates re-scored in full precision when the head runs in lower precision

@@ -33,13 +33,15 @@ def test_prepare_flattens_decodes_then_prefill_chunks(tiny_llama_dir):
     assert isinstance(tokens[0], int)
     eng.scheduler.postprocess(batch, reqs, tokens)
     assert first.num_computed == 4 and second.num_computed == 7
-    assert ctx.generated_rows == 1  # the decode's row; the prompt chunk's take the dense copy
+    # the decode's row takes the quantized kernels, the prompt chunk's the dense copy
+    assert ctx.num_decodes == 1
 
 
-def test_a_jump_forward_chunk_goes_before_prompt_chunks_on_the_decode_kernels(tiny_llama_dir):
+def test_a_jump_forward_chunk_goes_in_as_decode_rows(tiny_llama_dir):
     """Forced tokens are computed with the token after them as a chunk of generated
-    tokens; its rows follow the decodes', so they take the quantized kernels
-    (``ForwardContext.generated_rows``), and a prompt chunk after them does not."""
+    tokens; each of its tokens is a one-query row after the decodes', with the keys up
+    to it (``ForwardContext.num_decodes`` counts them), so they take the decode
+    attention and the quantized kernels, and a prompt chunk after them does not."""
     eng = LLMEngine(str(tiny_llama_dir), dtype="float32", device="cpu")
     plain = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0)
     decoding = eng.get_request(eng.add_request([101, 102, 103], plain))
@@ -61,7 +63,9 @@ def test_a_jump_forward_chunk_goes_before_prompt_chunks_on_the_decode_kernels(ti
     input_ids, ctx, sample_at, sampled = eng.runner.prepare(batch)
     # the decode, then the jumping request's three generated tokens, then the prompt
     assert input_ids.tolist()[:4] == [decoding.output_ids[-1], token, 7, 8]
-    assert ctx.q_lens == [1, 3, 10]
-    assert ctx.generated_rows == 4
+    assert ctx.q_lens == [1, 1, 1, 1, 10]
+    assert ctx.rows == [decoding.row, jumping.row, jumping.row, jumping.row, prompt.row]
+    assert ctx.kv_lens[1:4] == [4, 5, 6]  # each token sees the keys up to its own
+    assert ctx.num_decodes == 4
     assert sampled == [decoding, jumping, prompt]
     assert sample_at.tolist() == [0, 3, 13]

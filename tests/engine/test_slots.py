@@ -188,11 +188,18 @@ class _JumpingParams(engine.SamplingParams):
         return (101,) * (1 + n % 3 // 2) if n % 2 else ()
 
 
+# a logit bias this strong on one token makes the random-weight model repeat it, so
+# prompt-lookup drafts are found: at temperature 0 accepted whole, at 1 (unseeded:
+# seeded samples get no drafts) now and then rejected
+_REPEATING = {4_500: 18.0}
+
+
 def drive(eng: LLMEngine, requests, aborts, max_steps: int = 2000) -> dict:
     """Add ``requests`` [(arrival_step, prompt_len, max_tokens, temperature, seed[,
-    priority[, jumping]])] at their steps, abort at ``aborts`` [(step, index)], step
-    until done, checking the books after every change. Returns {request_id: (request,
-    aborted)}."""
+    priority[, jumping[, repeating]]])] at their steps (a negative seed: an unseeded
+    sample; repeating: True or a logit bias), abort at ``aborts`` [(step, index)],
+    step until done, checking the books after every change. Returns {request_id:
+    (request, aborted)}."""
     live: dict[str, tuple] = {}
     order: list[str] = []
     last_arrival = max(r[0] for r in requests)
@@ -202,7 +209,15 @@ def drive(eng: LLMEngine, requests, aborts, max_steps: int = 2000) -> dict:
         for i, (arrival, plen, max_tokens, temp, seed, *rest) in enumerate(requests):
             if arrival == step:
                 kind = _JumpingParams if len(rest) > 1 and rest[1] else engine.SamplingParams
-                params = kind(temperature=temp, seed=seed, max_tokens=max_tokens, ignore_eos=True)
+                repeating = rest[2] if len(rest) > 2 else False
+                bias = (
+                    repeating if isinstance(repeating, dict) else _REPEATING if repeating else None
+                )
+                params = kind(
+                    temperature=temp, seed=seed if seed >= 0 else None, max_tokens=max_tokens,
+                    ignore_eos=True,
+                    logit_bias=bias,
+                )  # fmt: skip
                 priority = rest[0] if rest else 0
                 req = eng.make_request(_prompt(seed * 31 + i, plen), params, priority=priority)
                 eng.add(req)
@@ -239,11 +254,12 @@ def drive(eng: LLMEngine, requests, aborts, max_steps: int = 2000) -> dict:
 request_st = st.tuples(
     st.integers(0, 8),  # arrival step
     st.integers(1, 36),  # prompt length
-    st.integers(1, 8),  # max_tokens
+    st.integers(1, 12),  # max_tokens
     st.sampled_from([0.0, 0.0, 1.0]),  # temperature
-    st.integers(0, 10_000),  # seed
+    st.one_of(st.integers(0, 10_000), st.integers(-9, -1)),  # seed (negative: none)
     st.sampled_from([0, 0, 1, -1]),  # priority
     st.booleans(),  # jump-forward
+    st.booleans(),  # repeating: drafts
 )
 
 
@@ -293,6 +309,27 @@ def test_jump_forward_keeps_the_books_through_preemption(engines):
     assert eng.stats().preemptions > before
     jumped = [r for r, aborted in live.values() if isinstance(r.params, _JumpingParams)]
     assert jumped and all(101 in r.output_ids for r in jumped)
+
+
+def test_drafts_keep_the_books_through_preemption(engines):
+    """Requests that draft (their output repeats) beside others in a pool too small for
+    them all: drafts take free slots only, rejected rows give theirs back, and every
+    request ends at exactly max_tokens with nothing left held."""
+    eng = engines["small"]
+    eng.reset_prefix_cache()
+    before = eng.stats()
+    # at most four decode at once (speculative_max_batch), and 3 * (30 + 16) > 96
+    reqs = [(0, 30, 16, 0.0, i, 0, False, True) for i in range(3)]
+    # a weaker bias: greedy picks the token at some positions and not at others, so
+    # some drafts are rejected
+    reqs += [(4, 20, 12, 0.0, 77, 0, False, {4_500: 14.0})]
+    drive(eng, reqs, aborts=[(12, 1)])
+    after = eng.stats()
+    assert after.preemptions > before.preemptions
+    assert after.accepted_draft_tokens > before.accepted_draft_tokens
+    assert after.draft_tokens - before.draft_tokens > (
+        after.accepted_draft_tokens - before.accepted_draft_tokens
+    )  # some drafts were rejected, and their slots went back
 
 
 def test_preemption_keeps_books_and_outputs(engines):

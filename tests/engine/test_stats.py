@@ -13,7 +13,8 @@ FIELDS = {
     "prompt_tokens", "computed_prefill_tokens", "decode_tokens", "generated_tokens",
     "steps", "batched_requests", "max_batch_size", "finished_requests", "aborted_requests",
     "running", "waiting", "kv_slots_used", "kv_slots_total", "cache_size", "cached_tokens",
-    "evicted_tokens", "preemptions", "mean_batch_size", "graph_steps",
+    "evicted_tokens", "preemptions", "mean_batch_size", "graph_steps", "draft_tokens",
+    "accepted_draft_tokens",
 }  # fmt: skip
 
 
