@@ -50,7 +50,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument(
         "--speculative-max-batch", type=int, default=None,
-        help="draft only while at most this many requests decode (default 4)",
+        help="draft only while at most this many requests decode (default 2)",
     )  # fmt: skip
     g.add_argument(
         "--step-timeout", type=_seconds, default=None, metavar="SECONDS",

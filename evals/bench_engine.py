@@ -384,10 +384,6 @@ def bench_cascade(args: argparse.Namespace, files, dtype: torch.dtype) -> None:
     print(f"  speed-up of the decode step from the shared-prefix path: {ratio:.2f}x")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def bench_speculative(args: argparse.Namespace, files, dtype: torch.dtype) -> dict[int, float]:
     """Answer tokens per second with prompt-lookup drafts over without, per batch size
     of ``--spec-batches``; returns those ratios."""
@@ -435,3 +431,7 @@ def bench_speculative(args: argparse.Namespace, files, dtype: torch.dtype) -> di
         ratios[batch] = (tokens["drafts"] / secs["drafts"]) / (tokens["plain"] / secs["plain"])
         print(f"    speed-up from drafts: {ratios[batch]:.2f}x")
     return ratios
+
+
+if __name__ == "__main__":
+    main()

@@ -57,6 +57,16 @@ class EngineCollector(Collector):
             (st.steps, "sotserve_engine_steps", "engine forward steps"),
             (st.preemptions, "sotserve_engine_preemptions", "requests preempted for KV space"),
             (st.aborted_requests, "sotserve_engine_aborted_requests", "requests aborted"),
+            (
+                st.draft_tokens,
+                "sotserve_engine_spec_draft_tokens",
+                "speculative draft tokens verified (vLLM: spec_decode_num_draft_tokens)",
+            ),
+            (
+                st.accepted_draft_tokens,
+                "sotserve_engine_spec_accepted_tokens",
+                "speculative draft tokens accepted",
+            ),
         ]
         for value, name, doc in counters:
             yield CounterMetricFamily(name, doc, value=float(value))

@@ -318,7 +318,7 @@ def test_drafts_keep_the_books_through_preemption(engines):
     eng = engines["small"]
     eng.reset_prefix_cache()
     before = eng.stats()
-    # at most four decode at once (speculative_max_batch), and 3 * (30 + 16) > 96
+    # two at a time draft (speculative_max_batch), and 3 * (30 + 16) > 96
     reqs = [(0, 30, 16, 0.0, i, 0, False, True) for i in range(3)]
     # a weaker bias: greedy picks the token at some positions and not at others, so
     # some drafts are rejected

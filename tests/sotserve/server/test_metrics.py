@@ -19,7 +19,7 @@ def test_engine_stats_are_exported_at_each_scrape():
     busy = EngineStats(
         running=2, waiting=1, kv_slots_used=40, kv_slots_total=100, cache_size=64,
         prompt_tokens=200, cached_tokens=150, generated_tokens=30, steps=12,
-        preemptions=1, aborted_requests=3,
+        preemptions=1, aborted_requests=3, draft_tokens=9, accepted_draft_tokens=4,
     )  # fmt: skip
     snapshot = [busy]
     metrics = Metrics(lambda: snapshot[0])
@@ -34,6 +34,8 @@ def test_engine_stats_are_exported_at_each_scrape():
     assert m["sotserve_engine_steps_total"] == 12
     assert m["sotserve_engine_preemptions_total"] == 1
     assert m["sotserve_engine_aborted_requests_total"] == 3
+    assert m["sotserve_engine_spec_draft_tokens_total"] == 9
+    assert m["sotserve_engine_spec_accepted_tokens_total"] == 4
     assert m["sotserve_prefix_cache_hit_ratio"] == 0.75
     snapshot[0] = EngineStats()  # read again at the next scrape; no division by zero
     m = _samples(metrics.render().decode())
