@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.attention.common import KEY_MULTIPLE
 from engine.cache_manager import CacheManager
 from engine.config import EngineConfig
 from engine.outputs import RequestDelta
@@ -252,6 +253,11 @@ class Scheduler:
                 # the step keeps at most the draft and one more token
                 req.params.max_tokens - len(req.output_ids) - 1,
                 cfg.max_model_len - req.num_tokens - 1,
+                # Every row of the draft keeps the padded key width its last token's
+                # row has (engine.attention.common): a row padded wider would sum its
+                # attention in another order than decoding it alone, and parted the
+                # output at near-ties (measured: 1 answer of 1 at 512 tokens).
+                -(req.num_tokens // -KEY_MULTIPLE) * KEY_MULTIPLE - req.num_tokens,
             )
             tokens = []
             if limit > 0 and can_draft(req.params, req.generator):

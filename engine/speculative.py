@@ -70,14 +70,14 @@ class NgramIndex:
 
 
 def can_draft(params: SamplingParams, generator: torch.Generator | None) -> bool:
-    """Whether a request's sampling allows drafts.
+    """Whether a request's sampling allows drafts: not for a seeded random request,
+    whose samples must be the ones plain decoding draws from its generator (rows
+    after a rejection would use up draws).
 
-    Not with jump-forward rules: they append tokens without sampling, which a row of
-    a draft would sample instead. Not for a seeded random request: its samples must
-    be the ones plain decoding draws from its generator, and rows after a rejection
-    would use up draws."""
-    if params.jump_forward:
-        return False
+    Jump-forward rules and drafts go together: a rule's tokens are appended after
+    the step's last token as always; inside a draft, the token a rule would force is
+    sampled and verified like any other (the rules hold tokens the model writes
+    anyway: a skeleton's "." after a line number)."""
     return generator is None or params.greedy
 
 

@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument(
+        "--speculative-tokens", type=int, default=None,
+        help="local: the engine's prompt-lookup draft length (0: no drafts; default the "
+        "engine's)",
+    )  # fmt: skip
+    p.add_argument(
         "--api-key", default=os.environ.get("SOTSERVE_API_KEY"),
         help="URL: the server's API key (default: $SOTSERVE_API_KEY)",
     )  # fmt: skip
@@ -374,7 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         from engine import AsyncEngine
         from engine.serve_loop import run_beside_step_loop
 
-        engine = AsyncEngine(args.model, dtype=args.dtype, device=args.device, step_thread=False)
+        options = {}
+        if args.speculative_tokens is not None:
+            options["speculative_tokens"] = args.speculative_tokens
+        engine = AsyncEngine(
+            args.model, dtype=args.dtype, device=args.device, step_thread=False, **options
+        )
         return run_beside_step_loop(engine, lambda: main_async(args, engine))
     except KeyboardInterrupt:
         return 130

@@ -9,7 +9,9 @@ import torch
 
 from engine.context import ForwardContext
 
-_KEY_MULTIPLE = 16
+#: decodes' key ranges are padded to a multiple of this many keys; rows padded to
+#: another width sum in another order (the scheduler keeps a draft's rows in one width)
+KEY_MULTIPLE = 16
 
 
 @dataclass
@@ -53,7 +55,7 @@ def padded(ctx: ForwardContext, which: list[int], starts: list[int], dtype: torc
     # vector width regroups a row's sums. On whole multiples the masked keys only add
     # exact zeros, and a request's output no longer depends on how long its
     # batch-mates are (tests/engine/test_quantized_engine.py).
-    width = -(-max(lens_list) // _KEY_MULTIPLE) * _KEY_MULTIPLE
+    width = -(-max(lens_list) // KEY_MULTIPLE) * KEY_MULTIPLE
     cols = torch.arange(width, device=dev)[None, :]
     first = torch.tensor(starts, device=dev)[:, None]
     index = ctx.req_to_token[rows[:, None], (first + cols).clamp(max=ctx.req_to_token.shape[1] - 1)]
