@@ -229,14 +229,14 @@ def test_line_number_jumps_skip_numbers_the_tokenizer_merges():
 def test_line_number_jumps_leave_real_skeletons_unchanged_in_fewer_steps(tokenizer):
     """On the embedded SmolLM2 the model writes the forced "." itself: these greedy
     skeletons are the same text with the rules, one engine step shorter per line from
-    the second. (Not every skeleton is: a chunk's attention sums in another order than
-    a decode's, so a near-tie right after a forced "." can part; 13 of vicuna80's 80,
-    ``python -m evals.bench_sot --sections jump``.)"""
+    the second (the forced token and the one after it go in as decode rows, so they
+    sum as decoding does). Speculative drafts are off here, so that the steps saved
+    are the rules' alone."""
     from engine import LLM, SamplingParams
     from prompts import ChatRenderer
     from sotserve.prompt_heads import template_messages
 
-    llm = LLM(device="cpu")
+    llm = LLM(device="cpu", speculative_tokens=0)
     renderer = ChatRenderer(llm.tokenizer)
     rules = line_number_jumps(llm.tokenizer)
     for question in (
