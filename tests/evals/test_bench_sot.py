@@ -15,7 +15,7 @@ def test_bench_jump_compares_the_same_skeletons_in_fewer_steps(capsys):
         {"question": "How can I improve my time management skills?"},
         {"question": "What are the most effective ways to deal with stress?"},
     ]
-    figures = bench_jump(LLM(device="cpu"), questions, max_tokens=40)
+    figures = bench_jump(LLM(device="cpu", speculative_tokens=0), questions, max_tokens=40)
     assert figures["questions"] == 2 and figures["same_text"] == 2
     # one step fewer per line from the second: these skeletons have at least three
     assert figures["jump_steps"] <= figures["plain_steps"] - 3
