@@ -21,9 +21,9 @@ from engine.kv_cache import KVPool, ReqToTokenTable
 from engine.models import LlamaForCausalLM
 from engine.prefix_groups import find_prefix_groups
 from engine.request import Request
-from engine.sampler import Sampler
+from engine.sampler import SampledRow, Sampler
 from engine.scheduler import ScheduledBatch
-from engine.speculative import DraftRow, accepted_prefix, draft_rows
+from engine.speculative import accepted_prefix, draft_rows
 
 
 class PreparedBatch(NamedTuple):
@@ -33,7 +33,7 @@ class PreparedBatch(NamedTuple):
     ctx: ForwardContext  # per-step metadata, attention already planned
     sample_at: torch.Tensor  # [S] rows of the hidden states whose logits are sampled
     # what each of those S rows samples for: a request, or a row of a draft
-    sampled_reqs: list[Request | DraftRow]
+    sampled_reqs: list[SampledRow]
 
 
 class ModelRunner:
@@ -130,7 +130,7 @@ class ModelRunner:
         q_lens: list[int] = []
         kv_lens: list[int] = []
         sample_at: list[int] = []
-        sampled_reqs: list[Request | DraftRow] = []
+        sampled_reqs: list[SampledRow] = []
 
         def one_query(req: Request, token: int, pos: int) -> None:
             # a row of its own with the keys up to it, exactly as a decode has: the
@@ -222,7 +222,7 @@ class ModelRunner:
 
 
 def _verify(
-    batch: ScheduledBatch, sampled: list[Request | DraftRow], tokens: list[int]
+    batch: ScheduledBatch, sampled: list[SampledRow], tokens: list[int]
 ) -> tuple[list[Request], list[int]]:
     """One token per request: a draft's rows collapse to the sample after the tokens
     they confirm (``Draft.accepted`` is set), other rows stay as they are."""

@@ -237,7 +237,7 @@ class Scheduler:
     def _draft(self, batch: ScheduledBatch) -> None:
         """Move the decodes that find a draft (their n-grams occurred before) from
         ``batch.decodes`` to ``batch.drafts``, while the batch is small enough. A
-        draft never outgrows the request's ``max_tokens`` or the context. Its slots
+        draft never outgrows the request's ``max_tokens`` (so nor the context). Its slots
         may evict cached prefixes (least recently used first: a long-running engine's
         cache holds every slot not in use) but never preempt a request."""
         cfg, cm = self.config, self.cm
@@ -250,9 +250,9 @@ class Scheduler:
                 cfg.speculative_tokens,
                 room,
                 cm.available,
-                # the step keeps at most the draft and one more token
+                # the step keeps at most the draft and one more token (make_request
+                # holds prompt + max_tokens within the context, so this bounds both)
                 req.params.max_tokens - len(req.output_ids) - 1,
-                cfg.max_model_len - req.num_tokens - 1,
                 # Every row of the draft keeps the padded key width its last token's
                 # row has (engine.attention.common): a row padded wider would sum its
                 # attention in another order than decoding it alone, and parted the
