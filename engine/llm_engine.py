@@ -33,7 +33,7 @@ from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.stats import EngineStats
-from kernels.rope import rope_cos_sin_cache
+from sot_kernels.rope import rope_cos_sin_cache
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ path from the root to that node is its prefix, and two requests whose paths shar
 nodes read the same KV slots for those tokens. The points of one skeleton answer
 are such a group: they all continue the question+skeleton prefix. Attention over
 the shared part can then be computed once for the whole group (cascade attention,
-:mod:`kernels.cascade`).
+:mod:`sot_kernels.cascade`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Weight-only quantized matrices: what a GGUF block format or load-time quantization
-produces, before it is packed for a matmul kernel (:mod:`kernels.linear`).
+produces, before it is packed for a matmul kernel (:mod:`sot_kernels.linear`).
 
 Two layouts cover what the CPU kernels take:
 
@@ -229,9 +229,9 @@ def from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Q
 def quantized_linear(
     w: QuantizedWeight, bias: torch.Tensor | None, dense_copy: bool
 ) -> torch.nn.Module:
-    """The CPU matmul module for a quantized weight (:mod:`kernels.linear`), with a
+    """The CPU matmul module for a quantized weight (:mod:`sot_kernels.linear`), with a
     bfloat16 copy of the weight for prefill rows if ``dense_copy``."""
-    from kernels.linear import Int4Linear, Int8Linear
+    from sot_kernels.linear import Int4Linear, Int8Linear
 
     if isinstance(w, Int4Weight):
         return Int4Linear(w.q, w.scale, w.zero, w.group_size, bias, dense_copy)

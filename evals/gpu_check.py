@@ -22,9 +22,9 @@ cannot starve them of the lease; ``--budget-s`` (default 470 s) bounds the whole
   The speed-up is reported plain (the recorded sequential answer's whole length) and
   at equal length (sequential's time to as many tokens as the points hold together),
   both from the same sequential run.
-* ``kernels``: ``kernels.bench``'s decode, extend and cascade sections at the 8B
+* ``kernels``: ``sot_kernels.bench``'s decode, extend and cascade sections at the 8B
   shape (decode attention GB/s against the HBM peak; extend against SDPA).
-* ``tests``: ``tests/kernels`` and ``tests/engine`` (not the slow ones, which need
+* ``tests``: ``tests/sot_kernels`` and ``tests/engine`` (not the slow ones, which need
   the embedded model's 98 MB GGUF) on this device: Triton compiled, real CUDA graphs.
 
 It writes ``gpu_check.json`` and ``gpu_check.md`` (and the tests' log) to ``--out``
@@ -122,7 +122,7 @@ def gpu_plan() -> Plan:
             "--extend-chunks", "512,2048", "--extend-prefixes", "0,2048",
             "--groups", "1,4,8", "--prefix", "1024", "--repeats", "10", "--warmup", "2",
         ],
-        test_args=["tests/kernels", "tests/engine"],
+        test_args=["tests/sot_kernels", "tests/engine"],
     )  # fmt: skip
 
 
@@ -150,7 +150,7 @@ def cpu_plan(out: Path) -> Plan:
             "--extend-prefixes", "0", "--groups", "2", "--prefix", "20", "--suffix", "3,3",
             "--repeats", "1", "--warmup", "0",
         ],
-        test_args=["tests/kernels/test_bench.py"],
+        test_args=["tests/sot_kernels/test_bench.py"],
         tiny_dir=tiny,
         notes=["CPU mode: tiny shapes, the script's logic only; no figure here is a speed"],
     )  # fmt: skip
@@ -420,8 +420,8 @@ def section_sot(plan: Plan, device: torch.device, tokenizer: str | None) -> dict
 
 
 def section_kernels(plan: Plan, device: torch.device, tokenizer: str | None) -> dict[str, Any]:
-    """``kernels.bench`` decode, extend and cascade sections, in this process."""
-    from kernels.bench.cli import main as bench_main
+    """``sot_kernels.bench`` decode, extend and cascade sections, in this process."""
+    from sot_kernels.bench.cli import main as bench_main
 
     args = [*plan.kernel_args, "--device", device.type]
     peak = _peak_gbps(device)

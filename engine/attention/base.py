@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from engine.context import ForwardContext
-from kernels import rope
+from sot_kernels import rope
 
 
 class AttentionBackend(ABC):

@@ -11,8 +11,8 @@ import torch
 from engine.attention.base import AttentionBackend
 from engine.attention.common import Group, Padded, padded, plan_groups, put, take
 from engine.context import ForwardContext, get_context
-from kernels.attention import decode_attention, extend_attention, store_kv
-from kernels.cascade import shared_prefix_decode_attention
+from sot_kernels.attention import decode_attention, extend_attention, store_kv
+from sot_kernels.cascade import shared_prefix_decode_attention
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The Triton attention backend: the kernels of :mod:`kernels.triton_attention` and
-:mod:`kernels.triton_cascade`, compiled on CUDA (and interpreted on the CPU in tests)."""
+"""The Triton attention backend: the kernels of :mod:`sot_kernels.triton_attention` and
+:mod:`sot_kernels.triton_cascade`, compiled on CUDA (and interpreted on the CPU in tests)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from engine.attention.base import AttentionBackend
 from engine.attention.common import Group, plan_groups, put, take
 from engine.context import ForwardContext, get_context
-from kernels.attention import store_kv
+from sot_kernels.attention import store_kv
 
 
 @dataclass
@@ -31,9 +31,9 @@ class _TritonPlan:
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """Triton kernels (:mod:`kernels.triton_attention`): split-K decode attention and
+    """Triton kernels (:mod:`sot_kernels.triton_attention`): split-K decode attention and
     extend attention, both reading K/V through ``req_to_token`` inside the kernel, and
-    the shared-prefix kernel (:mod:`kernels.triton_cascade`) for fan-out groups.
+    the shared-prefix kernel (:mod:`sot_kernels.triton_cascade`) for fan-out groups.
 
     Runs compiled on CUDA, and in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``,
     for tests: slow, but the same kernels). Every kernel takes its metadata as device
@@ -43,7 +43,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self) -> None:
         # imported here so the torch backend never needs triton
-        from kernels import triton_attention, triton_cascade, triton_ops
+        from sot_kernels import triton_attention, triton_cascade, triton_ops
 
         self._attn = triton_attention
         self._cascade = triton_cascade

@@ -13,7 +13,7 @@ from engine.models.dummy import DEFAULT_STD, fill_dummy_weights
 from engine.models.llama import LlamaForCausalLM, ModelArgs
 from engine.models.ops import TORCH_OPS, Ops
 from engine.quantization import quantize, quantized_linear
-from kernels.linear import can_prepack
+from sot_kernels.linear import can_prepack
 
 __all__ = ["LlamaForCausalLM", "ModelArgs", "build_model"]
 
@@ -41,7 +41,7 @@ def build_model(
     ``"int4"``/``"int8"`` (every projection and the head quantized at load from its
     float values). Quantized matmuls run decode rows through their int kernels and,
     with ``prefill_dense``, prefill rows through a bfloat16 copy of their weights
-    (:class:`kernels.linear.QuantizedLinear`). On the CPU the remaining float
+    (:class:`sot_kernels.linear.QuantizedLinear`). On the CPU the remaining float
     projections are prepacked for oneDNN unless ``prepack`` is False.
     """
     args = ModelArgs.from_hf(config)

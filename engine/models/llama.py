@@ -22,7 +22,7 @@ from engine.attention import AttentionBackend
 from engine.context import get_context
 from engine.models.ops import TORCH_OPS, Ops
 from engine.quantization import QuantizedWeight, concat_rows
-from kernels.linear import PackedLinear, kernel_rows, prepack_linears
+from sot_kernels.linear import PackedLinear, kernel_rows, prepack_linears
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

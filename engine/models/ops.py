@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import activation, norm
+from sot_kernels import activation, norm
 
 OPS_KINDS = ("torch", "triton")
 
@@ -35,7 +35,7 @@ def create_ops(kind: str | None, device: torch.device) -> Ops:
         return TORCH_OPS
     if kind == "triton":
         # imported here so torch ops never need triton
-        from kernels import triton_ops
+        from sot_kernels import triton_ops
 
         return Ops(
             triton_ops.rms_norm_triton, triton_ops.add_rms_norm_triton,

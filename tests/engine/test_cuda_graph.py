@@ -22,7 +22,7 @@ from engine import LLM, SamplingParams
 from engine.context import ForwardContext
 from engine.cuda_graph import batch_buckets
 from engine.kv_cache import PAD_SLOT
-from kernels.triton_attention import fixed_grid_num_splits
+from sot_kernels.triton_attention import fixed_grid_num_splits
 
 require_triton()
 

@@ -17,7 +17,7 @@ from engine.quantization import (
     to_tensors,
 )
 from evals.quant_quality import measure
-from kernels.linear import Int4Linear, Int8Linear
+from sot_kernels.linear import Int4Linear, Int8Linear
 
 
 def test_int4_round_trip_error_is_within_half_a_step():

@@ -10,7 +10,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from evals.quant_quality import TEXT, measure
-from kernels.linear import Int4Linear, PackedLinear
+from sot_kernels.linear import Int4Linear, PackedLinear
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +82,8 @@ def test_greedy_output_does_not_depend_on_the_batch(fast):
     """Each prompt decoded alone, all seven together, a subset, and one joining the
     others mid-decode: every request gets the same tokens in every composition.
 
-    What it takes (see kernels.attention.decode_attention and engine.attention): the
-    int4 kernel gives a row the same bits in any batch (tests/kernels/test_linear.py),
+    What it takes (see sot_kernels.attention.decode_attention and engine.attention): the
+    int4 kernel gives a row the same bits in any batch (tests/sot_kernels/test_linear.py),
     and decode attention pads keys and query rows so that neither a request's
     batch-mates nor the thread SDPA hands it to changes its rounding. Before that,
     a request alone and in a batch parted at a near-tie within 8 to 21 tokens.

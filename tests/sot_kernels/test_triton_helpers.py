@@ -9,7 +9,7 @@ from triton_env import DEVICE, require_triton
 
 require_triton()
 
-from kernels.triton_helpers import (  # noqa: E402
+from sot_kernels.triton_helpers import (  # noqa: E402
     inner_contiguous,
     merge_splits,
     next_pow2,

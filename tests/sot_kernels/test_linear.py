@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.quantization import quantize_int4, quantize_int8
-from kernels.linear import Int4Linear, Int8Linear, PackedLinear, kernel_rows
+from sot_kernels.linear import Int4Linear, Int8Linear, PackedLinear, kernel_rows
 
 # decode batches of 1..16 rows, the fallback threshold's both sides, and prefill chunks
 ROWS = [1, 2, 3, 4, 7, 8, 9, 16, 33, 64, 200]

@@ -1,7 +1,7 @@
 """Shared-prefix (cascade) attention in Triton: the prefix pass and the LSE merge.
 
 :func:`shared_prefix_attention_triton` is the GPU twin of
-:func:`kernels.cascade.shared_prefix_attention`. The grid is ``(Hk, row blocks,
+:func:`sot_kernels.cascade.shared_prefix_attention`. The grid is ``(Hk, row blocks,
 splits)``. The ``B * group`` query rows of one KV head (row ``r`` is request
 ``r // group``, query head ``kv_head * group + r % group``) are tiled by ``BLOCK_M``;
 each program loads its ``[BLOCK_M, D]`` query tile once and streams the prefix keys in
@@ -19,10 +19,10 @@ traffic, and the kernel is bound by reading K/V.
 With few KV heads and one row block the grid would be tiny (SmolLM2: 3 programs), so
 on CUDA the prefix is also split over the third grid axis (flash-decoding); each
 split writes a partial ``(out, lse)`` in float32 and
-:func:`kernels.triton_helpers.merge_splits` merges them.
+:func:`sot_kernels.triton_helpers.merge_splits` merges them.
 
 :func:`merge_attention_triton` is a Triton kernel rather than a reuse of the torch
-:func:`kernels.cascade.merge_attention`: on the GPU the torch merge is about eight
+:func:`sot_kernels.cascade.merge_attention`: on the GPU the torch merge is about eight
 elementwise launches per layer over tiny tensors, so launch latency dominates; the
 kernel reads each partial once in one launch. On CPU the torch merge is the path.
 
@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cascade import decode_attention_with_lse
-from kernels.triton_helpers import (
+from sot_kernels.cascade import decode_attention_with_lse
+from sot_kernels.triton_helpers import (
     LOG2E,
     dot,
     dot_ieee,
@@ -267,7 +267,7 @@ def merge_attention_triton(
     lse_b: torch.Tensor,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LSE merge of :func:`kernels.cascade.merge_attention` in one launch.
+    """The LSE merge of :func:`sot_kernels.cascade.merge_attention` in one launch.
 
     ``out_* [..., D]``, ``lse_* [...]``; returns ``(out`` in ``out_dtype`` (default
     ``out_a.dtype``), ``lse`` float32). Empty sides (``lse = -inf``) get weight 0.
@@ -304,9 +304,9 @@ def shared_prefix_decode_attention_triton(
     scale: float,
     **prefix_kwargs,
 ) -> torch.Tensor:
-    """:func:`kernels.cascade.shared_prefix_decode_attention` with the prefix pass and
+    """:func:`sot_kernels.cascade.shared_prefix_decode_attention` with the prefix pass and
     the merge in Triton; the short private suffixes go through the torch
-    :func:`kernels.cascade.decode_attention_with_lse`. Returns ``[B, Hq, D]``."""
+    :func:`sot_kernels.cascade.decode_attention_with_lse`. Returns ``[B, Hq, D]``."""
     out_p, lse_p = shared_prefix_attention_triton(
         q, k_cache, v_cache, prefix_slots, scale, out_dtype=torch.float32, **prefix_kwargs
     )

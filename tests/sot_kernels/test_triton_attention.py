@@ -1,4 +1,4 @@
-"""The Triton attention kernels against the torch reference in kernels.attention.
+"""The Triton attention kernels against the torch reference in sot_kernels.attention.
 
 Without CUDA the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``,
 set by tests/conftest.py before triton is imported); with CUDA they are compiled.
@@ -13,8 +13,8 @@ from triton_env import DEVICE, INTERPRETED, require_triton
 
 require_triton()
 
-import kernels.triton_attention as ta  # noqa: E402
-from kernels.attention import decode_attention, extend_attention, store_kv  # noqa: E402
+import sot_kernels.triton_attention as ta  # noqa: E402
+from sot_kernels.attention import decode_attention, extend_attention, store_kv  # noqa: E402
 
 GQA = [(2, 2), (4, 2), (8, 2)]  # (Hq, Hk): group sizes 1, 2, 4
 # The interpreter (Triton 3.9) stores bfloat16 as uint16 and its tl.dot multiplies the

@@ -1,5 +1,5 @@
-"""Section ``decode``: :func:`~kernels.triton_attention.decode_attention_triton` against
-the torch reference :func:`kernels.attention.decode_attention`, with the bytes a call
+"""Section ``decode``: :func:`~sot_kernels.triton_attention.decode_attention_triton` against
+the torch reference :func:`sot_kernels.attention.decode_attention`, with the bytes a call
 must move (:func:`decode_bytes`) and the achieved bandwidth."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention import decode_attention
-from kernels.bench.timing import DTYPES, _max_diff, _table, time_interleaved
-from kernels.bench.triton_common import _kernel_header, _scattered_pool, _triton_device
+from sot_kernels.attention import decode_attention
+from sot_kernels.bench.timing import DTYPES, _max_diff, _table, time_interleaved
+from sot_kernels.bench.triton_common import _kernel_header, _scattered_pool, _triton_device
 
 
 def decode_bytes(
@@ -84,7 +84,7 @@ def make_decode_batch(
 
 def triton_decode_step(b: DecodeBatch) -> torch.Tensor:
     """:func:`decode_attention_triton` on every layer; returns the last layer's output."""
-    from kernels.triton_attention import decode_attention_triton
+    from sot_kernels.triton_attention import decode_attention_triton
 
     out = None
     for layer in range(b.layers):
@@ -124,7 +124,7 @@ def run_decode(args: argparse.Namespace) -> list[dict]:
     layers) allocates about 24 GB of K/V in float32.
 
     Reported per row: the bytes a call must move (:func:`decode_bytes`), milliseconds of
-    Triton and of :func:`kernels.attention.decode_attention` (the torch reference,
+    Triton and of :func:`sot_kernels.attention.decode_attention` (the torch reference,
     which gathers K/V rows first), their ratio (torch / Triton), Triton's GB/s and its
     fraction of ``--peak-gbps``, and max|diff| of Triton's last layer against the torch
     reference in float32.

@@ -1,4 +1,4 @@
-"""Section ``extend``: :func:`~kernels.triton_attention.extend_attention_triton` against
+"""Section ``extend``: :func:`~sot_kernels.triton_attention.extend_attention_triton` against
 ``torch.nn.functional.scaled_dot_product_attention`` on contiguous q/k/v, in useful
 TFLOP/s (:func:`extend_flops`)."""
 
@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import extend_attention
-from kernels.bench.timing import DTYPES, _max_diff, _table, time_interleaved
-from kernels.bench.triton_common import _kernel_header, _scattered_pool, _triton_device
+from sot_kernels.attention import extend_attention
+from sot_kernels.bench.timing import DTYPES, _max_diff, _table, time_interleaved
+from sot_kernels.bench.triton_common import _kernel_header, _scattered_pool, _triton_device
 
 
 def extend_flops(batch: int, chunk: int, prefix: int, hq: int, d: int, layers: int = 1) -> int:
@@ -92,7 +92,7 @@ def make_extend_batch(
 def triton_extend_step(b: ExtendBatch) -> torch.Tensor:
     """:func:`extend_attention_triton` on every layer; returns the last layer's
     output ``[B * chunk, Hq, D]``."""
-    from kernels.triton_attention import extend_attention_triton
+    from sot_kernels.triton_attention import extend_attention_triton
 
     out = None
     for layer in range(b.layers):
@@ -121,7 +121,7 @@ def sdpa_extend_step(b: ExtendBatch) -> torch.Tensor:
 
 
 def _extend_reference(b: ExtendBatch) -> torch.Tensor:
-    """The last layer in float32 through :func:`kernels.attention.extend_attention`,
+    """The last layer in float32 through :func:`sot_kernels.attention.extend_attention`,
     request by request over its pool slots: ``[B * chunk, Hq, D]``."""
     k, v = b.k[-1].float(), b.v[-1].float()
     q = b.q[-1].float().view(b.rows.shape[0], b.chunk, *b.q.shape[2:])
@@ -145,7 +145,7 @@ def run_extend(args: argparse.Namespace) -> list[dict]:
 
     Reported per row: useful GFLOPs per call (:func:`extend_flops`), milliseconds of
     both, their ratio (SDPA / Triton), TFLOP/s of both, and max|diff| of each against
-    :func:`kernels.attention.extend_attention` in float32 (last layer).
+    :func:`sot_kernels.attention.extend_attention` in float32 (last layer).
     """
     device = _triton_device(args, "extend")
     if device is None:

@@ -78,7 +78,7 @@ def kernel_rows(n: int | None) -> Iterator[None]:
     The engine passes the step's decode rows. The int4 kernel gives a row the same bits
     whatever else is in the batch, and oneDNN's bfloat16 matmul does for two or more
     rows, so the matmuls do not make a request's output depend on its batch (nor does
-    decode attention: :func:`kernels.attention.decode_attention`).
+    decode attention: :func:`sot_kernels.attention.decode_attention`).
     """
     global _KERNEL_ROWS
     previous, _KERNEL_ROWS = _KERNEL_ROWS, n

@@ -2,8 +2,8 @@
 
 ``group`` requests share a ``--prefix``-token prefix and each has a short private
 suffix; :func:`plain_step` attends each request over prefix + suffix, :func:`cascade_step`
-reads the prefix once for the group (see :mod:`kernels.cascade`). ``gpu`` adds the
-Triton cascade kernels of :mod:`kernels.triton_cascade`.
+reads the prefix once for the group (see :mod:`sot_kernels.cascade`). ``gpu`` adds the
+Triton cascade kernels of :mod:`sot_kernels.triton_cascade`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention import decode_attention
-from kernels.bench.timing import DTYPES, _max_diff, _table, time_interleaved
-from kernels.cascade import shared_prefix_decode_attention
+from sot_kernels.attention import decode_attention
+from sot_kernels.bench.timing import DTYPES, _max_diff, _table, time_interleaved
+from sot_kernels.cascade import shared_prefix_decode_attention
 
 
 @dataclass
@@ -177,7 +177,7 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:
     if not torch.cuda.is_available():
         print("gpu: no CUDA, skipped")
         return []
-    from kernels.triton_cascade import (
+    from sot_kernels.triton_cascade import (
         shared_prefix_attention_triton,
         shared_prefix_decode_attention_triton,
     )

@@ -10,8 +10,8 @@ import pytest
 import torch
 from triton_env import DEVICE, require_triton
 
-from kernels.attention import decode_attention
-from kernels.cascade import (
+from sot_kernels.attention import decode_attention
+from sot_kernels.cascade import (
     attention_with_lse,
     decode_attention_with_lse,
     merge_attention,
@@ -213,7 +213,7 @@ def test_a_prefix_read_in_place_equals_the_gathered_one(dtype):
 @pytest.fixture(scope="module")
 def tc():
     require_triton()
-    import kernels.triton_cascade as module
+    import sot_kernels.triton_cascade as module
 
     return module
 
@@ -276,7 +276,7 @@ def test_triton_cascade_end_to_end_equals_plain_decode(tc, group, hq, hk, lens, 
 
 # -- the benchmark script -------------------------------------------------------------------------
 def test_bench_smoke(capsys):
-    from kernels import bench
+    from sot_kernels import bench
 
     results = bench.main(
         ["--sections", "cpu,gpu", "--groups", "1,2", "--prefix", "16", "--suffix", "1,4",

@@ -1,8 +1,8 @@
 """Every Triton kernel compiles for a real GPU target (sm_90), without a GPU.
 
-``kernels.compile_check`` must run in its own process: the test session runs triton in
+``sot_kernels.compile_check`` must run in its own process: the test session runs triton in
 interpreter mode, and the compiler needs it off from the first import. So every test
-here is a subprocess; nothing imports ``kernels.compile_check`` in this process.
+here is a subprocess; nothing imports ``sot_kernels.compile_check`` in this process.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def _run(args: list[str], cwd: Path = REPO, timeout: float = 600) -> subprocess.
 
 
 def test_every_kernel_compiles_for_sm90():
-    proc = _run(["-m", "kernels.compile_check", "--archs", "90", "--dtypes", "bfloat16,float32"])
+    proc = _run(
+        ["-m", "sot_kernels.compile_check", "--archs", "90", "--dtypes", "bfloat16,float32"]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith("compiled ") and "for sm_90 (bfloat16, float32)" in summary
@@ -47,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.compile_check import compile_launch, recording
+from sot_kernels.compile_check import compile_launch, recording
 
 
 @triton.jit
@@ -84,7 +86,7 @@ def test_a_kernel_that_cannot_compile_fails_the_check(tmp_path):
 
 def test_importing_it_under_the_interpreter_is_refused():
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
-    code = "import triton, kernels.triton_attention; import kernels.compile_check"
+    code = "import triton, sot_kernels.triton_attention; import sot_kernels.compile_check"
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=120,

@@ -1,4 +1,4 @@
-"""``python -m kernels.bench``: every section's logic on tiny shapes.
+"""``python -m sot_kernels.bench``: every section's logic on tiny shapes.
 
 The Triton sections (``decode``, ``extend``) run compiled on CUDA when there is a GPU
 and under the Triton interpreter otherwise (tests/conftest.py sets
@@ -11,9 +11,9 @@ import pytest
 import torch
 from triton_env import DEVICE, require_triton
 
-from kernels.bench.cli import main, parse_args
-from kernels.bench.decode import decode_bytes
-from kernels.bench.extend import (
+from sot_kernels.bench.cli import main, parse_args
+from sot_kernels.bench.decode import decode_bytes
+from sot_kernels.bench.extend import (
     _extend_reference,
     extend_flops,
     make_extend_batch,

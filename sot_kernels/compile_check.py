@@ -1,6 +1,6 @@
 """Compile every Triton kernel for real CUDA targets, on a machine without a GPU.
 
-    python -m kernels.compile_check [--archs 80,90] [--dtypes float32,bfloat16,float16]
+    python -m sot_kernels.compile_check [--archs 80,90] [--dtypes float32,bfloat16,float16]
 
 The CPU tests run the kernels in Triton's interpreter, which executes them with NumPy
 and never meets the compiler: a kernel can pass every interpreted test and still fail
@@ -43,12 +43,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from kernels import triton_attention, triton_cascade, triton_ops
+from sot_kernels import triton_attention, triton_cascade, triton_ops
 
 if not isinstance(triton_attention._decode_split_kernel, JITFunction):
     raise RuntimeError(
-        "kernels.compile_check was imported after triton in interpreter mode; "
-        "run it as its own process: python -m kernels.compile_check"
+        "sot_kernels.compile_check was imported after triton in interpreter mode; "
+        "run it as its own process: python -m sot_kernels.compile_check"
     )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -217,7 +217,7 @@ def check(archs: Sequence[int], dtypes: Sequence[str], verbose: bool = False) ->
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m sot_kernels.compile_check", description=__doc__)
     p.add_argument("--archs", default="80,90", help="CUDA compute capabilities, e.g. 80,90")
     p.add_argument("--dtypes", default="float32,bfloat16,float16")
     p.add_argument("-v", "--verbose", action="store_true", help="print every compiled launch")

@@ -13,7 +13,7 @@ that share a prefix simply read the same slots.
   full attention over the cached prefix and causal among the new tokens.
 * :func:`store_kv_triton`: scatter the step's new K/V into their slots.
 
-All three are checked against :mod:`kernels.attention` (the torch reference), on the
+All three are checked against :mod:`sot_kernels.attention` (the torch reference), on the
 CPU under ``TRITON_INTERPRET=1`` and on CUDA when a GPU is available.
 
 Layout conventions shared by the kernels:
@@ -32,7 +32,7 @@ Layout conventions shared by the kernels:
   16 rows anyway) and works identically in the interpreter.
 * **Precision.** Softmax statistics and the output accumulator are float32; the
   online-softmax step, the dot-precision flag and the split merge are
-  :mod:`kernels.triton_helpers`' (float32 inputs multiply exactly, so CUDA results
+  :mod:`sot_kernels.triton_helpers`' (float32 inputs multiply exactly, so CUDA results
   match the torch reference to ~1e-6; 16-bit inputs use the tensor-core default).
 """
 
@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_helpers import (
+from sot_kernels.triton_helpers import (
     LOG2E,
     dot,
     dot_ieee,

@@ -9,7 +9,7 @@ suffixes go through a small padded batch; the two partial results are merged exa
 by their log-sum-exp (``softmax`` over a union of key sets is the LSE-weighted mix of
 the softmaxes over the parts).
 
-This module is the CPU path and the reference for :mod:`kernels.triton_cascade`.
+This module is the CPU path and the reference for :mod:`sot_kernels.triton_cascade`.
 All arithmetic is float32 (float64 for float64 inputs), also for bfloat16 inputs.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention import decode_attention
+from sot_kernels.attention import decode_attention
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -162,7 +162,7 @@ def shared_prefix_attention(
     The prefix rows are gathered once; per KV head it is one ``[B * group, D] x
     [D, P]`` product. Returns ``(out [B, Hq, D], lse [B, Hq])``; ``out`` is in
     ``out_dtype`` (default ``q.dtype``). The torch twin of
-    :func:`kernels.triton_cascade.shared_prefix_attention_triton`.
+    :func:`sot_kernels.triton_cascade.shared_prefix_attention_triton`.
     """
     k = k_cache.index_select(0, prefix_slots)
     v = v_cache.index_select(0, prefix_slots)
@@ -179,7 +179,7 @@ def decode_attention_with_lse(
     scale: float,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded batched decode attention, like :func:`kernels.attention.decode_attention`,
+    """Padded batched decode attention, like :func:`sot_kernels.attention.decode_attention`,
     that also returns the LSE (SDPA does not, hence matmuls and masking).
 
     ``q [B, Hq, D]``; ``kv_index [B, S]`` each request's slots padded to the longest;
@@ -210,7 +210,7 @@ def shared_prefix_decode_attention(
     longest; ``suffix_lens [B]`` their real lengths (None when none is padded), each
     at least 1. ``prefix_start``, when given, says the prefix slots are the range
     ``prefix_start .. prefix_start + P - 1``, read in place instead of gathered.
-    Equals :func:`kernels.attention.decode_attention` over ``prefix + suffix`` per
+    Equals :func:`sot_kernels.attention.decode_attention` over ``prefix + suffix`` per
     request. Returns ``[B, Hq, D]`` in ``q.dtype``. A group of one has nothing to
     share and goes straight to ``decode_attention``.
     """

@@ -1,10 +1,11 @@
 """Fused small ops in Triton: RMSNorm (+ residual add), RoPE + KV store, SiLU-and-mul.
 
-Each op has a torch reference it is tested against (``tests/kernels/test_triton_ops.py``):
+Each op has a torch reference it is tested against (``tests/sot_kernels/test_triton_ops.py``):
 
-- :func:`add_rms_norm_triton` / :func:`rms_norm_triton` -> ``kernels.norm``
-- :func:`rope_and_store_kv_triton` -> ``kernels.rope.apply_rope`` + ``kernels.attention.store_kv``
-- :func:`silu_and_mul_triton` -> ``kernels.activation.silu_and_mul``
+- :func:`add_rms_norm_triton` / :func:`rms_norm_triton` -> ``sot_kernels.norm``
+- :func:`rope_and_store_kv_triton` -> ``sot_kernels.rope.apply_rope`` +
+  ``sot_kernels.attention.store_kv``
+- :func:`silu_and_mul_triton` -> ``sot_kernels.activation.silu_and_mul``
 
 Numerics: all math runs in float32, but wherever the torch reference materialises an
 intermediate in the activation dtype (bf16/fp16), the kernel rounds to that dtype at
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_helpers import inner_contiguous, next_pow2
+from sot_kernels.triton_helpers import inner_contiguous, next_pow2
 
 __all__ = [
     "add_rms_norm_triton",
@@ -143,7 +144,7 @@ def _rms_norm_launch(
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * x / rms(x)`` over the last dim; equals ``kernels.norm.rms_norm``.
+    """``weight * x / rms(x)`` over the last dim; equals ``sot_kernels.norm.rms_norm``.
 
     ``x [..., H]`` (typically ``[T, H]``), ``weight [H]``. Launch grid: ``(rows,)``,
     one program per row with ``BLOCK = next_power_of_2(H)`` lanes, masked past ``H``.
@@ -157,7 +158,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 def add_rms_norm_triton(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(x + residual), x + residual)`` in one pass; equals ``kernels.norm.add_rms_norm``.
+    """``(rms_norm(x + residual), x + residual)`` in one pass; equals
+    ``sot_kernels.norm.add_rms_norm``.
 
     ``x``, ``residual`` ``[T, H]`` of the same dtype, ``weight [H]``. Launch grid:
     ``(T,)``, one program per row, ``BLOCK = next_power_of_2(H)`` masked lanes. The sum
@@ -317,8 +319,8 @@ def rope_and_store_kv_triton(
 ) -> torch.Tensor:
     """Rotate q and k ("neox" half split) and write rotated k and v into their pool slots.
 
-    Equals ``q, k = kernels.rope.apply_rope(q, k, cos, sin)`` followed by
-    ``kernels.attention.store_kv(k_cache, v_cache, slots, k, v)`` and returns the
+    Equals ``q, k = sot_kernels.rope.apply_rope(q, k, cos, sin)`` followed by
+    ``sot_kernels.attention.store_kv(k_cache, v_cache, slots, k, v)`` and returns the
     rotated q.
 
     Shapes: ``q [T, Hq, D]``, ``k``/``v [T, Hk, D]``, ``cos``/``sin [T, D]`` (rows
@@ -428,7 +430,7 @@ def _silu_and_mul_kernel(
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``x = cat(gate, up)`` ``[..., 2I]``; returns ``[..., I]``.
 
-    Equals ``kernels.activation.silu_and_mul``. Float32 math, output in x's dtype.
+    Equals ``sot_kernels.activation.silu_and_mul``. Float32 math, output in x's dtype.
     Launch grid: ``(rows, cdiv(I, BLOCK))`` with ``BLOCK = min(next_pow2(I), 1024)``.
     """
     two_i = x.shape[-1]

@@ -1,4 +1,4 @@
-"""The fused Triton ops in ``kernels.triton_ops`` against their torch references.
+"""The fused Triton ops in ``sot_kernels.triton_ops`` against their torch references.
 
 Without CUDA the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set by
 tests/conftest.py before triton is imported) on CPU tensors; with CUDA on the GPU.
@@ -14,12 +14,12 @@ from triton_env import DEVICE, INTERPRETED, require_triton
 
 require_triton()
 
-from kernels import triton_ops  # noqa: E402
-from kernels.activation import silu_and_mul  # noqa: E402
-from kernels.attention import store_kv  # noqa: E402
-from kernels.norm import add_rms_norm, rms_norm  # noqa: E402
-from kernels.rope import apply_rope, rope_cos_sin_cache  # noqa: E402
-from kernels.triton_ops import (  # noqa: E402
+from sot_kernels import triton_ops  # noqa: E402
+from sot_kernels.activation import silu_and_mul  # noqa: E402
+from sot_kernels.attention import store_kv  # noqa: E402
+from sot_kernels.norm import add_rms_norm, rms_norm  # noqa: E402
+from sot_kernels.rope import apply_rope, rope_cos_sin_cache  # noqa: E402
+from sot_kernels.triton_ops import (  # noqa: E402
     add_rms_norm_triton,
     rms_norm_triton,
     rope_and_store_kv_triton,

@@ -13,10 +13,10 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from kernels.activation import silu_and_mul
-from kernels.attention import decode_attention, extend_attention, store_kv
-from kernels.norm import add_rms_norm, rms_norm
-from kernels.rope import apply_rope, rope_cos_sin_cache, rotate
+from sot_kernels.activation import silu_and_mul
+from sot_kernels.attention import decode_attention, extend_attention, store_kv
+from sot_kernels.norm import add_rms_norm, rms_norm
+from sot_kernels.rope import apply_rope, rope_cos_sin_cache, rotate
 
 D = 16
 NUM_SLOTS = 48

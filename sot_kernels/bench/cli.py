@@ -1,4 +1,4 @@
-"""The ``python -m kernels.bench`` command line: options, and the sections run in order."""
+"""The ``python -m sot_kernels.bench`` command line: options, and the sections run in order."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.bench.cascade import run_cpu, run_gpu
-from kernels.bench.decode import run_decode
-from kernels.bench.extend import run_extend
-from kernels.bench.timing import DTYPES
+from sot_kernels.bench.cascade import run_cpu, run_gpu
+from sot_kernels.bench.decode import run_decode
+from sot_kernels.bench.extend import run_extend
+from sot_kernels.bench.timing import DTYPES
 
 
 def _ints(text: str) -> list[int]:
@@ -29,10 +29,10 @@ SECTIONS = ("cpu", "gpu", "decode", "extend")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from kernels import bench  # the package, imported by now: its docstring names the tool
+    from sot_kernels import bench  # the package, imported by now: its docstring names the tool
 
     description = bench.__doc__.split("\n")[0]
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=description)
+    p = argparse.ArgumentParser(prog="python -m sot_kernels.bench", description=description)
     p.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}"
     )
