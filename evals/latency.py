@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "engine's)",
     )  # fmt: skip
     p.add_argument(
+        "--auto-max-load", type=int, default=None,
+        help="local: auto's load limit in engine requests (sotserve serve --auto-max-load; "
+        "0: never for load; default the service's)",
+    )  # fmt: skip
+    p.add_argument(
         "--api-key", default=os.environ.get("SOTSERVE_API_KEY"),
         help="URL: the server's API key (default: $SOTSERVE_API_KEY)",
     )  # fmt: skip
@@ -130,6 +135,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+    if args.auto_max_load is not None and args.auto_max_load < 0:
+        p.error("--auto-max-load must be at least 0")
     if args.repeats < 1 or args.concurrency < 1 or args.max_tokens < 1:
         p.error("--repeats, --concurrency and --max-tokens must be at least 1")
     return args
@@ -137,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_target(args: argparse.Namespace, engine: AsyncEngine | None = None) -> Target:
     if args.backend == "local":
-        return LocalTarget(args.model, args.dtype, args.device, engine)
+        return LocalTarget(args.model, args.dtype, args.device, engine, args.auto_max_load)
     if not args.backend.startswith(("http://", "https://")):
         raise TargetError(f"--backend must be 'local' or an http(s) URL, not {args.backend!r}")
     return HTTPTarget(
@@ -314,6 +321,7 @@ async def main_async(args: argparse.Namespace, engine: AsyncEngine | None = None
         "concurrency": args.concurrency, "cache": args.cache, "limit": args.limit,
         "categories": categories, "per_category": args.per_category,
         "suitable_only": args.suitable_only, "skipped_lines": len(dataset.skipped),
+        "speculative_tokens": args.speculative_tokens, "auto_max_load": args.auto_max_load,
         "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
         "wall_s": round(time.perf_counter() - t0, 1),
     }  # fmt: skip

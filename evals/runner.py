@@ -79,15 +79,19 @@ class LocalTarget(Target):
         dtype: str = "auto",
         device: str = "auto",
         engine: AsyncEngine | None = None,
+        auto_max_load: int | None = None,
     ) -> None:
         """``engine``: one already made (``python -m evals.latency`` makes it with its
-        step loop on the main thread, as the servers run); else one with a step thread."""
+        step loop on the main thread, as the servers run); else one with a step thread.
+        ``auto_max_load``: the load policy's limit (None: the default)."""
         from engine import AsyncEngine
         from sotserve.backends.local import LocalBackend
+        from sotserve.load_policy import LoadPolicy
         from sotserve.planner import Planner
 
         self.engine = engine or AsyncEngine(model, dtype=dtype, device=device)
-        self.planner = Planner(LocalBackend(self.engine))
+        policy = None if auto_max_load is None else LoadPolicy(max_load=auto_max_load)
+        self.planner = Planner(LocalBackend(self.engine), policy)
         cfg = self.engine.engine.config
         self.description = (
             f"{self.engine.model_name} in process ({cfg.dtype}, {cfg.device}), sotserve engine"

@@ -6,7 +6,11 @@ engine the points compete with everyone else's requests and the gain shrinks
 (measured by ``python -m evals.latency --concurrency N``, see the README), until
 extra requests slow every answer. ``auto`` then answers sequentially:
 
-- when the engine already has ``max_load`` or more requests running or waiting;
+- when the engine already has ``max_load`` or more requests running or waiting, or
+  this planner's answers in flight are expected to hold that many
+  (:class:`PlannedLoad`: questions that arrive together decide before any of their
+  requests reaches the engine, so the engine's own count would show each of them an
+  idle engine);
 - when requests wait (the engine is at its running limit or out of KV slots);
 - when less than ``min_kv_free`` of the KV slots are free (the points would
   preempt someone).
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sotserve.backends.base import EngineLoad
+from sotserve.backends.base import Backend, EngineLoad
 
 # Engine requests (running + waiting) at and above which auto stops starting skeleton
 # answers. Measured on this machine (2 CPU cores, SmolLM2-135M int4, --max-tokens 256,
@@ -30,6 +34,43 @@ from sotserve.backends.base import EngineLoad
 # won, are about 40 requests; 16 are 83, past the engine's 64 running requests.
 DEFAULT_MAX_LOAD = 40
 DEFAULT_MIN_KV_FREE = 0.1
+# The requests a skeleton answer is expected to hold before its skeleton says how many
+# points it has: 5.2 on average in the measurement above (a skeleton and its points).
+SKELETON_REQUESTS = 5
+
+
+class PlannedLoad:
+    """The engine requests one planner's answers in flight are expected to hold, per
+    engine (a set of replicas gives each answer one of them).
+
+    An answer counts one request from the moment it starts (while it routes and then
+    answers sequentially) and :data:`SKELETON_REQUESTS` once it plans a skeleton, until
+    it ends. The engine only sees requests once they are sent, so without this count a
+    burst of questions would all find an idle engine and all start skeletons.
+    """
+
+    def __init__(self) -> None:
+        # by the engine's identity: a backend need not be hashable (nor compare by it)
+        self._requests: dict[int, int] = {}
+
+    def on(self, backend: Backend) -> int:
+        """The requests planned on ``backend``."""
+        return self._requests.get(id(backend), 0)
+
+    def add(self, backend: Backend, n: int) -> None:
+        """Count ``n`` more requests on ``backend`` (an answer's start, or its
+        skeleton's extra ones)."""
+        self._requests[id(backend)] = self.on(backend) + n
+
+    def remove(self, backend: Backend, n: int) -> None:
+        """Stop counting ``n`` requests on ``backend`` (an answer that ended)."""
+        left = self.on(backend) - n
+        if left < 0:
+            raise ValueError(f"removing {n} planned requests of {self.on(backend)}")
+        if left:
+            self._requests[id(backend)] = left
+        else:
+            del self._requests[id(backend)]
 
 
 @dataclass(frozen=True)
@@ -45,12 +86,20 @@ class LoadPolicy:
         if not 0.0 <= self.min_kv_free < 1.0:
             raise ValueError("min_kv_free must be in [0, 1)")
 
-    def too_busy(self, load: EngineLoad) -> str | None:
-        """Why a skeleton answer should not start on an engine with ``load``, or None."""
+    def too_busy(self, load: EngineLoad, planned: int = 0) -> str | None:
+        """Why a skeleton answer should not start on an engine with ``load`` while other
+        answers of this planner are expected to hold ``planned`` requests, or None. The
+        larger of the two counts is the load: the planned requests that were sent are in
+        the engine's count too."""
         if self.max_load == 0:
             return None
         if load.requests >= self.max_load:
             return f"engine busy: {load.requests} requests in flight (limit {self.max_load})"
+        if planned >= self.max_load:
+            return (
+                f"engine busy: this service's answers in flight hold about {planned} "
+                f"requests (limit {self.max_load})"
+            )
         if load.waiting > 0:
             return f"engine saturated: {load.waiting} requests waiting"
         if load.kv_free is not None and load.kv_free < self.min_kv_free:

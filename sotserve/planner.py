@@ -53,7 +53,7 @@ from sotserve.executor import (
     PointText,
     TokenBudget,
 )
-from sotserve.load_policy import LoadPolicy
+from sotserve.load_policy import SKELETON_REQUESTS, LoadPolicy, PlannedLoad
 from sotserve.merge import InOrderMerger, PreviewMismatchError
 from sotserve.point_text import barred_point_token_ids
 from sotserve.prompt_heads import (
@@ -131,7 +131,10 @@ class Planner:
         self.backend = backend
         self.options = PlanOptions(**options)
         self.renderer = ChatRenderer(backend.tokenizer)
-        self.router = Router(self.renderer, load_policy)
+        # the requests this planner's answers in flight will hold: auto's load check
+        # counts them before the engine sees them
+        self.planned = PlannedLoad()
+        self.router = Router(self.renderer, load_policy, planned=self.planned)
         # every point request bars line breaks and colons (a point is one paragraph of
         # prose); found once here, at start-up, not on the first answer's critical path
         self.point_bans = dict.fromkeys(barred_point_token_ids(backend.tokenizer), -100.0)
@@ -198,11 +201,13 @@ class Planner:
         self, question: str | list[Message], mode: Mode | None = None, **overrides: Any
     ) -> Done:
         """The finished answer; raises :class:`PlannerError` if it failed."""
-        async for event in self.stream(question, mode, **overrides):
-            if isinstance(event, ErrorEvent):
-                raise PlannerError(event.message, event.code)
-            if isinstance(event, Done):
-                return event
+        # closed here, not whenever it is collected: what the answer held goes back now
+        async with contextlib.aclosing(self.stream(question, mode, **overrides)) as events:
+            async for event in events:
+                if isinstance(event, ErrorEvent):
+                    raise PlannerError(event.message, event.code)
+                if isinstance(event, Done):
+                    return event
         raise PlannerError("the answer ended without a result")
 
 
@@ -304,6 +309,12 @@ class _AnswerRun:
         self.route_s: float | None = None
         self.skeleton_s: float | None = None
         self.first_answer_s: float | None = None
+        self._planned_requests = 0  # what this answer counts in planner.planned
+
+    def _plan_requests(self, n: int) -> None:
+        """Count ``n`` more requests of this answer in the planner's planned load."""
+        self.planner.planned.add(self.backend, n)
+        self._planned_requests += n
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -332,6 +343,7 @@ class _AnswerRun:
             self.chat_ids = self.renderer.render(self.messages)
             # one replica for every request of the answer, so they share its cache
             self.backend = self.backend.for_answer(self.chat_ids)
+            self._plan_requests(1)
             limit = self.backend.max_model_len
             if limit is not None and len(self.chat_ids) >= limit:
                 # Said first, before any backend request: the HTTP layer can still
@@ -353,6 +365,7 @@ class _AnswerRun:
             elif (misfit := self.misfit(mode)) is not None:
                 body = self._too_long_for_a_plan(misfit)  # said before the first request
             else:
+                self._plan_requests(SKELETON_REQUESTS - 1)
                 body = self._planned(mode)
             async with contextlib.aclosing(body) as events:
                 async for event in events:
@@ -376,7 +389,11 @@ class _AnswerRun:
         except Exception as exc:  # any backend failure ends the answer with an event
             yield ErrorEvent(message=f"{exc.__class__.__name__}: {exc}", code="backend_error")
         finally:
-            await self._cancel_all()
+            try:
+                await self._cancel_all()
+            finally:
+                self.planner.planned.remove(self.backend, self._planned_requests)
+                self._planned_requests = 0
 
     async def _cancel_all(self) -> None:
         for t in self.tasks:
@@ -396,7 +413,7 @@ class _AnswerRun:
             )
         return await self.planner.router.decide(
             self.backend, self.messages, question_text(self.messages), self.opts, self.usage,
-            self.chat_ids,
+            self.chat_ids, holding=self._planned_requests,
         )  # fmt: skip
 
     # -- fitting the context -------------------------------------------------------------

@@ -21,7 +21,7 @@ import asyncio
 
 from prompts import ChatRenderer, Message
 from sotserve.backends.base import Backend, BackendRequestError
-from sotserve.load_policy import LoadPolicy
+from sotserve.load_policy import LoadPolicy, PlannedLoad
 from sotserve.prompt_heads import system_text
 from sotserve.router import route_by_model, route_by_rules, two_ends
 from sotserve.schemas import PlanOptions, RouteDecision, Usage
@@ -40,6 +40,8 @@ class Router:
 
     ``params`` are the trained router's parameters; by default the shipped file that
     fits the backend's model is looked for on first use (one probe prefill).
+    ``planned`` counts the requests of the planner's answers in flight (load the
+    engine may not see yet).
     """
 
     def __init__(
@@ -47,9 +49,11 @@ class Router:
         renderer: ChatRenderer,
         load_policy: LoadPolicy | None = None,
         params: RouterParams | None = None,
+        planned: PlannedLoad | None = None,
     ) -> None:
         self.renderer = renderer
         self.load_policy = load_policy or LoadPolicy()
+        self.planned = planned or PlannedLoad()
         self._params = params
         self._looked_up = params is not None
         self._lock: asyncio.Lock | None = None
@@ -73,14 +77,17 @@ class Router:
         opts: PlanOptions,
         usage: Usage,
         chat_ids: list[int] | None = None,
+        holding: int = 0,
     ) -> RouteDecision:
         """``auto``'s mode for the chat ``messages``, whose question (last user turn and
         the conversation before it, :func:`sotserve.planner.question_text`) the rules
         and the prompting router read. ``chat_ids`` is the chat's rendered prompt where
         the caller has it: the trained router encodes that very prompt (when no
         message is cut), so a sequential answer then hits the cache; its head reads
-        the rendered chat, and the graph check the question."""
-        busy = self.load_policy.too_busy(await backend.load())
+        the rendered chat, and the graph check the question. ``holding`` is what the
+        caller's own answer counts in ``planned`` (not load on it)."""
+        others = self.planned.on(backend) - holding
+        busy = self.load_policy.too_busy(await backend.load(), others)
         if busy is not None:
             return RouteDecision(mode="sequential", source="load", reason=busy)
         if opts.router == "rules":

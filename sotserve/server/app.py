@@ -287,7 +287,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--auto-max-load", type=int, default=None, metavar="N",
         help="auto answers sequentially once the engine has N requests running or "
-        f"waiting (default {DEFAULT_MAX_LOAD}, measured; 0: never for load)",
+        "waiting, or this service's answers in flight are expected to hold N "
+        f"(default {DEFAULT_MAX_LOAD}, measured; 0: never for load)",
     )  # fmt: skip
 
 

@@ -389,3 +389,19 @@ async def test_over_http_a_tokenizer_counts_the_answers_tokens(tmp_path, sotserv
     assert sot.answer_tokens_counted == "tokenizer"
     want = len(tokenizer.encode(sot.answer, add_special_tokens=False))
     assert abs(sot.answer_tokens - want) <= 2, (sot.answer_tokens, want)
+
+
+async def test_auto_max_load_sets_the_planners_load_limit(tiny_llama_dir, tmp_path):
+    from engine import AsyncEngine
+    from evals.runner import LocalTarget
+    from sotserve.load_policy import DEFAULT_MAX_LOAD
+
+    data = write_dataset(tmp_path / "q.jsonl", ROWS)
+    assert parse_args(["--dataset", str(data)]).auto_max_load is None
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", str(data), "--auto-max-load", "-1"])
+    async with AsyncEngine(str(tiny_llama_dir), dtype="float32", device="cpu") as engine:
+        default = LocalTarget(None, engine=engine).planner.router.load_policy
+        assert default.max_load == DEFAULT_MAX_LOAD
+        target = LocalTarget(None, engine=engine, auto_max_load=7)
+        assert target.planner.router.load_policy.max_load == 7

@@ -3,12 +3,13 @@ bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
 from sotserve.backends.base import EngineLoad
-from sotserve.load_policy import DEFAULT_MAX_LOAD, LoadPolicy
+from sotserve.load_policy import DEFAULT_MAX_LOAD, SKELETON_REQUESTS, LoadPolicy, PlannedLoad
 from sotserve.planner import InvalidQuestionError, Planner
 from tests.scripted_backend import ScriptedBackend
 
@@ -95,3 +96,38 @@ async def test_route_of_megabytes_stays_cheap(tokenizer, router):
     assert time.perf_counter() - t0 < 5  # generous: a full tokenization takes far longer
     assert decision.mode in ("sequential", "sot", "graph")
     assert seen and max(seen) < 20_000  # what was rendered (and tokenized): the two ends
+
+
+async def test_a_burst_of_questions_sees_its_own_load(tokenizer):
+    """Questions that arrive together decide before any of their requests reaches the
+    engine; each counts the skeletons the ones before it planned (the engine reports
+    idle throughout here), so only as many skeletons start as the limit allows."""
+    b = backend(tokenizer, EngineLoad(running=0, kv_free=1.0))
+    planner = Planner(b, LoadPolicy(max_load=3 * SKELETON_REQUESTS), router="rules")
+    done = await asyncio.gather(*(planner.answer(LISTY) for _ in range(8)))
+    assert [d.mode for d in done] == ["sot"] * 3 + ["sequential"] * 5
+    assert {d.route.source for d in done[3:]} == {"load"}
+    assert "answers in flight" in done[3].route.reason
+    assert planner.planned.on(b) == 0  # every answer gave its count back
+    # one at a time, each finds the engine idle again
+    assert (await planner.answer(LISTY)).mode == "sot"
+
+
+async def test_an_answer_closed_early_gives_its_planned_load_back(tokenizer):
+    b = backend(tokenizer, EngineLoad(running=0, kv_free=1.0))
+    b.delay = 0.05
+    planner = Planner(b, router="rules")
+    events = planner.stream(LISTY)
+    await anext(events)  # the skeleton's first text: the answer holds a skeleton's count
+    assert planner.planned.on(b) == SKELETON_REQUESTS
+    await events.aclose()
+    assert planner.planned.on(b) == 0
+
+
+def test_planned_load_refuses_to_go_negative(tokenizer):
+    b = backend(tokenizer, EngineLoad(running=0))
+    planned = PlannedLoad()
+    planned.add(b, 2)
+    planned.remove(b, 2)
+    with pytest.raises(ValueError):
+        planned.remove(b, 1)
