@@ -25,17 +25,19 @@ from dataclasses import dataclass
 
 from sotserve.backends.base import Backend, EngineLoad
 
-# Engine requests (running + waiting) at and above which auto stops starting skeleton
-# answers. Measured on this machine (2 CPU cores, SmolLM2-135M int4, --max-tokens 256,
-# evals.latency --concurrency C, see README): sot's median speed-up over sequential
-# was 2.81x at 1 concurrent question, 2.08x at 4 and 1.44x at 8, and 0.10x at 16
-# (median 102.6 s against 10.8 s). A sot answer made 5.2 engine requests on average
-# (a skeleton and its points), so 8 answers in flight, the last load that still
-# won, are about 40 requests; 16 are 83, past the engine's 64 running requests.
-DEFAULT_MAX_LOAD = 40
+# Engine requests (running + waiting, or planned) at and above which auto stops
+# starting skeleton answers. Measured on this machine (2 CPU cores, SmolLM2-135M int4
+# with prompt-lookup drafts, --max-tokens 256, evals.latency --concurrency C on 27
+# vicuna80 questions, see README): sequential's median latency over sot's was 1.41x at
+# 1 concurrent question, 1.33x at 4, 1.13x at 6 and 1.01x at 8 (and 0.10x at 16 in an
+# earlier run). Skeletons stop where about 6 of them are in flight (6 x
+# SKELETON_REQUESTS), the last load at which they still gained about a tenth: at equal
+# speed the sequential answer wins, as it has no skeleton to get wrong.
+DEFAULT_MAX_LOAD = 30
 DEFAULT_MIN_KV_FREE = 0.1
 # The requests a skeleton answer is expected to hold before its skeleton says how many
-# points it has: 5.2 on average in the measurement above (a skeleton and its points).
+# points it has: a sot answer made 4.5 on average in the measurement above (a skeleton,
+# 3.1 points, and the odd fallback; 5.2 in the earlier run), rounded up.
 SKELETON_REQUESTS = 5
 
 
