@@ -85,11 +85,37 @@ class Router:
         the caller has it: the trained router encodes that very prompt (when no
         message is cut), so a sequential answer then hits the cache; its head reads
         the rendered chat, and the graph check the question. ``holding`` is what the
-        caller's own answer counts in ``planned`` (not load on it)."""
-        others = self.planned.on(backend) - holding
-        busy = self.load_policy.too_busy(await backend.load(), others)
+        caller's own answer counts in ``planned`` (not load on it).
+
+        A skeleton verdict is checked against the planned load once more when the
+        router has answered: answers that arrived together all passed the first check
+        while their routers ran, and the caller counts a skeleton's requests as soon as
+        this returns (no await between), so the second check sees every skeleton
+        decided before it."""
+        load = await backend.load()
+        busy = self.load_policy.too_busy(load, self.planned.on(backend) - holding)
         if busy is not None:
             return RouteDecision(mode="sequential", source="load", reason=busy)
+        decision = await self._ask(backend, messages, question, opts, usage, chat_ids)
+        if decision.mode != "sequential":
+            busy = self.load_policy.too_busy(load, self.planned.on(backend) - holding)
+            if busy is not None:
+                return RouteDecision(
+                    mode="sequential", source="load",
+                    reason=f"{busy} (the router said {decision.mode}: {decision.reason})",
+                )  # fmt: skip
+        return decision
+
+    async def _ask(
+        self,
+        backend: Backend,
+        messages: list[Message],
+        question: str,
+        opts: PlanOptions,
+        usage: Usage,
+        chat_ids: list[int] | None,
+    ) -> RouteDecision:
+        """The verdict of the router ``opts`` name (load aside)."""
         if opts.router == "rules":
             return route_by_rules(question)
         if opts.router == "model":
