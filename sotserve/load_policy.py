@@ -25,19 +25,23 @@ from dataclasses import dataclass
 
 from sotserve.backends.base import Backend, EngineLoad
 
-# Engine requests (running + waiting, or planned) at and above which auto stops
-# starting skeleton answers. Measured on this machine (2 CPU cores, SmolLM2-135M int4
-# with prompt-lookup drafts, --max-tokens 256, evals.latency --concurrency C on 27
-# vicuna80 questions, see README): sequential's median latency over sot's was 1.41x at
-# 1 concurrent question, 1.33x at 4, 1.13x at 6 and 1.01x at 8 (and 0.10x at 16 in an
-# earlier run). Skeletons stop where about 6 of them are in flight (6 x
-# SKELETON_REQUESTS), the last load at which they still gained about a tenth: at equal
-# speed the sequential answer wins, as it has no skeleton to get wrong.
-DEFAULT_MAX_LOAD = 30
+# Engine requests (running + waiting, or planned by this planner) at and above which
+# auto stops starting skeleton answers. Measured on this machine (2 CPU cores,
+# SmolLM2-135M int4 with prompt-lookup drafts, --max-tokens 256, evals.latency
+# --concurrency C on 27 vicuna80 questions, 16 suitable ones at C = 16; see README):
+# alone, sot's median latency beat sequential's by 1.41x at 1 concurrent question,
+# 1.33x at 4, 1.13x at 6 and 1.01x at 8. But skeletons started among sequential
+# answers slow those down, since every step then carries the points' rows: with a
+# limit of 30, 12 sequential answers beside 4 skeleton ones took 14.7 s against 10.8 s
+# in an all-sequential batch, and auto's median was 1.16x the better mode's at 8
+# questions and 1.43x at 16. With 10 (about two skeleton answers, or ten sequential
+# ones) it was 1.03x at 8 and 1.11x at 16, and at 4 (1.19x against 1.26x) and 1
+# it decides as before.
+DEFAULT_MAX_LOAD = 10
 DEFAULT_MIN_KV_FREE = 0.1
 # The requests a skeleton answer is expected to hold before its skeleton says how many
 # points it has: a sot answer made 4.5 on average in the measurement above (a skeleton,
-# 3.1 points, and the odd fallback; 5.2 in the earlier run), rounded up.
+# 3.1 points, and the odd fallback; 5.2 in an earlier run), rounded up.
 SKELETON_REQUESTS = 5
 
 
