@@ -29,8 +29,9 @@ from sotserve.backends.base import Backend, EngineLoad
 # auto stops starting skeleton answers. Measured on this machine (2 CPU cores,
 # SmolLM2-135M int4 with prompt-lookup drafts, --max-tokens 256, evals.latency
 # --concurrency C on 27 vicuna80 questions, 16 suitable ones at C = 16; see README):
-# alone, sot's median latency beat sequential's by 1.41x at 1 concurrent question,
-# 1.33x at 4, 1.13x at 6 and 1.01x at 8. But skeletons started among sequential
+# alone, sot's median latency beat sequential's by 1.36-1.41x at 1 concurrent question,
+# 1.32-1.51x at 4, 1.13x at 6, 1.01-1.25x at 8 and 1.06-1.09x at 16 (one run per
+# figure; the ranges are several runs). But skeletons started among sequential
 # answers slow those down, since every step then carries the points' rows: with a
 # limit of 30, 12 sequential answers beside 4 skeleton ones took 14.7 s against 10.8 s
 # in an all-sequential batch, and auto's median was 1.16x the better mode's at 8
