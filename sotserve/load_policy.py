@@ -76,8 +76,8 @@ class PlannedLoad:
             raise ValueError(f"removing {n} planned requests of {self.on(backend)}")
         if left:
             self._requests[id(backend)] = left
-        else:
-            del self._requests[id(backend)]
+        else:  # (an answer that failed before it counted anything removes 0)
+            self._requests.pop(id(backend), None)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ async def check_killed_mid_answer(front: str, peer: subprocess.Popen[bytes], pee
             await c.chat.completions.create(
                 model="front", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
             )
-        assert info.value.status_code == 503
+        assert info.value.status_code == 503, (info.value.status_code, info.value.message)
         assert peer_url.removeprefix("http://") in info.value.message
     deadline = time.monotonic() + 20
     while (status := get(f"{front}/health")[0]) != 503 and time.monotonic() < deadline:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sotserve.backends.base import EngineLoad
+from sotserve.backends.base import BackendUnavailableError, EngineLoad
 from sotserve.load_policy import DEFAULT_MAX_LOAD, SKELETON_REQUESTS, LoadPolicy, PlannedLoad
 from sotserve.planner import InvalidQuestionError, Planner
 from tests.scripted_backend import ScriptedBackend
@@ -140,7 +140,23 @@ async def test_an_answer_closed_early_gives_its_planned_load_back(tokenizer):
 def test_planned_load_refuses_to_go_negative(tokenizer):
     b = backend(tokenizer, EngineLoad(running=0))
     planned = PlannedLoad()
+    planned.remove(b, 0)  # an answer that failed before it counted anything
     planned.add(b, 2)
     planned.remove(b, 2)
+    assert planned.on(b) == 0
     with pytest.raises(ValueError):
         planned.remove(b, 1)
+
+
+async def test_an_answer_that_fails_before_it_counts_anything_ends_with_its_error(tokenizer):
+    """A replica set with no healthy replica refuses in ``for_answer``, before the
+    answer counts any load: the answer ends with that error, not another."""
+    b = backend(tokenizer, EngineLoad(running=0))
+
+    def no_replica(prompt):
+        raise BackendUnavailableError("no backend is healthy (x)")
+
+    b.for_answer = no_replica
+    events = [e async for e in Planner(b, router="rules").stream(LISTY)]
+    assert [type(e).__name__ for e in events] == ["ErrorEvent"]
+    assert events[0].code == "backend_unavailable" and "no backend is healthy" in events[0].message
