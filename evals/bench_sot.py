@@ -45,6 +45,7 @@ from evals.train_router import (
     make_params,
     print_direction,
     score,
+    train,
 )
 from sotserve.backends import LocalBackend
 from sotserve.planner import Planner
@@ -126,7 +127,8 @@ def bench_trained_router(llm: LLM, data_dir: Path) -> None:
     for train_name, test_name in DIRECTIONS:
         parts = train_name.split("+")
         data = join_sets([sets[p] for p in parts])
-        params = make_params(llm, data, torch.cat([feats[p] for p in parts]), 0, 0.8)
+        head = train(torch.cat([feats[p] for p in parts]), data.labels, seed=0)
+        params = make_params(llm, data, head, seed=0)
         test = sets[test_name]
         print_direction(data.name, test.name, score(params, test, feats[test_name]))
 

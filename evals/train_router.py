@@ -15,10 +15,11 @@ Features: the embedded model's final hidden state at the last token of each
 question's chat prompt, computed by our engine (``LLM.embed``), one question at a
 time in file order, so the same data and seed give the same parameters. The head is
 an L2-regularized logistic regression (float64, L-BFGS, on standardized features);
-its L2 strength and its decision threshold are chosen by k-fold cross-validation on
-the training set alone (threshold: the best out-of-fold accuracy among those whose
-out-of-fold precision of "use a skeleton" is at least ``--min-precision``). The set
-it was not trained on is only ever scored.
+its L2 strength is chosen by k-fold cross-validation on the training set alone (the
+lowest out-of-fold log-loss, which also leaves its probabilities calibrated), and its
+threshold follows from what a wrong skeleton costs against a wrong sequential answer
+(``--skeleton-cost``, :data:`SKELETON_COST`). The set it was not trained on is only
+ever scored.
 
 The public data stays outside the product: the script reads it and ships only the
 parameters derived from it.
@@ -32,6 +33,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -60,6 +62,13 @@ DIRECTIONS = (
 PACKAGE_FILE = Path(tr.__file__).parent / tr.PARAMS_DIR
 L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 FOLDS = 5
+# A skeleton given to a question that does not suit one costs the answer its shape and
+# quality (math, code, a story cut into points); a sequential answer to one that does
+# costs only time. Weighing the first 1.5 times the second puts the threshold at 0.6.
+# It acts on probabilities: the head's out-of-fold probabilities on its training
+# sets are calibrated (README), and no threshold is fitted to a training set, so none
+# follows that set's mix of questions to another.
+SKELETON_COST = 1.5
 
 
 @dataclass
@@ -147,39 +156,42 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Ten
     return w.detach(), float(b.detach())
 
 
-def best_threshold(prob: torch.Tensor, y: torch.Tensor, min_precision: float) -> float:
-    """The threshold with the best accuracy among those with precision of at least
-    ``min_precision`` (the best accuracy overall when none reaches it); ties go to
-    the higher threshold (fewer skeletons)."""
-    best: tuple[bool, float, float] | None = None
-    for t in sorted({round(float(p), 4) for p in prob} | {0.5}):
-        pred = prob >= t
-        tp = int((pred & (y > 0.5)).sum())
-        predicted = int(pred.sum())
-        precise = predicted > 0 and tp / predicted >= min_precision
-        acc = float((pred == (y > 0.5)).double().mean())
-        key = (precise, acc, t)
-        if best is None or key >= best:
-            best = key
-    assert best is not None
-    return best[2]
-
-
 def standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)
     return (x - mean) / std, mean, std
 
 
+def cost_threshold(skeleton_cost: float) -> float:
+    """The P(skeleton) above which a skeleton costs less in expectation, when giving one
+    to a question that does not suit it costs ``skeleton_cost`` times what answering a
+    suitable question sequentially does: ``p * 1 >= (1 - p) * cost``."""
+    if not skeleton_cost > 0:
+        raise ValueError(f"skeleton cost must be positive, not {skeleton_cost}")
+    return round(skeleton_cost / (1.0 + skeleton_cost), 4)
+
+
+@dataclass
+class Head:
+    """A fitted head: ``sigmoid(weights . h + bias) >= threshold`` says "skeleton"."""
+
+    weights: torch.Tensor  # on raw hidden states (the standardization folded in)
+    bias: float
+    threshold: float
+    l2: float
+    out_of_fold: torch.Tensor  # each training example's P(skeleton) from the other folds
+
+
 def train(
-    x: torch.Tensor, labels: list[bool], seed: int, min_precision: float
-) -> tuple[torch.Tensor, float, float, float]:
-    """(weights on raw features, bias, threshold, l2), by cross-validation on ``x``."""
+    x: torch.Tensor, labels: list[bool], seed: int, skeleton_cost: float = SKELETON_COST
+) -> Head:
+    """The head on ``x``: l2 by cross-validation, the threshold from ``skeleton_cost``
+    (:func:`cost_threshold`)."""
     y = torch.tensor(labels, dtype=torch.float64)
     n = len(labels)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     folds = [order[i::FOLDS] for i in range(FOLDS)]
-    best: tuple[float, float, torch.Tensor] | None = None
+    best: tuple[float, float, torch.Tensor] | None = None  # (log-loss, l2, out-of-fold)
     for l2 in L2_GRID:
         oof = torch.empty(n, dtype=torch.float64)
         for k in range(FOLDS):
@@ -193,13 +205,38 @@ def train(
             best = (loss, l2, oof)
     assert best is not None
     _, l2, oof = best
-    threshold = best_threshold(oof, y, min_precision)
     xs, mean, std = standardize(x)
     w, b = fit_logistic(xs, y, l2)
     # fold the standardization in: w . (h - mean) / std + b = (w / std) . h + b'
     raw_w = w / std
-    raw_b = b - float(raw_w @ mean)
-    return raw_w, raw_b, threshold, l2
+    return Head(raw_w, b - float(raw_w @ mean), cost_threshold(skeleton_cost), l2, oof)
+
+
+class Band(NamedTuple):
+    """Training examples whose predicted P(skeleton) lies in [lo, hi)."""
+
+    lo: float
+    hi: float
+    observed: float  # the share of them labelled suitable
+    count: int
+
+
+def calibration(prob: torch.Tensor, labels: list[bool], bins: int = 5) -> list[Band]:
+    """How often the label is "suitable" in each band of predicted probability: near
+    each band's middle when the probabilities are calibrated, which a threshold read
+    as a cost ratio (:func:`cost_threshold`) needs."""
+    y = torch.tensor(labels, dtype=torch.float64)
+    bands = []
+    for i in range(bins):
+        lo, hi = i / bins, (i + 1) / bins
+        inside = (prob >= lo) & ((prob < hi) if i < bins - 1 else (prob <= hi))
+        if inside.any():
+            bands.append(Band(lo, hi, float(y[inside].mean()), int(inside.sum())))
+    return bands
+
+
+def format_bands(bands: list[Band]) -> str:
+    return ", ".join(f"{b.lo:.1f}-{b.hi:.1f}: {b.observed:.2f} of {b.count}" for b in bands)
 
 
 def _round(value: float) -> float:
@@ -207,26 +244,24 @@ def _round(value: float) -> float:
     return float(f"{value:.7g}")
 
 
-def make_params(
-    llm: LLM, data: Labelled, x: torch.Tensor, seed: int, min_precision: float
-) -> tr.RouterParams:
-    w, b, threshold, l2 = train(x, data.labels, seed, min_precision)
+def make_params(llm: LLM, data: Labelled, head: Head, seed: int) -> tr.RouterParams:
+    """The parameter file of ``head``, trained on ``data`` with ``seed``, for ``llm``'s model."""
     renderer = ChatRenderer(llm.tokenizer)
     probe = llm.embed([renderer.render(tr.question_messages(tr.PROBE_QUESTION))])[0]
     return tr.RouterParams(
         version=tr.PARAMS_VERSION,
         model=llm.engine.model_name.split(".")[0],
-        hidden_size=int(x.shape[1]),
+        hidden_size=int(head.weights.shape[0]),
         vocab_size=len(llm.tokenizer),
         probe=[_round(v) for v in probe.tolist()],
-        weights=[_round(v) for v in w.tolist()],
-        bias=_round(b),
-        threshold=threshold,
+        weights=[_round(v) for v in head.weights.tolist()],
+        bias=_round(head.bias),
+        threshold=head.threshold,
         trained_on=data.name,
         data_sha256=data.sha256,
         examples=len(data.labels),
         seed=seed,
-        l2=l2,
+        l2=head.l2,
     )
 
 
@@ -265,7 +300,11 @@ def main(argv: list[str] | None = None) -> None:
         help="train and score every direction (LIMA and vicuna80 each held apart)",
     )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-precision", type=float, default=0.8)
+    ap.add_argument(
+        "--skeleton-cost", type=float, default=SKELETON_COST,
+        help="cost of a skeleton for an unsuitable question, against a sequential answer "
+        "to a suitable one; the threshold is cost / (1 + cost)",
+    )  # fmt: skip
     ap.add_argument(
         "--features", type=Path, default=None,
         help="cache of hidden states (a .pt file per set under this folder)",
@@ -301,8 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     for train_name, test_name in pairs:
         data = load_sets(train_name, args.data_dir)
         test = load_sets(test_name, args.data_dir)
-        params = make_params(llm, data, features(data), args.seed, args.min_precision)
-        print(f"{data.name}: l2 {params.l2}, threshold {params.threshold}", flush=True)
+        head = train(features(data), data.labels, args.seed, args.skeleton_cost)
+        params = make_params(llm, data, head, args.seed)
+        bands = format_bands(calibration(head.out_of_fold, data.labels))
+        print(f"{data.name}: l2 {params.l2}, threshold {params.threshold}; out-of-fold "
+              f"share suitable by P(skeleton): {bands}", flush=True)  # fmt: skip
         print_direction(data.name, test.name, score(params, test, features(test)))
         out = args.out
         if out is None and not args.both and train_name == SHIPPED_TRAIN:

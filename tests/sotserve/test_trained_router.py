@@ -97,13 +97,31 @@ def test_training_is_deterministic_in_data_and_seed():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(60, 12, generator=gen, dtype=torch.float64)
     labels = [bool(v) for v in (x[:, 0] + 0.3 * x[:, 1] > 0.2)]
-    first = train_router.train(x, labels, seed=0, min_precision=0.8)
-    again = train_router.train(x.clone(), list(labels), seed=0, min_precision=0.8)
-    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+    first = train_router.train(x, labels, seed=0)
+    again = train_router.train(x.clone(), list(labels), seed=0)
+    assert torch.equal(first.weights, again.weights)
+    assert (first.bias, first.threshold, first.l2) == (again.bias, again.threshold, again.l2)
+    assert torch.equal(first.out_of_fold, again.out_of_fold)
     # and it learns: the training set is separable along x0 + 0.3 x1
-    w, b, t, _ = first
-    pred = torch.sigmoid(x @ w + b) >= t
+    pred = torch.sigmoid(x @ first.weights + first.bias) >= first.threshold
     assert (pred == torch.tensor(labels)).double().mean() >= 0.9
+
+
+def test_the_threshold_is_the_cost_ratio():
+    assert train_router.cost_threshold(1.0) == 0.5
+    assert train_router.cost_threshold(train_router.SKELETON_COST) == 0.6
+    assert train_router.cost_threshold(3.0) == 0.75
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="positive"):
+            train_router.cost_threshold(bad)
+
+
+def test_calibration_bands_count_and_share():
+    prob = torch.tensor([0.05, 0.1, 0.15, 0.5, 0.9, 1.0], dtype=torch.float64)
+    labels = [False, False, True, True, True, False]
+    bands = train_router.calibration(prob, labels)
+    assert [(b.lo, b.count) for b in bands] == [(0.0, 3), (0.4, 1), (0.8, 2)]
+    assert [round(b.observed, 3) for b in bands] == [0.333, 1.0, 0.5]
 
 
 def _normalized(text: str) -> str:
@@ -161,9 +179,13 @@ def test_trained_on_made_up_questions_alone_holds_on_vicuna80():
     llm = LLM()
     data = train_router.load_sets("made-up", DATA)
     test = train_router.load_sets("vicuna80", DATA)
-    params = train_router.make_params(
-        llm, data, train_router.embed_questions(llm, data.questions), seed=0, min_precision=0.8
-    )
+    head = train_router.train(train_router.embed_questions(llm, data.questions), data.labels, 0)
+    # the threshold reads P(skeleton) as a probability: out of fold, the share labelled
+    # suitable in each well-filled band of it is near the band's middle
+    for band in train_router.calibration(head.out_of_fold, data.labels):
+        if band.count >= 25:
+            assert abs(band.observed - (band.lo + band.hi) / 2) <= 0.15, band
+    params = train_router.make_params(llm, data, head, seed=0)
     metrics = train_router.score(params, test, train_router.embed_questions(llm, test.questions))
     assert metrics["accuracy"] >= 0.80, metrics
     assert metrics["precision"] >= 0.75, metrics
