@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "0: never for load; default the service's)",
     )  # fmt: skip
     p.add_argument(
+        "--auto-max-sequential", type=int, default=None,
+        help="local: auto starts no skeleton beside this many sequential answers "
+        "(sotserve serve --auto-max-sequential; 0: off; default the service's)",
+    )  # fmt: skip
+    p.add_argument(
         "--api-key", default=os.environ.get("SOTSERVE_API_KEY"),
         help="URL: the server's API key (default: $SOTSERVE_API_KEY)",
     )  # fmt: skip
@@ -135,8 +140,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
-    if args.auto_max_load is not None and args.auto_max_load < 0:
-        p.error("--auto-max-load must be at least 0")
+    for flag in ("auto_max_load", "auto_max_sequential"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be at least 0")
     if args.repeats < 1 or args.concurrency < 1 or args.max_tokens < 1:
         p.error("--repeats, --concurrency and --max-tokens must be at least 1")
     return args
@@ -144,7 +150,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_target(args: argparse.Namespace, engine: AsyncEngine | None = None) -> Target:
     if args.backend == "local":
-        return LocalTarget(args.model, args.dtype, args.device, engine, args.auto_max_load)
+        return LocalTarget(
+            args.model, args.dtype, args.device, engine, args.auto_max_load,
+            args.auto_max_sequential,
+        )  # fmt: skip
     if not args.backend.startswith(("http://", "https://")):
         raise TargetError(f"--backend must be 'local' or an http(s) URL, not {args.backend!r}")
     return HTTPTarget(
@@ -322,6 +331,7 @@ async def main_async(args: argparse.Namespace, engine: AsyncEngine | None = None
         "categories": categories, "per_category": args.per_category,
         "suitable_only": args.suitable_only, "skipped_lines": len(dataset.skipped),
         "speculative_tokens": args.speculative_tokens, "auto_max_load": args.auto_max_load,
+        "auto_max_sequential": args.auto_max_sequential,
         "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
         "wall_s": round(time.perf_counter() - t0, 1),
     }  # fmt: skip

@@ -80,17 +80,24 @@ class LocalTarget(Target):
         device: str = "auto",
         engine: AsyncEngine | None = None,
         auto_max_load: int | None = None,
+        auto_max_sequential: int | None = None,
     ) -> None:
         """``engine``: one already made (``python -m evals.latency`` makes it with its
         step loop on the main thread, as the servers run); else one with a step thread.
-        ``auto_max_load``: the load policy's limit (None: the default)."""
+        ``auto_max_load``, ``auto_max_sequential``: the load policy's limits (None: the
+        defaults)."""
         from engine import AsyncEngine
         from sotserve.backends.local import LocalBackend
         from sotserve.load_policy import LoadPolicy
         from sotserve.planner import Planner
 
         self.engine = engine or AsyncEngine(model, dtype=dtype, device=device)
-        policy = None if auto_max_load is None else LoadPolicy(max_load=auto_max_load)
+        limits = {
+            k: v
+            for k, v in (("max_load", auto_max_load), ("max_sequential", auto_max_sequential))
+            if v is not None
+        }
+        policy = LoadPolicy(**limits) if limits else None
         self.planner = Planner(LocalBackend(self.engine), policy)
         cfg = self.engine.engine.config
         self.description = (

@@ -11,12 +11,16 @@ extra requests slow every answer. ``auto`` then answers sequentially:
   (:class:`PlannedLoad`: questions that arrive together decide before any of their
   requests reaches the engine, so the engine's own count would show each of them an
   idle engine);
+- when :data:`DEFAULT_MAX_SEQUENTIAL` or more of this planner's other answers in flight
+  hold a single request (answering sequentially, or still routing): every batch step
+  would carry the skeleton's point rows beside theirs, slowing each of them for a
+  gain that is the skeleton answer's alone;
 - when requests wait (the engine is at its running limit or out of KV slots);
 - when less than ``min_kv_free`` of the KV slots are free (the points would
   preempt someone).
 
-The default ``max_load`` comes from that measurement on this machine and can be
-overridden (``sotserve serve --auto-max-load N``; 0 turns the load check off).
+The defaults come from that measurement on this machine and can be overridden
+(``sotserve serve --auto-max-load N --auto-max-sequential M``; 0 turns a check off).
 """
 
 from __future__ import annotations
@@ -39,11 +43,28 @@ from sotserve.backends.base import Backend, EngineLoad
 # ones) it was 1.03x at 8 and 1.11x at 16, and at 4 (1.19x against 1.26x) and 1
 # it decides as before.
 DEFAULT_MAX_LOAD = 10
+# Sequential answers in flight (this planner's, answering or still routing) at and above
+# which auto starts no skeleton beside them. A skeleton's point rows slow every
+# sequential answer in the same steps, and the CPU steps are compute-bound, so the cost
+# grows with how many there are, while the gain is the skeleton answer's alone. The
+# load limit alone could not tell the two cases of the same request count apart
+# (measured as above, 2026-12-04, limit 10): at 4 concurrent questions, up to two
+# skeletons beside one or two sequential answers, auto's median was 1.02x and 0.93x the
+# better mode's; at 8, one skeleton beside seven sequential answers slowed those by
+# 1.07-1.34x, and auto's median was 1.34x and 1.22x, slower than all-sequential (a limit
+# of 7, which started none at 8, gave 1.15x there but 1.13x at 4).
+DEFAULT_MAX_SEQUENTIAL = 4
 DEFAULT_MIN_KV_FREE = 0.1
 # The requests a skeleton answer is expected to hold before its skeleton says how many
 # points it has: a sot answer made 4.5 on average in the measurement above (a skeleton,
 # 3.1 points, and the odd fallback; 5.2 in an earlier run), rounded up.
 SKELETON_REQUESTS = 5
+
+
+@dataclass
+class _Planned:
+    requests: int = 0
+    single: int = 0  # answers holding a single request (routing, or sequential)
 
 
 class PlannedLoad:
@@ -58,26 +79,44 @@ class PlannedLoad:
 
     def __init__(self) -> None:
         # by the engine's identity: a backend need not be hashable (nor compare by it)
-        self._requests: dict[int, int] = {}
+        self._planned: dict[int, _Planned] = {}
 
     def on(self, backend: Backend) -> int:
         """The requests planned on ``backend``."""
-        return self._requests.get(id(backend), 0)
+        counts = self._planned.get(id(backend))
+        return counts.requests if counts else 0
 
-    def add(self, backend: Backend, n: int) -> None:
-        """Count ``n`` more requests on ``backend`` (an answer's start, or its
-        skeleton's extra ones)."""
-        self._requests[id(backend)] = self.on(backend) + n
+    def single_on(self, backend: Backend) -> int:
+        """The answers on ``backend`` that hold a single request: routing, or answering
+        sequentially."""
+        counts = self._planned.get(id(backend))
+        return counts.single if counts else 0
 
-    def remove(self, backend: Backend, n: int) -> None:
-        """Stop counting ``n`` requests on ``backend`` (an answer that ended)."""
-        left = self.on(backend) - n
-        if left < 0:
-            raise ValueError(f"removing {n} planned requests of {self.on(backend)}")
-        if left:
-            self._requests[id(backend)] = left
-        else:  # (an answer that failed before it counted anything removes 0)
-            self._requests.pop(id(backend), None)
+    def start(self, backend: Backend) -> None:
+        """An answer starts on ``backend``: one request, until it plans a skeleton."""
+        counts = self._planned.setdefault(id(backend), _Planned())
+        counts.requests += 1
+        counts.single += 1
+
+    def plan_skeleton(self, backend: Backend) -> None:
+        """An answer that started on ``backend`` plans a skeleton: its count becomes
+        :data:`SKELETON_REQUESTS`."""
+        counts = self._planned.get(id(backend))
+        if counts is None or counts.single < 1:
+            raise ValueError("plan_skeleton of an answer that did not start")
+        counts.requests += SKELETON_REQUESTS - 1
+        counts.single -= 1
+
+    def end(self, backend: Backend, skeleton: bool) -> None:
+        """An answer that started on ``backend`` ended; ``skeleton``: it had planned one."""
+        counts = self._planned.get(id(backend))
+        held = SKELETON_REQUESTS if skeleton else 1
+        if counts is None or counts.requests < held or (not skeleton and counts.single < 1):
+            raise ValueError("end of an answer that was not counted")
+        counts.requests -= held
+        counts.single -= 0 if skeleton else 1
+        if not counts.requests:
+            del self._planned[id(backend)]
 
 
 @dataclass(frozen=True)
@@ -86,18 +125,27 @@ class LoadPolicy:
 
     max_load: int = DEFAULT_MAX_LOAD  # 0: never hold back a skeleton for load
     min_kv_free: float = DEFAULT_MIN_KV_FREE
+    max_sequential: int = DEFAULT_MAX_SEQUENTIAL  # 0: not by sequential answers beside
 
     def __post_init__(self) -> None:
         if self.max_load < 0:
             raise ValueError("max_load must be at least 0")
+        if self.max_sequential < 0:
+            raise ValueError("max_sequential must be at least 0")
         if not 0.0 <= self.min_kv_free < 1.0:
             raise ValueError("min_kv_free must be in [0, 1)")
 
-    def too_busy(self, load: EngineLoad, planned: int = 0) -> str | None:
+    def too_busy(self, load: EngineLoad, planned: int = 0, sequential: int = 0) -> str | None:
         """Why a skeleton answer should not start on an engine with ``load`` while other
-        answers of this planner are expected to hold ``planned`` requests, or None. The
-        larger of the two counts is the load: the planned requests that were sent are in
-        the engine's count too."""
+        answers of this planner are expected to hold ``planned`` requests, ``sequential``
+        of them answers of a single request, or None. The larger of the two request
+        counts is the load: the planned requests that were sent are in the engine's
+        count too."""
+        if self.max_sequential and sequential >= self.max_sequential:
+            return (
+                f"{sequential} answers in flight decode sequentially (limit "
+                f"{self.max_sequential}): a skeleton's points would slow each of them"
+            )
         if self.max_load == 0:
             return None
         if load.requests >= self.max_load:

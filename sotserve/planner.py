@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import prompts
 from prompts import ChatRenderer, Message
@@ -53,7 +53,7 @@ from sotserve.executor import (
     PointText,
     TokenBudget,
 )
-from sotserve.load_policy import SKELETON_REQUESTS, LoadPolicy, PlannedLoad
+from sotserve.load_policy import LoadPolicy, PlannedLoad
 from sotserve.merge import InOrderMerger, PreviewMismatchError
 from sotserve.point_text import barred_point_token_ids
 from sotserve.prompt_heads import (
@@ -309,12 +309,8 @@ class _AnswerRun:
         self.route_s: float | None = None
         self.skeleton_s: float | None = None
         self.first_answer_s: float | None = None
-        self._planned_requests = 0  # what this answer counts in planner.planned
-
-    def _plan_requests(self, n: int) -> None:
-        """Count ``n`` more requests of this answer in the planner's planned load."""
-        self.planner.planned.add(self.backend, n)
-        self._planned_requests += n
+        # how this answer counts in planner.planned: not yet, one request, a skeleton's
+        self._counted_as: Literal["none", "single", "skeleton"] = "none"
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -343,7 +339,8 @@ class _AnswerRun:
             self.chat_ids = self.renderer.render(self.messages)
             # one replica for every request of the answer, so they share its cache
             self.backend = self.backend.for_answer(self.chat_ids)
-            self._plan_requests(1)
+            self.planner.planned.start(self.backend)
+            self._counted_as = "single"
             limit = self.backend.max_model_len
             if limit is not None and len(self.chat_ids) >= limit:
                 # Said first, before any backend request: the HTTP layer can still
@@ -365,7 +362,8 @@ class _AnswerRun:
             elif (misfit := self.misfit(mode)) is not None:
                 body = self._too_long_for_a_plan(misfit)  # said before the first request
             else:
-                self._plan_requests(SKELETON_REQUESTS - 1)
+                self.planner.planned.plan_skeleton(self.backend)
+                self._counted_as = "skeleton"
                 body = self._planned(mode)
             async with contextlib.aclosing(body) as events:
                 async for event in events:
@@ -392,8 +390,9 @@ class _AnswerRun:
             try:
                 await self._cancel_all()
             finally:
-                self.planner.planned.remove(self.backend, self._planned_requests)
-                self._planned_requests = 0
+                if self._counted_as != "none":
+                    self.planner.planned.end(self.backend, self._counted_as == "skeleton")
+                    self._counted_as = "none"
 
     async def _cancel_all(self) -> None:
         for t in self.tasks:
@@ -413,7 +412,7 @@ class _AnswerRun:
             )
         return await self.planner.router.decide(
             self.backend, self.messages, question_text(self.messages), self.opts, self.usage,
-            self.chat_ids, holding=self._planned_requests,
+            self.chat_ids, counted=self._counted_as != "none",
         )  # fmt: skip
 
     # -- fitting the context -------------------------------------------------------------

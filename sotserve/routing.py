@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 
 from prompts import ChatRenderer, Message
-from sotserve.backends.base import Backend, BackendRequestError
+from sotserve.backends.base import Backend, BackendRequestError, EngineLoad
 from sotserve.load_policy import LoadPolicy, PlannedLoad
 from sotserve.prompt_heads import system_text
 from sotserve.router import route_by_model, route_by_rules, two_ends
@@ -77,15 +77,16 @@ class Router:
         opts: PlanOptions,
         usage: Usage,
         chat_ids: list[int] | None = None,
-        holding: int = 0,
+        counted: bool = False,
     ) -> RouteDecision:
         """``auto``'s mode for the chat ``messages``, whose question (last user turn and
         the conversation before it, :func:`sotserve.planner.question_text`) the rules
         and the prompting router read. ``chat_ids`` is the chat's rendered prompt where
         the caller has it: the trained router encodes that very prompt (when no
         message is cut), so a sequential answer then hits the cache; its head reads
-        the rendered chat, and the graph check the question. ``holding`` is what the
-        caller's own answer counts in ``planned`` (not load on it).
+        the rendered chat, and the graph check the question. ``counted``: the caller's own
+        answer is in ``planned`` (as a single request, :meth:`PlannedLoad.start`), which
+        is not load on it.
 
         A skeleton verdict is checked against the planned load once more when the
         router has answered: answers that arrived together all passed the first check
@@ -93,18 +94,24 @@ class Router:
         this returns (no await between), so the second check sees every skeleton
         decided before it."""
         load = await backend.load()
-        busy = self.load_policy.too_busy(load, self.planned.on(backend) - holding)
+        busy = self._too_busy(backend, load, counted)
         if busy is not None:
             return RouteDecision(mode="sequential", source="load", reason=busy)
         decision = await self._ask(backend, messages, question, opts, usage, chat_ids)
         if decision.mode != "sequential":
-            busy = self.load_policy.too_busy(load, self.planned.on(backend) - holding)
+            busy = self._too_busy(backend, load, counted)
             if busy is not None:
                 return RouteDecision(
                     mode="sequential", source="load",
                     reason=f"{busy} (the router said {decision.mode}: {decision.reason})",
                 )  # fmt: skip
         return decision
+
+    def _too_busy(self, backend: Backend, load: EngineLoad, counted: bool) -> str | None:
+        own = 1 if counted else 0
+        return self.load_policy.too_busy(
+            load, self.planned.on(backend) - own, self.planned.single_on(backend) - own
+        )
 
     async def _ask(
         self,

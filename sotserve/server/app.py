@@ -39,7 +39,7 @@ from sotserve.backends.base import BackendError
 from sotserve.backends.http import HTTPBackend, load_tokenizer
 from sotserve.backends.local import LocalBackend
 from sotserve.backends.replicas import ReplicaSet
-from sotserve.load_policy import DEFAULT_MAX_LOAD, LoadPolicy
+from sotserve.load_policy import DEFAULT_MAX_LOAD, DEFAULT_MAX_SEQUENTIAL, LoadPolicy
 from sotserve.planner import Planner
 from sotserve.server.chat import ChatHandler
 from sotserve.server.limits import AdmittedBackend
@@ -290,6 +290,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "waiting, or this service's answers in flight are expected to hold N "
         f"(default {DEFAULT_MAX_LOAD}, measured; 0: never for load)",
     )  # fmt: skip
+    g.add_argument(
+        "--auto-max-sequential", type=int, default=None, metavar="M",
+        help="auto starts no skeleton while M of this service's answers in flight "
+        f"decode sequentially (default {DEFAULT_MAX_SEQUENTIAL}, measured; 0: off)",
+    )  # fmt: skip
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -303,8 +308,15 @@ def serve(args: argparse.Namespace) -> None:
         for k in ("mode", "max_points", "point_max_tokens", "router")
         if (v := getattr(args, k)) is not None
     }
-    if args.auto_max_load is not None:
-        plan["load_policy"] = LoadPolicy(max_load=args.auto_max_load)
+    limits = {
+        k: v
+        for k, v in (
+            ("max_load", args.auto_max_load), ("max_sequential", args.auto_max_sequential)
+        )
+        if v is not None
+    }  # fmt: skip
+    if limits:
+        plan["load_policy"] = LoadPolicy(**limits)
     if args.backend:
         _serve_remote(args, limits, security, plan)
         return

@@ -394,7 +394,7 @@ async def test_over_http_a_tokenizer_counts_the_answers_tokens(tmp_path, sotserv
 async def test_auto_max_load_sets_the_planners_load_limit(tiny_llama_dir, tmp_path):
     from engine import AsyncEngine
     from evals.runner import LocalTarget
-    from sotserve.load_policy import DEFAULT_MAX_LOAD
+    from sotserve.load_policy import DEFAULT_MAX_LOAD, DEFAULT_MAX_SEQUENTIAL
 
     data = write_dataset(tmp_path / "q.jsonl", ROWS)
     assert parse_args(["--dataset", str(data)]).auto_max_load is None
@@ -405,3 +405,9 @@ async def test_auto_max_load_sets_the_planners_load_limit(tiny_llama_dir, tmp_pa
         assert default.max_load == DEFAULT_MAX_LOAD
         target = LocalTarget(None, engine=engine, auto_max_load=7)
         assert target.planner.router.load_policy.max_load == 7
+        assert target.planner.router.load_policy.max_sequential == DEFAULT_MAX_SEQUENTIAL
+        both = LocalTarget(None, engine=engine, auto_max_load=7, auto_max_sequential=2)
+        assert (both.planner.router.load_policy.max_load,
+                both.planner.router.load_policy.max_sequential) == (7, 2)  # fmt: skip
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", str(data), "--auto-max-sequential", "-1"])

@@ -9,7 +9,13 @@ import time
 import pytest
 
 from sotserve.backends.base import BackendUnavailableError, EngineLoad
-from sotserve.load_policy import DEFAULT_MAX_LOAD, SKELETON_REQUESTS, LoadPolicy, PlannedLoad
+from sotserve.load_policy import (
+    DEFAULT_MAX_LOAD,
+    DEFAULT_MAX_SEQUENTIAL,
+    SKELETON_REQUESTS,
+    LoadPolicy,
+    PlannedLoad,
+)
 from sotserve.planner import InvalidQuestionError, Planner
 from tests.scripted_backend import ScriptedBackend
 
@@ -55,6 +61,8 @@ async def test_the_load_threshold_can_be_overridden_or_turned_off(tokenizer):
             .route(LISTY)).mode == "sot"  # fmt: skip
     with pytest.raises(ValueError):
         LoadPolicy(max_load=-1)
+    with pytest.raises(ValueError):
+        LoadPolicy(max_sequential=-1)
 
 
 async def test_auto_answers_follow_the_load(tokenizer):
@@ -108,7 +116,9 @@ async def test_a_burst_of_questions_sees_its_own_load(tokenizer, router):
     what holds the skeletons back."""
     b = backend(tokenizer, EngineLoad(running=0, kv_free=1.0))
     b.script = lambda call: ["A"] if call.kind == "router" else ["1. A\n2. B\n"]
-    planner = Planner(b, LoadPolicy(max_load=3 * SKELETON_REQUESTS), router=router)
+    # (the sequential answers beside a skeleton are left uncounted here: the next test)
+    policy = LoadPolicy(max_load=3 * SKELETON_REQUESTS, max_sequential=0)
+    planner = Planner(b, policy, router=router)
     done = await asyncio.gather(*(planner.answer(LISTY) for _ in range(8)))
     skeletons = [d for d in done if d.mode == "sot"]
     by_load = [d for d in done if d.route.source == "load"]
@@ -137,15 +147,61 @@ async def test_an_answer_closed_early_gives_its_planned_load_back(tokenizer):
     assert planner.planned.on(b) == 0
 
 
-def test_planned_load_refuses_to_go_negative(tokenizer):
+async def test_no_skeleton_starts_beside_many_sequential_answers(tokenizer):
+    """Answers in flight that hold a single request (routing, or sequential) are what
+    a skeleton's points would slow: from DEFAULT_MAX_SEQUENTIAL of them on, auto
+    answers sequentially whatever the request count allows; answers that hold
+    skeletons do not count as such."""
+    b = backend(tokenizer, EngineLoad(running=0, kv_free=1.0))
+    b.delay = 0.02  # answers stay in flight while the test routes
+    planner = Planner(b, LoadPolicy(max_load=0), router="rules")  # no request limit
+
+    async def beside(n: int, mode: str) -> list[asyncio.Task]:
+        sent = len(b.calls)
+        tasks = [asyncio.create_task(planner.answer(LISTY, mode)) for _ in range(n)]
+        while len(b.calls) < sent + n:
+            await asyncio.sleep(0.001)  # until each has sent its first request
+        return tasks
+
+    seq = await beside(DEFAULT_MAX_SEQUENTIAL - 1, "sequential")
+    assert planner.planned.single_on(b) == DEFAULT_MAX_SEQUENTIAL - 1
+    assert (await planner.route(LISTY)).mode == "sot"
+    seq += await beside(1, "sequential")
+    decision = await planner.route(LISTY)
+    assert (decision.mode, decision.source) == ("sequential", "load"), decision
+    assert f"{DEFAULT_MAX_SEQUENTIAL} answers in flight decode sequentially" in decision.reason
+    off = Planner(b, LoadPolicy(max_load=0, max_sequential=0), router="rules")
+    off.planned = planner.planned  # the same answers in flight, the check turned off
+    off.router.planned = planner.planned
+    assert (await off.route(LISTY)).mode == "sot"
+    await asyncio.gather(*seq)
+    assert planner.planned.on(b) == planner.planned.single_on(b) == 0
+    # skeleton answers in flight hold requests, not sequential answers
+    sots = await beside(DEFAULT_MAX_SEQUENTIAL, "sot")
+    while planner.planned.single_on(b):
+        await asyncio.sleep(0.001)
+    assert planner.planned.on(b) == DEFAULT_MAX_SEQUENTIAL * SKELETON_REQUESTS
+    assert (await planner.route(LISTY)).mode == "sot"
+    await asyncio.gather(*sots)
+
+
+def test_planned_load_counts_requests_and_single_answers(tokenizer):
     b = backend(tokenizer, EngineLoad(running=0))
     planned = PlannedLoad()
-    planned.remove(b, 0)  # an answer that failed before it counted anything
-    planned.add(b, 2)
-    planned.remove(b, 2)
-    assert planned.on(b) == 0
+    planned.start(b)
+    planned.start(b)
+    assert (planned.on(b), planned.single_on(b)) == (2, 2)
+    planned.plan_skeleton(b)
+    assert (planned.on(b), planned.single_on(b)) == (1 + SKELETON_REQUESTS, 1)
+    planned.end(b, skeleton=True)
+    assert (planned.on(b), planned.single_on(b)) == (1, 1)
     with pytest.raises(ValueError):
-        planned.remove(b, 1)
+        planned.end(b, skeleton=True)  # it holds one request, not a skeleton's
+    planned.end(b, skeleton=False)
+    assert (planned.on(b), planned.single_on(b)) == (0, 0)
+    for wrong in (lambda: planned.end(b, skeleton=False), lambda: planned.plan_skeleton(b)):
+        with pytest.raises(ValueError):  # nothing counted: nothing to end or turn
+            wrong()
 
 
 async def test_an_answer_that_fails_before_it_counts_anything_ends_with_its_error(tokenizer):
