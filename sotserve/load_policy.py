@@ -52,7 +52,9 @@ DEFAULT_MAX_LOAD = 10
 # skeletons beside one or two sequential answers, auto's median was 1.02x and 0.93x the
 # better mode's; at 8, one skeleton beside seven sequential answers slowed those by
 # 1.07-1.34x, and auto's median was 1.34x and 1.22x, slower than all-sequential (a limit
-# of 7, which started none at 8, gave 1.15x there but 1.13x at 4).
+# of 7, which started none at 8, gave 1.15x there but 1.13x at 4). With this limit auto
+# started none at 8 (1.03x sequential's median; sot was 1.20x faster than both), and at
+# 4, where at most 3 answers are beside, it decides as before.
 DEFAULT_MAX_SEQUENTIAL = 4
 DEFAULT_MIN_KV_FREE = 0.1
 # The requests a skeleton answer is expected to hold before its skeleton says how many
