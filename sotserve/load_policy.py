@@ -76,7 +76,8 @@ class PlannedLoad:
     An answer counts one request from the moment it starts (while it routes and then
     answers sequentially) and :data:`SKELETON_REQUESTS` once it plans a skeleton, until
     it ends. The engine only sees requests once they are sent, so without this count a
-    burst of questions would all find an idle engine and all start skeletons.
+    burst of questions would all find an idle engine and all start skeletons. It also
+    counts the answers that hold a single request, which a skeleton would slow.
     """
 
     def __init__(self) -> None:
