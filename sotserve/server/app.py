@@ -308,15 +308,15 @@ def serve(args: argparse.Namespace) -> None:
         for k in ("mode", "max_points", "point_max_tokens", "router")
         if (v := getattr(args, k)) is not None
     }
-    limits = {
+    load_limits = {
         k: v
         for k, v in (
             ("max_load", args.auto_max_load), ("max_sequential", args.auto_max_sequential)
         )
         if v is not None
     }  # fmt: skip
-    if limits:
-        plan["load_policy"] = LoadPolicy(**limits)
+    if load_limits:
+        plan["load_policy"] = LoadPolicy(**load_limits)
     if args.backend:
         _serve_remote(args, limits, security, plan)
         return
