@@ -297,13 +297,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def serve(args: argparse.Namespace) -> None:
-    """Load the engine and serve until interrupted."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    limits, security = http_options(args)
-    plan = {
+def answer_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The planner options the answer-default flags set (those given), for
+    :func:`build_app`; a load limit below 0 exits with the flag's name."""
+    plan: dict[str, Any] = {
         k: v
         for k in ("mode", "max_points", "point_max_tokens", "router")
         if (v := getattr(args, k)) is not None
@@ -316,7 +313,20 @@ def serve(args: argparse.Namespace) -> None:
         if v is not None
     }  # fmt: skip
     if load_limits:
-        plan["load_policy"] = LoadPolicy(**load_limits)
+        try:
+            plan["load_policy"] = LoadPolicy(**load_limits)
+        except ValueError as exc:
+            raise SystemExit(f"--auto-max-load / --auto-max-sequential: {exc}") from None
+    return plan
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Load the engine and serve until interrupted."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    limits, security = http_options(args)
+    plan = answer_defaults(args)
     if args.backend:
         _serve_remote(args, limits, security, plan)
         return

@@ -262,3 +262,27 @@ async def test_admitted_answers_at_the_limit_do_not_deadlock(tokenizer):
 
     await asyncio.wait_for(asyncio.gather(answer(), answer(), answer()), 10)
     assert (gate.running, gate.waiting) == (0, 0)
+
+
+def test_answer_default_flags_reach_the_planner_options():
+    """``sotserve serve``'s answer defaults: the load limits given, as one LoadPolicy
+    (the other at its default), and a negative limit refused."""
+    import argparse
+
+    from sotserve.load_policy import DEFAULT_MAX_LOAD, DEFAULT_MAX_SEQUENTIAL
+    from sotserve.server.app import add_server_args, answer_defaults
+
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    assert "load_policy" not in answer_defaults(parser.parse_args([]))  # the planner's own
+    plan = answer_defaults(parser.parse_args(["--mode", "sot", "--auto-max-sequential", "2"]))
+    assert plan["mode"] == "sot"
+    assert (plan["load_policy"].max_load, plan["load_policy"].max_sequential) == (
+        DEFAULT_MAX_LOAD, 2,
+    )  # fmt: skip
+    plan = answer_defaults(parser.parse_args(["--auto-max-load", "0"]))
+    assert (plan["load_policy"].max_load, plan["load_policy"].max_sequential) == (
+        0, DEFAULT_MAX_SEQUENTIAL,
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="max_sequential must be at least 0"):
+        answer_defaults(parser.parse_args(["--auto-max-sequential", "-1"]))
