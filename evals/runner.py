@@ -92,12 +92,7 @@ class LocalTarget(Target):
         from sotserve.planner import Planner
 
         self.engine = engine or AsyncEngine(model, dtype=dtype, device=device)
-        limits = {
-            k: v
-            for k, v in (("max_load", auto_max_load), ("max_sequential", auto_max_sequential))
-            if v is not None
-        }
-        policy = LoadPolicy(**limits) if limits else None
+        policy = LoadPolicy.overriding(auto_max_load, auto_max_sequential)
         self.planner = Planner(LocalBackend(self.engine), policy)
         cfg = self.engine.engine.config
         self.description = (

@@ -138,6 +138,16 @@ class LoadPolicy:
         if not 0.0 <= self.min_kv_free < 1.0:
             raise ValueError("min_kv_free must be in [0, 1)")
 
+    @classmethod
+    def overriding(cls, max_load: int | None, max_sequential: int | None) -> LoadPolicy | None:
+        """The policy with the limits given (the flags ``--auto-max-load`` and
+        ``--auto-max-sequential``; None: the default), or None when neither is."""
+        given = {
+            k: v for k, v in (("max_load", max_load), ("max_sequential", max_sequential))
+            if v is not None
+        }  # fmt: skip
+        return cls(**given) if given else None
+
     def too_busy(self, load: EngineLoad, planned: int = 0, sequential: int = 0) -> str | None:
         """Why a skeleton answer should not start on an engine with ``load`` while other
         answers of this planner are expected to hold ``planned`` requests, ``sequential``

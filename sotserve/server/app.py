@@ -305,18 +305,12 @@ def answer_defaults(args: argparse.Namespace) -> dict[str, Any]:
         for k in ("mode", "max_points", "point_max_tokens", "router")
         if (v := getattr(args, k)) is not None
     }
-    load_limits = {
-        k: v
-        for k, v in (
-            ("max_load", args.auto_max_load), ("max_sequential", args.auto_max_sequential)
-        )
-        if v is not None
-    }  # fmt: skip
-    if load_limits:
-        try:
-            plan["load_policy"] = LoadPolicy(**load_limits)
-        except ValueError as exc:
-            raise SystemExit(f"--auto-max-load / --auto-max-sequential: {exc}") from None
+    try:
+        policy = LoadPolicy.overriding(args.auto_max_load, args.auto_max_sequential)
+    except ValueError as exc:
+        raise SystemExit(f"--auto-max-load / --auto-max-sequential: {exc}") from None
+    if policy is not None:
+        plan["load_policy"] = policy
     return plan
 
 
