@@ -50,7 +50,7 @@ DEFAULT_MAX_LOAD = 10
 # load limit alone could not tell the two cases of the same request count apart
 # (measured as above, 2026-12-04, limit 10): at 4 concurrent questions, up to two
 # skeletons beside one or two sequential answers, auto's median was 1.02x and 0.93x the
-# better mode's; at 8, one skeleton beside seven sequential answers slowed those by
+# better mode's; at 8, one skeleton beside seven sequential answers slowed most of those by
 # 1.07-1.34x, and auto's median was 1.34x and 1.22x, slower than all-sequential (a limit
 # of 7, which started none at 8, gave 1.15x there but 1.13x at 4). With this limit auto
 # started none at 8 (1.03x sequential's median; sot was 1.20x faster than both), and at
