@@ -81,6 +81,11 @@ class LLM:
         self._run_to_end(reqs)
         return [r.hidden for r in reqs]
 
+    def reset_prefix_cache(self) -> int:
+        """Evict every cached prefix (:meth:`LLMEngine.reset_prefix_cache`); returns the
+        tokens freed."""
+        return self.engine.reset_prefix_cache()
+
     def _run_to_end(self, reqs: list[Request]) -> None:
         """Add ``reqs`` and step the engine until every one has finished; on any
         exception (a KeyboardInterrupt too) abort them all, so nothing stays queued."""

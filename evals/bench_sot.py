@@ -33,14 +33,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import prompts
 from engine import LLM, AsyncEngine, SamplingParams
 from evals.train_router import (
     DIRECTIONS,
-    embed_questions,
-    join_sets,
+    Features,
     load_sets,
     make_params,
     print_direction,
@@ -121,16 +118,12 @@ def bench_trained_router(llm: LLM, data_dir: Path) -> None:
     """The trained router in every direction of ``evals.train_router --both``; each
     scored only on a set absent from its training sets."""
     print("\n## trained router (hidden state + logistic head), every direction")
-    names = {part for pair in DIRECTIONS for side in pair for part in side.split("+")}
-    sets = {name: load_sets(name, data_dir) for name in sorted(names)}
-    feats = {name: embed_questions(llm, d.questions) for name, d in sets.items()}
+    features = Features(llm)  # each set embedded once
     for train_name, test_name in DIRECTIONS:
-        parts = train_name.split("+")
-        data = join_sets([sets[p] for p in parts])
-        head = train(torch.cat([feats[p] for p in parts]), data.labels, seed=0)
+        data, test = load_sets(train_name, data_dir), load_sets(test_name, data_dir)
+        head = train(features(data), data.labels, seed=0)
         params = make_params(llm, data, head, seed=0)
-        test = sets[test_name]
-        print_direction(data.name, test.name, score(params, test, feats[test_name]))
+        print_direction(data.name, test.name, score(params, test, features(test)))
 
 
 def bench_jump(llm: LLM, questions: list[dict[str, Any]], max_tokens: int) -> dict[str, float]:

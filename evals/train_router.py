@@ -13,13 +13,13 @@ scored on, so LIMA and vicuna80 stay held apart from each other.
 
 Features: the embedded model's final hidden state at the last token of each
 question's chat prompt, computed by our engine (``LLM.embed``), one question at a
-time in file order, so the same data and seed give the same parameters. The head is
-an L2-regularized logistic regression (float64, L-BFGS, on standardized features);
-its L2 strength is chosen by k-fold cross-validation on the training set alone (the
-lowest out-of-fold log-loss, which also leaves its probabilities calibrated), and its
-threshold follows from what a wrong skeleton costs against a wrong sequential answer
-(``--skeleton-cost``, :data:`SKELETON_COST`). The set it was not trained on is only
-ever scored.
+time in file order from an empty prefix cache, so the same data and seed give the
+same parameters. The head is an L2-regularized logistic regression (float64, L-BFGS,
+on standardized features); its L2 strength is chosen by k-fold cross-validation on the
+training set alone (the lowest out-of-fold log-loss, which also leaves its
+probabilities calibrated), and its threshold follows from what a wrong skeleton costs
+against a wrong sequential answer (``--skeleton-cost``, :data:`SKELETON_COST`). The
+set it was not trained on is only ever scored.
 
 The public data stays outside the product: the script reads it and ships only the
 parameters derived from it.
@@ -128,13 +128,48 @@ def join_sets(parts: list[Labelled]) -> Labelled:
 
 def embed_questions(llm: LLM, questions: list[str]) -> torch.Tensor:
     """[N, hidden] hidden states of the questions' router prompts, one at a time
-    (a fixed order of fixed-size steps: the figures do not depend on batching)."""
+    (a fixed order of fixed-size steps: the figures do not depend on batching), from
+    an empty prefix cache: a prompt prefilled after a cached prefix gets hidden states
+    that differ in the last digits (other matmul shapes), so without the reset a set's
+    features would depend on which sets were embedded before it."""
     renderer = ChatRenderer(llm.tokenizer)
+    llm.reset_prefix_cache()
     rows = []
     for q in questions:
         ids = renderer.render(tr.question_messages(q))
         rows.append(llm.embed([ids])[0])
     return torch.stack(rows).to(torch.float64)
+
+
+class Features:
+    """Hidden states of labelled sets (:func:`embed_questions`): each set's computed
+    once, however sets are joined, and kept as ``<sha256>.pt`` in ``folder`` if one is
+    given (reused from there by a later run on the same file)."""
+
+    def __init__(self, llm: LLM, folder: Path | None = None) -> None:
+        self.llm = llm
+        self.folder = folder
+        self._sets: dict[str, torch.Tensor] = {}
+
+    def __call__(self, data: Labelled) -> torch.Tensor:
+        if data.parts:
+            return torch.cat([self(p) for p in data.parts])
+        if data.sha256 in self._sets:
+            return self._sets[data.sha256]
+        path = self.folder / f"{data.sha256[:16]}.pt" if self.folder else None
+        if path is not None and path.exists():
+            x = torch.load(path)
+        else:
+            t0 = time.perf_counter()
+            x = embed_questions(self.llm, data.questions)
+            dt = time.perf_counter() - t0
+            print(f"{data.name}: {len(data.questions)} hidden states in {dt:.1f} s "
+                  f"({1e3 * dt / len(data.questions):.1f} ms a question)", flush=True)  # fmt: skip
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(x, path)
+        self._sets[data.sha256] = x
+        return x
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
@@ -246,8 +281,7 @@ def _round(value: float) -> float:
 
 def make_params(llm: LLM, data: Labelled, head: Head, seed: int) -> tr.RouterParams:
     """The parameter file of ``head``, trained on ``data`` with ``seed``, for ``llm``'s model."""
-    renderer = ChatRenderer(llm.tokenizer)
-    probe = llm.embed([renderer.render(tr.question_messages(tr.PROBE_QUESTION))])[0]
+    (probe,) = embed_questions(llm, [tr.PROBE_QUESTION]).to(torch.float32)
     return tr.RouterParams(
         version=tr.PARAMS_VERSION,
         model=llm.engine.model_name.split(".")[0],
@@ -312,27 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     llm = LLM()
-    cache: dict[str, torch.Tensor] = {}
-
-    def features(data: Labelled) -> torch.Tensor:
-        if data.parts:  # each set's hidden states once, however they are combined
-            return torch.cat([features(p) for p in data.parts])
-        if data.sha256 in cache:
-            return cache[data.sha256]
-        path = args.features / f"{data.sha256[:16]}.pt" if args.features else None
-        if path is not None and path.exists():
-            x = torch.load(path)
-        else:
-            t0 = time.perf_counter()
-            x = embed_questions(llm, data.questions)
-            dt = time.perf_counter() - t0
-            print(f"{data.name}: {len(data.questions)} hidden states in {dt:.1f} s "
-                  f"({1e3 * dt / len(data.questions):.1f} ms a question)", flush=True)  # fmt: skip
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(x, path)
-        cache[data.sha256] = x
-        return x
+    features = Features(llm, args.features)
 
     pairs = list(DIRECTIONS) if args.both else [
         (args.train, args.check or ("vicuna80" if "lima" in args.train.split("+") else "lima"))

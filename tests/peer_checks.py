@@ -54,7 +54,8 @@ async def answer(
 
 async def check_every_mode(front: str) -> None:
     for mode in MODES:
-        text, _ = await answer(front, mode, stream=True)
+        # streamed: only that text arrives (kept short: peers decode slowly here)
+        text, _ = await answer(front, mode, stream=True, max_tokens=48)
         assert text.strip(), mode
         text, info = await answer(front, mode, stream=False)
         assert text.strip() and info is not None, mode

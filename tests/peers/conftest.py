@@ -56,6 +56,9 @@ def vllm_server(smollm2_dir) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(smollm2_dir), "--dtype", "float32", "--max-model-len", "4096",
         "--host", "127.0.0.1", "--port", str(port),
+        # no torch.compile: these tests check behaviour, not vLLM's speed, and its
+        # compilation took 60-90 s of the server's start here
+        "--enforce-eager",
     ]  # fmt: skip
     # DEV_MODE: /reset_prefix_cache, which the harness uses for cold-cache runs
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_SERVER_DEV_MODE": "1", "HF_HUB_OFFLINE": "1"}

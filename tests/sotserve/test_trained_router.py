@@ -29,6 +29,13 @@ def engine():
     eng.close()
 
 
+@pytest.fixture(scope="module")
+def features_dir(tmp_path_factory) -> Path:
+    """Hidden states of the labelled sets, shared by this module's training tests
+    (each set's from an empty prefix cache: the same wherever they are computed)."""
+    return tmp_path_factory.mktemp("router-features")
+
+
 def shipped() -> tr.RouterParams:
     (params,) = tr.shipped_params()
     return params
@@ -173,30 +180,48 @@ def test_sets_join_in_order_with_their_own_hash(tmp_path):
 
 
 @needs_data
-def test_trained_on_made_up_questions_alone_holds_on_vicuna80():
+def test_trained_on_made_up_questions_alone_holds_on_vicuna80(features_dir):
     """The held-apart check the floor asks for, on questions written for the project:
     neither public set is in training, and vicuna80 is only scored."""
     llm = LLM()
+    features = train_router.Features(llm, features_dir)
     data = train_router.load_sets("made-up", DATA)
     test = train_router.load_sets("vicuna80", DATA)
-    head = train_router.train(train_router.embed_questions(llm, data.questions), data.labels, 0)
+    head = train_router.train(features(data), data.labels, 0)
     # the threshold reads P(skeleton) as a probability: out of fold, the share labelled
     # suitable in each well-filled band of it is near the band's middle
     for band in train_router.calibration(head.out_of_fold, data.labels):
         if band.count >= 25:
             assert abs(band.observed - (band.lo + band.hi) / 2) <= 0.15, band
     params = train_router.make_params(llm, data, head, seed=0)
-    metrics = train_router.score(params, test, train_router.embed_questions(llm, test.questions))
+    metrics = train_router.score(params, test, features(test))
     assert metrics["accuracy"] >= 0.80, metrics
     assert metrics["precision"] >= 0.75, metrics
 
 
 @needs_data
-def test_the_script_reproduces_the_shipped_parameters(tmp_path):
-    """python -m evals.train_router, from the data alone: the very file that ships."""
+def test_the_script_reproduces_the_shipped_parameters(tmp_path, features_dir):
+    """python -m evals.train_router, from the data alone: the very file that ships
+    (the made-up set's hidden states come from the test above when it ran first)."""
     out = tmp_path / "params.json"
-    train_router.main(["--data-dir", str(DATA), "--out", str(out)])
+    train_router.main(["--data-dir", str(DATA), "--out", str(out), "--features", str(features_dir)])
     assert out.read_text() == shipped().to_json()
+
+
+def test_a_sets_hidden_states_do_not_depend_on_the_sets_before_it():
+    """What lets the tests above share hidden states: a set is embedded from an empty
+    prefix cache, so the prompts of a set embedded before it (here sharing the chat
+    template's opening and the first words) serve none of its tokens. A prompt
+    prefilled after a cached prefix can differ in the last digits (8 of the 640
+    made-up questions did, after LIMA's), which the byte-exact file would show."""
+    questions = ["How do I bake bread at home?", "How do I fix a flat bike tyre?"]
+    alone = train_router.embed_questions(LLM(), questions[1:])
+    llm = LLM()
+    train_router.embed_questions(llm, questions[:1])
+    before = llm.stats().cached_tokens
+    after = train_router.embed_questions(llm, questions[1:])
+    assert llm.stats().cached_tokens == before
+    assert torch.equal(alone, after)
 
 
 def test_router_prompt_is_the_answer_prompt_for_ordinary_questions():
